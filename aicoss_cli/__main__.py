@@ -1,0 +1,3 @@
+from aicoss_cli.cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""Checkpoints: safetensors weights + metadata (recipe, classes, epoch, val mAP), written atomically.
+
+Nothing is unpickled: a `.safetensors` file holds tensors and a string-to-string metadata map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from aicoss_cli.errors import UserError
+
+FORMAT = "aicoss/1"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint knows about itself: enough to rebuild the model and its data split."""
+
+    arch: str
+    img_size: int
+    classes: list[str]
+    recipe_toml: str = ""
+    epoch: int = 0
+    val_map: float | None = None
+    split: dict[str, Any] = field(default_factory=dict)
+    prior: list[float] | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_strings(self) -> dict[str, str]:
+        from aicoss_cli import __version__
+
+        out = {
+            "format": FORMAT,
+            "aicoss_version": __version__,
+            "arch": self.arch,
+            "img_size": str(self.img_size),
+            "num_classes": str(len(self.classes)),
+            "classes": json.dumps(self.classes),
+            "recipe": self.recipe_toml,
+            "epoch": str(self.epoch),
+            "val_map": "" if self.val_map is None else repr(float(self.val_map)),
+            "split": json.dumps(self.split),
+        }
+        if self.prior is not None:
+            out["prior"] = json.dumps([float(v) for v in self.prior])
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_strings(cls, meta: dict[str, str], source: str) -> CheckpointMeta:
+        if meta.get("format") != FORMAT:
+            raise UserError(
+                f"{source}: not an aicoss checkpoint (no '{FORMAT}' metadata); "
+                "convert a seed .pt state dict with `aicoss import-weights`"
+            )
+        try:
+            known = {"format", "aicoss_version", "arch", "img_size", "num_classes", "classes", "recipe",
+                     "epoch", "val_map", "split", "prior"}
+            classes = json.loads(meta["classes"])
+            return cls(
+                arch=meta["arch"],
+                img_size=int(meta["img_size"]),
+                classes=[str(c) for c in classes],
+                recipe_toml=meta.get("recipe", ""),
+                epoch=int(meta.get("epoch", "0") or 0),
+                val_map=float(meta["val_map"]) if meta.get("val_map") else None,
+                split=json.loads(meta.get("split") or "{}"),
+                prior=json.loads(meta["prior"]) if meta.get("prior") else None,
+                extra={k: v for k, v in meta.items() if k not in known},
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UserError(f"{source}: checkpoint metadata is damaged ({type(exc).__name__}: {exc})") from None
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
+    """Write weights and metadata to `path` atomically (a crash leaves the previous file intact)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tensors = _unshare(tensors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta.to_strings())
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; give each its own storage."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else -len(out) - 1
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file; UserError if it is missing, truncated or corrupt."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable .safetensors file (truncated or corrupt: {reason})") from None
+    return tensors, meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    tensors, meta = read_safetensors(path)
+    return tensors, CheckpointMeta.from_strings(meta, str(path))
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """Metadata only (no tensor is read): cheap, for listings and compatibility checks."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable .safetensors file (truncated or corrupt: {reason})") from None
+    return CheckpointMeta.from_strings(meta, str(path))
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """Rebuild the model a checkpoint was trained as and load its weights (eval mode, CPU)."""
+    from aicoss_cli.models import build_model
+
+    state, meta = load_checkpoint(path)
+    model = build_model(meta.arch, meta.num_classes, pretrained=False, img_size=meta.img_size)
+    load_weights(model, state, str(path), f"arch {meta.arch!r} with {meta.num_classes} classes")
+    model.eval()
+    return model, meta
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Strict load with a one-line error that says how the file and the model differ."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise UserError(f"{source}: weights do not fit {what}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)

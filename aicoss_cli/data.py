@@ -1,0 +1,471 @@
+"""The DACON data layout, its checks, the train/val split, the Dataset and its transforms.
+
+    train.csv              img_id,img_path,<class 1>,...,<class K>   (0/1; -1 = not annotated)
+    test.csv               img_id,img_path
+    sample_submission.csv  img_id,<class 1>,...,<class K>
+
+Class names and K come from the CSV header. Images are decoded with PIL and leave the Dataset as
+uint8 tensors; normalisation happens on the device (`normalize`), which keeps loader work small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from aicoss_cli.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ID_COLUMNS = ("img_id", "img_path")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass
+class LabeledTable:
+    """train.csv: ids, image paths (absolute), labels (N, K) int8 in {-1, 0, 1}, class names."""
+
+    root: Path
+    ids: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_unannotated(self) -> bool:
+        return bool((self.labels == -1).any())
+
+
+@dataclass
+class TestTable:
+    """test.csv in the row order of sample_submission.csv (the order a submission must keep)."""
+
+    root: Path
+    ids: list[str]
+    paths: list[str]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _data_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"{root}: data folder not found; pass --data DIR or set [data] root "
+            "(build a demo set with `aicoss demo-data DIR`)"
+        )
+    return root
+
+
+def _read_csv(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found; the data root must hold train.csv, test.csv and sample_submission.csv")
+    try:
+        frame = pd.read_csv(path, dtype={"img_id": str, "img_path": str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot be read as CSV ({reason})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _check_columns(frame: pd.DataFrame, path: Path, required: Sequence[str]) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing column {', '.join(repr(c) for c in missing)} "
+            f"(found: {', '.join(list(frame.columns)[:6])}{'...' if len(frame.columns) > 6 else ''}); "
+            "the DACON layout needs img_id,img_path first"
+        )
+    duplicated_cols = frame.columns[frame.columns.duplicated()].tolist()
+    if duplicated_cols:
+        raise UserError(f"{path}: duplicated column {duplicated_cols[0]!r}")
+
+
+def _check_ids(frame: pd.DataFrame, path: Path) -> list[str]:
+    if len(frame) == 0:
+        raise UserError(f"{path}: no rows")
+    ids = frame["img_id"]
+    empty = ids.isna() | (ids.astype(str).str.strip() == "")
+    if empty.any():
+        raise UserError(f"{path}: row {int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty img_id")
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        rows = np.flatnonzero(dup.to_numpy())
+        first = ids.iloc[rows[0]]
+        where = ", ".join(str(r + 2) for r in rows[:4])
+        raise UserError(f"{path}: duplicate img_id {first!r} ({int(dup.sum())} rows share ids, e.g. rows {where}); ids must be unique")
+    return ids.astype(str).tolist()
+
+
+def _resolve_paths(frame: pd.DataFrame, root: Path, csv: Path) -> list[str]:
+    base = root.resolve()
+    out = []
+    for row, rel in enumerate(frame["img_path"].tolist()):
+        if not isinstance(rel, str) or not rel.strip():
+            raise UserError(f"{csv}: row {row + 2}: empty img_path")
+        full = (base / rel).resolve()
+        if not full.is_relative_to(base):
+            raise UserError(f"{csv}: row {row + 2}: img_path {rel!r} points outside the data root {root}")
+        out.append(str(full))
+    return out
+
+
+def read_train(root: str | Path) -> LabeledTable:
+    """Read and check train.csv: columns, label values in {-1, 0, 1}, unique ids, safe paths."""
+    root = _data_root(root)
+    path = root / "train.csv"
+    frame = _read_csv(path, "train.csv")
+    _check_columns(frame, path, ID_COLUMNS)
+    classes = [c for c in frame.columns if c not in ID_COLUMNS]
+    if not classes:
+        raise UserError(f"{path}: no class columns after img_id,img_path")
+    ids = _check_ids(frame, path)
+    labels = _parse_labels(frame[classes], path)
+    paths = _resolve_paths(frame, root, path)
+    return LabeledTable(root=root, ids=ids, paths=paths, labels=labels, classes=classes)
+
+
+def _parse_labels(frame: pd.DataFrame, path: Path) -> np.ndarray:
+    values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isin(values, (-1.0, 0.0, 1.0))  # NaN (empty or text) is bad too
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raw = frame.iat[row, col]
+        raise UserError(
+            f"{path}: row {row + 2}, column {frame.columns[col]!r}: label {raw!r} is not one of -1, 0, 1 "
+            f"({int(bad.sum())} bad cells in all); use 1 = present, 0 = absent, -1 = not annotated"
+        )
+    return values.astype(np.int8)
+
+
+def read_test(root: str | Path, classes: Sequence[str] | None = None) -> TestTable:
+    """Read test.csv and sample_submission.csv; they must list the same ids, and the submission's
+    class columns must be `classes` (when given) in the same order."""
+    root = _data_root(root)
+    test_path, sub_path = root / "test.csv", root / "sample_submission.csv"
+    test = _read_csv(test_path, "test.csv")
+    _check_columns(test, test_path, ID_COLUMNS)
+    test_ids = _check_ids(test, test_path)
+    sub = _read_csv(sub_path, "sample_submission.csv")
+    _check_columns(sub, sub_path, ("img_id",))
+    sub_ids = _check_ids(sub, sub_path)
+    sub_classes = [c for c in sub.columns if c != "img_id"]
+    if classes is not None and list(classes) != sub_classes:
+        missing = [c for c in classes if c not in sub_classes]
+        extra = [c for c in sub_classes if c not in classes]
+        if missing or extra:
+            detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}"
+            raise UserError(f"{sub_path}: class columns do not match the model's classes ({detail})")
+        raise UserError(f"{sub_path}: class columns are in another order than the model's classes")
+    if set(test_ids) != set(sub_ids):
+        only_test = [i for i in test_ids if i not in set(sub_ids)]
+        only_sub = [i for i in sub_ids if i not in set(test_ids)]
+        example = f"{only_test[0]!r} is only in test.csv" if only_test else f"{only_sub[0]!r} is only in sample_submission.csv"
+        raise UserError(
+            f"{test_path}: does not match sample_submission.csv ({len(only_test)} ids only in test.csv, "
+            f"{len(only_sub)} only in the submission; {example})"
+        )
+    paths = _resolve_paths(test, root, test_path)
+    by_id = dict(zip(test_ids, paths))
+    return TestTable(root=root, ids=sub_ids, paths=[by_id[i] for i in sub_ids], classes=sub_classes)
+
+
+# --------------------------------------------------------------------------- image checks
+
+
+def _image_problem(path: str) -> str | None:
+    """Why an image cannot be used, or None. Cheap: header parse and end-of-file marker, no decode."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return "missing"
+    if size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 64))
+            tail = f.read()
+    except Exception as exc:  # PIL raises several types for unreadable files
+        return f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def check_images(paths: Sequence[str], csv: Path, on_progress: Callable[[int], None] | None = None) -> None:
+    """Every image must exist and look complete; report how many fail and the first few."""
+    problems: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for path, problem in zip(paths, pool.map(_image_problem, paths, chunksize=256)):
+            if problem:
+                problems.append((path, problem))
+            if on_progress:
+                on_progress(1)
+    if not problems:
+        return
+    missing = [p for p, why in problems if why == "missing"]
+    if missing:
+        names = ", ".join(_short(p, csv) for p in missing[:3])
+        raise UserError(
+            f"{csv}: {len(missing)} of {len(paths)} images are missing (first: {names}); check img_path and the data root"
+        )
+    path, why = problems[0]
+    raise UserError(
+        f"{csv}: {len(problems)} of {len(paths)} images cannot be used (first: {_short(path, csv)}: {why}); "
+        "replace or remove those rows"
+    )
+
+
+def _short(path: str, csv: Path) -> str:
+    try:
+        return str(Path(path).relative_to(csv.parent.resolve()))
+    except ValueError:
+        return path
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_indices(labels: np.ndarray, kind: str, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and val row indices (sorted). `random` reproduces the seed's
+    `train_test_split(df, test_size=val_fraction, random_state=seed)`; `stratified` is multi-label
+    iterative stratification (-1 counts as absent)."""
+    n = len(labels)
+    n_val = int(np.ceil(n * val_fraction))
+    if n_val < 1 or n - n_val < 1:
+        raise UserError(f"[data] val_fraction {val_fraction} leaves an empty train or val split of {n} images")
+    if kind == "random":
+        from sklearn.model_selection import train_test_split
+
+        train, val = train_test_split(np.arange(n), test_size=val_fraction, random_state=seed)
+    elif kind == "stratified":
+        from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+        train, val = next(splitter.split(np.zeros(n), (labels > 0).astype(int)))
+    else:
+        raise UserError(f"[data] split must be 'random' or 'stratified' (got {kind!r})")
+    return np.sort(train), np.sort(val)
+
+
+def class_ratio_gap(labels: np.ndarray, train: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """|positive rate in train − positive rate in val| per class."""
+    pos = labels > 0
+    return np.abs(pos[train].mean(axis=0) - pos[val].mean(axis=0))
+
+
+def split_search(labels: np.ndarray, val_fraction: float, states: Sequence[int], kind: str = "random") -> list[dict]:
+    """The seed's split-seed search: the class-ratio gap of each random state, most balanced first."""
+    rows = []
+    for state in states:
+        train, val = split_indices(labels, kind, val_fraction, state)
+        gap = class_ratio_gap(labels, train, val)
+        rows.append({"split_seed": int(state), "mean": float(gap.mean()), "std": float(gap.std())})
+    return sorted(rows, key=lambda r: (r["mean"], r["std"]))
+
+
+def split_fingerprint(ids: Sequence[str], val: np.ndarray) -> str:
+    """A short hash of the val ids: two checkpoints with the same one were validated on the same images."""
+    digest = hashlib.sha1("\n".join(sorted(ids[i] for i in val)).encode()).hexdigest()
+    return digest[:16]
+
+
+# --------------------------------------------------------------------------- images and transforms
+
+
+def load_image(path: str, size: int | None = None) -> Image.Image:
+    """Decode an image to RGB with PIL, resized to size×size (bilinear, antialiased) when given."""
+    with Image.open(path) as img:
+        if size is not None and img.format == "JPEG":
+            img.draft("RGB", (size, size))  # decode at a reduced scale when that is still ≥ size
+        img = img.convert("RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return img
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 tensor, sharing nothing with the PIL image."""
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class Cutout(torch.nn.Module):
+    """Cut a square of side `factor`·H × `factor`·W at a random centre (clipped at the borders)
+    and fill it with one random colour, as the seed's CutoutPIL does."""
+
+    def __init__(self, factor: float = 0.5):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.factor <= 0:
+            return img
+        _, h, w = img.shape
+        ch, cw = int(h * self.factor + 0.5), int(w * self.factor + 0.5)
+        y = int(torch.randint(0, h, ()))
+        x = int(torch.randint(0, w, ()))
+        y0, y1 = max(0, y - ch // 2), min(h, y + ch // 2)
+        x0, x1 = max(0, x - cw // 2), min(w, x + cw // 2)
+        colour = torch.randint(0, 256, (3, 1, 1), dtype=torch.uint8)
+        out = img.clone()
+        out[:, y0:y1, x0:x1] = colour
+        return out
+
+
+def build_train_transform(policy: str, magnitude: int = 9, num_ops: int = 2, cutout_factor: float = 0.5):
+    """Augmentation on a resized uint8 (3, H, W) tensor; None for policy "none"."""
+    from torchvision.transforms import v2
+
+    if policy == "none":
+        return None
+    if policy == "weak":
+        return v2.Compose([Cutout(cutout_factor), v2.RandAugment(num_ops=num_ops, magnitude=magnitude)])
+    if policy == "strong":
+        return v2.Compose(
+            [
+                v2.RandomHorizontalFlip(),
+                v2.RandomVerticalFlip(),
+                Cutout(cutout_factor),
+                v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+            ]
+        )
+    raise UserError(f"[augment] policy must be weak, strong or none (got {policy!r})")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one image in one epoch: independent of workers, ranks and resumes."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are (uint8 image (3, S, S), labels (K,) float32, row index, error text).
+
+    A key is a row index (no augmentation) or (row index, sample seed) (augmented under that
+    seed). A file that fails to decode yields a zero image and the error text instead of raising,
+    so the training loop can stop cleanly with the file's name.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray | None, img_size: int, transform=None):
+        self.paths = list(paths)
+        self.labels = None if labels is None else torch.from_numpy(labels.astype(np.float32))
+        self.img_size = img_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        target = self.labels[index] if self.labels is not None else torch.zeros(0)
+        try:
+            image = pil_to_uint8(load_image(self.paths[index], self.img_size))
+        except Exception as exc:  # any decode failure becomes a reported error, never a crash in a worker
+            blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
+            return blank, target, index, f"{self.paths[index]}: cannot decode image ({type(exc).__name__}: {exc})"
+        if self.transform is not None and seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(image)
+        return image, target, index, ""
+
+
+def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float, (x/255 − mean)/std, computed where the tensor lives (the device).
+
+    Every model takes ImageNet-normalised input; a backbone trained on other statistics
+    re-normalises inside the model, so data code never depends on the arch."""
+    scale = torch.tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255.0
+    shift = torch.tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255.0
+    return (images.to(dtype) - shift) / scale
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+class TrainBatches(torch.utils.data.Sampler):
+    """The micro-batches one rank trains on in one epoch.
+
+    The epoch's order is a seeded permutation of the training rows; optimizer step t takes rows
+    [t·B, (t+1)·B) of it (B = the global batch), split into `accumulation` × `world` micro-batches,
+    so the same recipe sees the same images per step on 1 GPU or N, and a resumed run (start_step)
+    continues exactly where it stopped. Rows that do not fill a last step are dropped.
+    """
+
+    def __init__(self, rows: np.ndarray, global_batch: int, accumulation: int, rank: int, world: int,
+                 seed: int, epoch: int, start_step: int = 0, augment: bool = True):
+        if global_batch % (accumulation * world):
+            raise UserError(
+                f"[optim] batch_size {global_batch} must be divisible by grad_accumulation × GPUs = "
+                f"{accumulation} × {world}"
+            )
+        self.rows, self.batch, self.k = np.asarray(rows), global_batch, accumulation
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, epoch
+        self.start_step, self.augment = start_step, augment
+        self.micro = global_batch // (accumulation * world)
+
+    @property
+    def steps(self) -> int:
+        return len(self.rows) // self.batch
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step) * self.k
+
+    def __iter__(self) -> Iterator[list]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = self.rows[torch.randperm(len(self.rows), generator=g).numpy()]
+        for step in range(self.start_step, self.steps):
+            chunk = order[step * self.batch:(step + 1) * self.batch]
+            for m in range(self.k):
+                lo = (m * self.world + self.rank) * self.micro
+                part = chunk[lo:lo + self.micro]
+                if self.augment:
+                    yield [(int(i), sample_seed(self.seed, self.epoch, int(i))) for i in part]
+                else:
+                    yield [int(i) for i in part]
+
+
+def shard(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous share of `rows` (no padding, so no duplicates to remove later)."""
+    bounds = np.linspace(0, len(rows), world + 1).round().astype(int)
+    return np.asarray(rows)[bounds[rank]:bounds[rank + 1]]
+
+
+def eval_batches(rows: np.ndarray, batch_size: int) -> list[list[int]]:
+    rows = [int(i) for i in rows]
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def make_loader(dataset, batch_sampler, num_workers: int, pin_memory: bool, worker_init_fn=None):
+    """A DataLoader over explicit batches. Its own generator keeps it from drawing on the global
+    torch RNG, so creating a loader does not shift dropout noise (exact resume relies on it)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init_fn,
+        generator=torch.Generator().manual_seed(0),
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

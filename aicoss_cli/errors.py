@@ -1,0 +1,17 @@
+"""The one exception type for input a user can fix."""
+
+
+class UserError(Exception):
+    """Bad input: the CLI prints the message as one line and exits with code 2.
+
+    The message names the file, key or row and, where there is one, the fix.
+    """
+
+
+class TrainingStopped(Exception):
+    """A run stopped early (signal, non-finite loss, unreadable image); the message says why and
+    what was kept. `exit_code` is what the CLI returns."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

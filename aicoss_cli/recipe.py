@@ -1,0 +1,397 @@
+"""Recipes: one TOML file = one model row. Pydantic models are the format's documentation.
+
+A recipe has the sections `[model] [loss] [optim] [augment] [data] [runtime]`; every key is
+checked (unknown keys, types, ranges) before any compute is spent, and errors name the file,
+the key, the value and what was expected. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from aicoss_cli.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """[model]: which architecture, which initial weights, which input size."""
+
+    arch: str = Field(description="architecture name (see `aicoss count-params`)")
+    pretrained: bool | str = Field(
+        False, description='ImageNet weights: true (download), false (random init) or "path/to/weights"'
+    )
+    img_size: int | None = Field(None, ge=16, le=4096, description="input side in pixels; default: the arch's")
+
+
+class LossConfig(_Section):
+    """[loss]: the loss by name; unset parameters take the loss's own defaults."""
+
+    name: str = Field("bce", description="zlpr | two_way | partial_selective | asl | bce (seed spellings accepted)")
+    gamma_pos: float | None = Field(None, ge=0, description="focusing exponent on positives")
+    gamma_neg: float | None = Field(None, ge=0, description="focusing exponent on negatives")
+    gamma_unann: float | None = Field(None, ge=0, description="focusing exponent on unannotated labels")
+    alpha_pos: float | None = Field(None, ge=0, description="weight of positives")
+    alpha_neg: float | None = Field(None, ge=0, description="weight of negatives")
+    alpha_unann: float | None = Field(None, ge=0, description="weight of unannotated labels")
+    clip: float | None = Field(None, ge=0, lt=1, description="probability margin shifted off negatives")
+    partial_mode: Literal["negative", "ignore", "selective"] | None = Field(
+        None, description="how unannotated (-1) labels are treated"
+    )
+    prior_threshold: float | None = Field(None, ge=0, le=1, description="classes with a higher prior are ignored")
+    likelihood_topk: int | None = Field(None, ge=0, description="unannotated entries ignored per image")
+    tp: float | None = Field(None, gt=0, description="two-way loss temperature of positives")
+    tn: float | None = Field(None, gt=0, description="two-way loss temperature of negatives")
+    prior: bool | str = Field(
+        False, description='class prior: false | "labels" | "predictions" | "path/to/prior.csv"'
+    )
+
+    @field_validator("prior")
+    @classmethod
+    def _prior_source(cls, value: bool | str) -> bool | str:
+        if value is True:
+            raise ValueError('true is ambiguous: use "labels", "predictions" or a path to a prior CSV')
+        if isinstance(value, str) and not value.strip():
+            raise ValueError('an empty string is not a prior source: use false, "labels", "predictions" or a path')
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """The loss parameters that are set (not None), without the name and the prior source."""
+        return {k: v for k, v in self.model_dump(exclude={"name", "prior"}).items() if v is not None}
+
+
+class OptimConfig(_Section):
+    """[optim]: AdamW with cosine annealing, stepped per epoch as the seed did."""
+
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    batch_size: int = Field(128, ge=1, description="images per optimizer step, summed over all GPUs")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine schedule")
+    weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
+    warmup_epochs: int = Field(0, ge=0, description="epochs of linear warm-up (per step) before the cosine")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g})")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by grad_accumulation ({self.grad_accumulation})"
+            )
+        return self
+
+
+class AugmentConfig(_Section):
+    """[augment]: weak = resize + Cutout + RandAugment; strong = resize + flips + Cutout + AutoAugment."""
+
+    policy: Literal["weak", "strong", "none"] = Field("weak", description="training augmentation policy")
+    magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (weak policy)")
+    num_ops: int = Field(2, ge=0, le=10, description="RandAugment operations per image (weak policy)")
+    cutout_factor: float = Field(0.5, ge=0, le=1, description="Cutout square side as a fraction of the image")
+
+
+class DataConfig(_Section):
+    """[data]: where the DACON-layout data lives and how train/val are split."""
+
+    root: str = Field("data/aicoss", description="folder with train.csv, test.csv, sample_submission.csv")
+    split: Literal["random", "stratified"] = Field("random", description="random (the seed's) or multi-label stratified")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of train.csv held out for validation")
+    split_seed: int = Field(78, ge=0, description="random_state of the split (the seed used 78)")
+
+
+class RuntimeConfig(_Section):
+    """[runtime]: device, precision and reproducibility."""
+
+    seed: int = Field(41, ge=0, description="seed of python, numpy and torch")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fp16 uses a grad scaler (CUDA only)")
+    device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"')
+    num_workers: int = Field(4, ge=0, description="data loader worker processes")
+    channels_last: bool | Literal["auto"] = Field("auto", description='true, false or "auto" (channels_last memory format on CUDA only)')
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(False, description="deterministic kernels (bit-exact resume; slower on GPU)")
+    checkpoint_every: int | None = Field(None, ge=1, description="also save resumable state every N steps")
+    sync_bn: bool = Field(False, description="synchronise batch-norm statistics across GPUs")
+    eval_batch_size: int | None = Field(None, ge=1, description="batch size of validation/test passes")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError('expected "auto", "cpu", "cuda" or "cuda:N"')
+
+
+class Recipe(_Section):
+    """One model row: what to train, on what, and how."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=120, description="run folder name")
+    description: str = Field("", description="one line on what this row is")
+    model: ModelConfig
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    data: DataConfig = DataConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+SECTIONS = ("model", "loss", "optim", "augment", "data", "runtime")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_names: bool = True) -> Recipe:
+    """Read, override and validate a recipe; raise UserError naming the file and key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found (see `aicoss recipes` for the bundled ones)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    for item in overrides or []:
+        _apply_override(raw, item)
+    recipe = validate_recipe(raw, source=str(path))
+    if check_names:
+        check_recipe_names(recipe, source=str(path))
+    return recipe
+
+
+def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    by_key: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for err in exc.errors(include_url=False):
+        by_key.setdefault(_field_loc(err["loc"]), []).append(err)
+    parts = []
+    for loc, errs in by_key.items():
+        if len(errs) > 1 and all(e["type"] not in ("extra_forbidden", "missing") for e in errs):
+            # a union (true | false | "path") reports once per member: say what the key accepts instead
+            parts.append(f"{_key_name(list(loc))} has the wrong type (got {_show(errs[0].get('input'))}); "
+                         f"expected {_field_description(loc)}")
+        else:
+            parts.append(_describe_one(loc, errs[0]))
+    more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
+    return "; ".join(parts[:3]) + more
+
+
+def _field_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """The key a pydantic error is about: (section, key) or (key,); union member tags are dropped."""
+    loc = tuple(str(p) for p in loc)
+    depth = 2 if loc and loc[0] in SECTIONS else 1
+    return loc[:depth]
+
+
+def _describe_one(loc: tuple[str, ...], err: dict[str, Any]) -> str:
+    where = _key_name(list(loc))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {where}{_suggest(list(loc))}"
+    if kind == "missing":
+        return f"{where} is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    if len(loc) == 1 and loc[0] in SECTIONS:
+        return f"[{loc[0]}] {msg}"
+    return f"{where} {msg} (got {_show(err.get('input'))})"
+
+
+def _field_description(loc: tuple[str, ...]) -> str:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    field = model.model_fields.get(loc[-1])
+    return field.description if field is not None and field.description else "another value"
+
+
+def _key_name(loc: list[str]) -> str:
+    if not loc:
+        return "recipe"
+    if loc[0] in SECTIONS and len(loc) > 1:
+        return f"[{loc[0]}] {'.'.join(loc[1:])}"
+    if loc[0] in SECTIONS:
+        return f"section [{loc[0]}]"
+    return f"key '{'.'.join(loc)}'"
+
+
+def _suggest(loc: list[str]) -> str:
+    model: type[BaseModel] = Recipe
+    if len(loc) == 2 and loc[0] in SECTIONS:
+        model = Recipe.model_fields[loc[0]].annotation  # type: ignore[assignment]
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], names, n=2, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"; valid keys: {', '.join(names)}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    text = json.dumps(value) if isinstance(value, (str, bool)) or value is None else repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """`section.key=value`: the value is parsed with the field's type (TOML syntax or a bare string)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {item}: expected section.key=value, e.g. --set optim.lr=1e-4")
+    parts = key.split(".")
+    if len(parts) == 1:
+        model, field = Recipe, parts[0]
+        if field in SECTIONS:
+            raise UserError(f"--set {item}: '{field}' is a section; set one of its keys, e.g. {field}.<key>=...")
+    elif len(parts) == 2 and parts[0] in SECTIONS:
+        model, field = Recipe.model_fields[parts[0]].annotation, parts[1]
+    else:
+        raise UserError(f"--set {item}: unknown key '{key}'; keys look like section.key with a section in {', '.join(SECTIONS)}")
+    if field not in model.model_fields:  # type: ignore[union-attr]
+        close = difflib.get_close_matches(field, list(model.model_fields), n=2, cutoff=0.6)  # type: ignore[union-attr]
+        hint = f"; did you mean {' or '.join(repr('.'.join(parts[:-1] + [c])) for c in close)}?" if close else ""
+        raise UserError(f"--set {item}: unknown key '{key}'{hint}")
+    value = _parse_value(model.model_fields[field].annotation, text.strip())  # type: ignore[union-attr]
+    target = raw
+    for p in parts[:-1]:
+        target = target.setdefault(p, {})
+        if not isinstance(target, dict):
+            raise UserError(f"--set {item}: '{p}' in the recipe is not a table")
+    target[parts[-1]] = value
+
+
+def _parse_value(annotation: Any, text: str) -> Any:
+    candidates: list[Any] = []
+    try:
+        candidates.append(tomllib.loads(f"v = {text}")["v"])
+    except tomllib.TOMLDecodeError:
+        pass
+    candidates.append(text)
+    adapter = TypeAdapter(annotation)
+    for value in candidates:
+        try:
+            adapter.validate_python(value, strict=True)
+            return value
+        except ValidationError:
+            continue
+    for value in candidates:  # lax mode, e.g. "3" for a float
+        try:
+            adapter.validate_python(value)
+            return value
+        except ValidationError:
+            continue
+    return candidates[0]  # let the recipe validation report it with the key's name
+
+
+# --------------------------------------------------------------------------- names and resolution
+
+
+def check_recipe_names(recipe: Recipe, source: str) -> None:
+    """Check the arch and loss names and the loss parameters (imports the registries, hence torch)."""
+    from aicoss_cli.losses import loss_param_defaults, resolve_loss_name
+    from aicoss_cli.models import ARCHS
+
+    if recipe.model.arch not in ARCHS:
+        close = difflib.get_close_matches(recipe.model.arch, list(ARCHS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see `aicoss count-params`"
+        raise UserError(f"{source}: [model] arch unknown architecture {recipe.model.arch!r}{hint}")
+    try:
+        name = resolve_loss_name(recipe.loss.name)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    accepted = loss_param_defaults(name)
+    for key in recipe.loss.params():
+        if key not in accepted:
+            raise UserError(
+                f"{source}: [loss] {key} does not apply to loss {name!r} "
+                f"(it accepts: {', '.join(accepted) or 'no parameters'})"
+            )
+
+
+def resolve_recipe(recipe: Recipe, data_root: str | None = None) -> Recipe:
+    """Make every default explicit (canonical loss name and parameters, image size, data root)."""
+    from aicoss_cli.losses import loss_param_defaults, resolve_loss_name
+    from aicoss_cli.models import default_img_size
+
+    resolved = recipe.model_copy(deep=True)
+    name = resolve_loss_name(recipe.loss.name)
+    loss = {"name": name, **loss_param_defaults(name), **recipe.loss.params(), "prior": recipe.loss.prior}
+    resolved.loss = LossConfig.model_validate({k: v for k, v in loss.items() if k in LossConfig.model_fields})
+    if resolved.model.img_size is None:
+        resolved.model.img_size = default_img_size(recipe.model.arch)
+    if data_root is not None:
+        resolved.data.root = str(data_root)
+    return resolved
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """TOML text of a recipe (None values, i.e. unset optional keys, are left out)."""
+    data = recipe.model_dump()
+    lines = [f"name = {_toml_value(data['name'])}"]
+    if data.get("description"):
+        lines.append(f"description = {_toml_value(data['description'])}")
+    for section in SECTIONS:
+        lines.append("")
+        lines.append(f"[{section}]")
+        for key, value in data[section].items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value).replace("inf", "inf").lower()
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def recipe_from_toml(text: str, source: str) -> Recipe:
+    """Rebuild a recipe stored in a run directory or a checkpoint's metadata."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source}: stored recipe is not valid TOML: {exc}") from None
+    return validate_recipe(raw, source)
+
+
+def recipe_diff(old: Recipe, new: Recipe) -> list[str]:
+    """Human-readable differences, e.g. "[optim] lr: 0.0003 -> 0.0001"."""
+    a, b = old.model_dump(), new.model_dump()
+    changes = []
+    for key in ("name", "description"):
+        if a[key] != b[key]:
+            changes.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    for section in SECTIONS:
+        for key in a[section]:
+            if a[section][key] != b[section][key]:
+                changes.append(f"[{section}] {key}: {a[section][key]!r} -> {b[section][key]!r}")
+    return changes

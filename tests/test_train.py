@@ -1,0 +1,141 @@
+"""Training end to end through the real CLI: the run folder, its files, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import only_run_dir
+
+RUN_FILES = {"recipe.toml", "metrics.csv", "best.safetensors", "last.safetensors", "train_state.safetensors",
+             "val_scores.csv", "submission.csv"}
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_one_epoch_writes_every_run_file(run_cli, demo_root, write_recipe, tmp_path):
+    recipe = write_recipe(demo_root, epochs=2)
+    result = run_cli("train", recipe, "--out", tmp_path / "runs")
+    assert result.code == 0, result.stderr
+    run = only_run_dir(tmp_path / "runs")
+    assert run.parent.name == "tiny"
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+    metrics = read_rows(run / "metrics.csv")
+    assert metrics[0] == ["epoch", "lr", "train_loss", "val_loss", "val_map", "seconds"]
+    assert [row[0] for row in metrics[1:]] == ["1", "2"]
+    assert float(metrics[1][1]) == pytest.approx(3e-3)  # epoch 1 runs at the peak lr (cosine, stepped per epoch)
+
+    sample = read_rows(demo_root / "sample_submission.csv")
+    submission = read_rows(run / "submission.csv")
+    assert submission[0] == sample[0]
+    assert [r[0] for r in submission[1:]] == [r[0] for r in sample[1:]]
+    probs = np.array([[float(v) for v in r[1:]] for r in submission[1:]])
+    assert ((probs >= 0) & (probs <= 1)).all()
+
+    val_scores = read_rows(run / "val_scores.csv")
+    assert val_scores[0] == ["img_id"] + sample[0][1:] and len(val_scores) - 1 == 48  # 20 % of 240
+
+    from aicoss_cli.checkpoint import load_checkpoint
+    from aicoss_cli.recipe import recipe_from_toml
+
+    _, meta = load_checkpoint(run / "best.safetensors")
+    best_epoch = 1 + int(np.argmax([float(r[4]) for r in metrics[1:]]))
+    assert meta.epoch == best_epoch and meta.classes == sample[0][1:] and meta.arch == "tiny_convnet"
+    assert meta.val_map == pytest.approx(float(metrics[best_epoch][4]), rel=1e-5)
+    assert recipe_from_toml(meta.recipe_toml, "meta") == recipe_from_toml((run / "recipe.toml").read_text(), "run")
+    assert "best val mAP" in result.stdout and "val mAP" in result.stdout
+
+
+def test_val_map_in_metrics_is_the_map_of_val_scores(run_cli, demo_root, write_recipe, tmp_path):
+    from aicoss_cli.data import read_train
+    from aicoss_cli.metrics import mean_average_precision
+
+    assert run_cli("train", write_recipe(demo_root), "--out", tmp_path).code == 0
+    run = only_run_dir(tmp_path)
+    rows = read_rows(run / "val_scores.csv")
+    table = read_train(demo_root)
+    by_id = dict(zip(table.ids, table.labels))
+    targets = np.stack([by_id[r[0]] for r in rows[1:]])
+    scores = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    assert mean_average_precision(targets, scores) == pytest.approx(float(read_rows(run / "metrics.csv")[1][4]), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda root: (root / "train.csv").unlink(), "train.csv not found"),
+        (lambda root: (root / "train" / "TRAIN_00007.jpg").unlink(), "1 of 240 images are missing"),
+        (lambda root: (root / "train.csv").write_text((root / "train.csv").read_text().replace(",1\n", ",7\n", 1)),
+         "is not one of -1, 0, 1"),
+        (lambda root: (root / "train.csv").write_text((root / "train.csv").read_text().replace("img_id", "id", 1)),
+         "missing column 'img_id'"),
+    ],
+    ids=["no train.csv", "missing image", "bad label", "no img_id"],
+)
+def test_bad_data_stops_before_any_run_folder(run_cli, demo_root, write_recipe, tmp_path, damage, expected):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    damage(root)
+    result = run_cli("train", write_recipe(root), "--out", tmp_path / "runs")
+    assert result.code == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_recipe_stops_before_any_run_folder(run_cli, demo_root, write_recipe, tmp_path):
+    recipe = write_recipe(demo_root, extra="")
+    result = run_cli("train", recipe, "--out", tmp_path / "runs", "--set", "optim.lr=-1")
+    assert result.code == 2 and "[optim] lr" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("train", recipe, "--out", tmp_path / "runs", "--set", "optim.epocs=1")
+    assert result.code == 2 and "did you mean 'optim.epochs'" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_option_overrides_the_recipe_root(run_cli, demo_root, write_recipe, tmp_path):
+    recipe = write_recipe(tmp_path / "not-here")
+    result = run_cli("validate", recipe, "--data", demo_root)
+    assert result.code == 0, result.stderr
+    assert "240 labelled images (192 train, 48 val), 40 test images, 10 classes" in result.stdout
+    assert run_cli("validate", recipe, "--data", tmp_path / "not-here").code == 2
+
+
+def test_demo_data_command_is_deterministic_and_never_overwrites(run_cli, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("demo-data", a, "--n-train", "30", "--n-test", "5", "--size", "32").code == 0
+    assert run_cli("demo-data", b, "--n-train", "30", "--n-test", "5", "--size", "32").code == 0
+    for name in ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv", "train/TRAIN_00017.jpg"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    result = run_cli("demo-data", other)
+    assert result.code == 2 and "not this demo set" in result.stderr
+    assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_split_search_lists_the_most_balanced_seeds_first(run_cli, demo_root):
+    result = run_cli("split", demo_root, "--search", "20", "--top", "5")
+    assert result.code == 0, result.stderr
+    from aicoss_cli.data import read_train, split_search
+
+    best = split_search(read_train(demo_root).labels, 0.1, range(20))[0]
+    assert f"--set data.split_seed={best['split_seed']}" in result.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from aicoss_cli.cli import app; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "aicoss_cli", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout and "demo-data" in out.stdout
