@@ -1,0 +1,499 @@
+"""Multi-label losses of the seed, by name: ``build_loss(name, **params)(logits, targets)``.
+
+``logits`` and ``targets`` have shape (N, K); a target is 1 (positive), 0 (negative) or
+-1 (not annotated). Every loss computes in float32 (float64 when given float64 logits, for
+gradcheck) with autocast switched off, from ``logsigmoid`` / ``logsumexp``, so fp16 and bf16
+training give the fp32 value and never NaN, even at logits of +-100.
+
+Each loss class carries ``reduction``: how it aggregates over samples ("mean" or "sum").
+The seed tuned its learning rates with these reductions, so they are part of the definition;
+the engine reads the attribute to scale gradients under accumulation and DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aicoss_cli.errors import UserError
+
+PARTIAL_MODES = ("negative", "ignore", "selective")
+
+
+# ---------------------------------------------------------------------------------------------
+# Numeric helpers
+
+
+def _as_float(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits in float32 (float64 kept), targets on the logits' device; shapes must match."""
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(
+            f"loss expects logits and targets of the same shape (N, K), "
+            f"got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    s = logits if logits.dtype == torch.float64 else logits.float()
+    return s, targets.to(device=s.device)
+
+
+def _log1p_sum_exp(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """log(1 + sum_{mask} e^x) along ``dim``; an all-masked row gives log(1) = 0, with zero grad."""
+    masked = x.masked_fill(~mask, -math.inf)
+    zero = torch.zeros_like(masked.narrow(dim, 0, 1))
+    return torch.logsumexp(torch.cat([zero, masked], dim=dim), dim=dim)
+
+
+def _masked_logsumexp(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """log(sum_{mask} e^x) along ``dim``; -inf for an all-masked row, with a finite (zero) grad.
+
+    logsumexp of an all -inf row has a NaN gradient, so such rows are computed on zeros and
+    replaced by -inf afterwards.
+    """
+    has_any = mask.any(dim=dim, keepdim=True)
+    filler = torch.where(has_any, -math.inf, 0.0).to(x.dtype)
+    lse = torch.logsumexp(torch.where(mask, x, filler), dim=dim)
+    return torch.where(has_any.squeeze(dim), lse, -math.inf)
+
+
+def _log_one_minus_pc(s: Tensor, clip: float) -> Tensor:
+    """log(1 - p_c) with 1 - p_c = min(1, sigma(-s) + clip); for clip = 0 this is logsigmoid(-s)."""
+    if clip > 0:
+        # sigma(-s) + clip >= clip > 0, so the log is finite in float32.
+        return torch.log(torch.clamp(torch.sigmoid(-s) + clip, max=1.0))
+    return F.logsigmoid(-s)
+
+
+def _focusing(s: Tensor, clip: float) -> tuple[Tensor, Tensor]:
+    """Detached bases of the focusing factors: (1 - p, p_c) with p_c = max(0, p - clip)."""
+    with torch.no_grad():
+        one_minus_p = torch.sigmoid(-s)
+        p_c = torch.clamp(torch.sigmoid(s) - clip, min=0.0)
+    return one_minus_p, p_c
+
+
+def selective_unannotated_weights(
+    logits: Tensor,
+    unannotated: Tensor,
+    likelihood_topk: int,
+    prior: Tensor | None = None,
+    prior_threshold: float = 0.05,
+) -> Tensor:
+    """0/1 weights of the unannotated entries in P-ASL's "selective" mode (no gradient).
+
+    w = 1 on every unannotated entry, except w = 0 on
+    - the unannotated entries of classes with prior > prior_threshold (when a prior is given);
+    - the likelihood_topk * N unannotated entries most likely positive (highest logit, so
+      highest p = sigma(logit); ties go to the lower flat index).
+    Annotated entries get w = 0 here (their weight is not this function's business).
+    """
+    with torch.no_grad():
+        keep = unannotated.clone()
+        if prior is not None:
+            keep &= ~(prior.to(keep.device) > prior_threshold).unsqueeze(0)
+        num_top = min(likelihood_topk * logits.shape[0], logits.numel())
+        if num_top > 0:
+            # annotated entries sort last (-inf); a stable sort keeps ties in index order, and
+            # no data-dependent shape means no host sync on the GPU
+            scores = logits.detach().masked_fill(~unannotated, -math.inf).reshape(-1)
+            top = torch.sort(scores, descending=True, stable=True).indices[:num_top]
+            keep = keep.reshape(-1).index_fill(0, top, False).reshape(unannotated.shape)
+        return keep.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses as pure functions
+
+
+def zlpr_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """ZLPR (multilabel categorical cross-entropy), mean over samples i of
+
+        log(1 + sum_{j: y_ij = 0} e^{s_ij}) + log(1 + sum_{j: y_ij = 1} e^{-s_ij})
+
+    with -1 entries left out of both sums.
+    """
+    s, y = _as_float(logits, targets)
+    negative_part = _log1p_sum_exp(s, y == 0, dim=1)
+    positive_part = _log1p_sum_exp(-s, y == 1, dim=1)
+    return (negative_part + positive_part).mean()
+
+
+def two_way_loss(logits: Tensor, targets: Tensor, tp: float = 4.0, tn: float = 1.0) -> Tensor:
+    """Two-way multi-label loss.
+
+    For a set of entries (one class over the batch's samples, or one sample over its classes)
+    that holds at least one positive:
+
+        softplus(tn * LSE_{y=0}(s / tn) + tp * LSE_{y=1}(-s / tp))
+
+    (no negative gives LSE = -inf and a term of 0). The loss is the mean of this term over the
+    classes with a positive plus its mean over the samples with a positive; 0 when the batch
+    has no positive. -1 entries are neither positive nor negative.
+    """
+    s, y = _as_float(logits, targets)
+    positive, negative = y == 1, y == 0
+
+    def mean_term(dim: int) -> Tensor:
+        lse_neg = _masked_logsumexp(s / tn, negative, dim)
+        lse_pos = _masked_logsumexp(-s / tp, positive, dim)
+        has_positive = positive.any(dim=dim)
+        term = torch.where(has_positive, F.softplus(tn * lse_neg + tp * lse_pos), 0.0)
+        return term.sum() / has_positive.sum().clamp(min=1)
+
+    return mean_term(0) + mean_term(1)
+
+
+def partial_selective_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    gamma_pos: float = 1.0,
+    gamma_neg: float = 1.0,
+    gamma_unann: float = 2.0,
+    alpha_pos: float = 1.0,
+    alpha_neg: float = 1.0,
+    alpha_unann: float = 1.0,
+    clip: float = 0.0,
+    partial_mode: str = "selective",
+    prior_threshold: float = 0.05,
+    likelihood_topk: int = 5,
+    prior: Tensor | None = None,
+) -> Tensor:
+    """Partial asymmetric loss (P-ASL), summed over the batch:
+
+        -sum_ij  [y=1]  * a+ * (1 - p)^g+   * log p
+               + [y=0]  * a- * p_c^g-       * log(1 - p_c)
+               + [y=-1] * au * w * p_c^gu   * log(1 - p_c)
+
+    p = sigma(s), 1 - p_c = min(1, 1 - p + clip). The focusing factors (1 - p)^g, p_c^g carry
+    no gradient. partial_mode: "negative" makes every -1 entry a negative (g-, a-);
+    "ignore" sets w = 0; "selective" sets w by ``selective_unannotated_weights``.
+    """
+    s, y = _as_float(logits, targets)
+    positive, negative, unannotated = y == 1, y == 0, y == -1
+    if partial_mode == "negative":
+        negative, unannotated = negative | unannotated, torch.zeros_like(unannotated)
+
+    one_minus_p, p_c = _focusing(s, clip)
+    with torch.no_grad():
+        w_pos = alpha_pos * positive * one_minus_p.pow(gamma_pos)
+        w_neg = alpha_neg * negative * p_c.pow(gamma_neg)
+        if partial_mode == "selective":
+            if prior is not None and prior.numel() != s.shape[1]:
+                raise UserError(
+                    f"[loss] prior has {prior.numel()} values but the model has "
+                    f"{s.shape[1]} classes"
+                )
+            keep = selective_unannotated_weights(
+                s, unannotated, likelihood_topk, prior, prior_threshold
+            )
+            w_unann = alpha_unann * keep * p_c.pow(gamma_unann)
+        else:
+            w_unann = torch.zeros_like(s)
+
+    loss = w_pos * F.logsigmoid(s) + (w_neg + w_unann) * _log_one_minus_pc(s, clip)
+    return -loss.sum()
+
+
+def asymmetric_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    gamma_pos: float = 1.0,
+    gamma_neg: float = 4.0,
+    clip: float = 0.05,
+) -> Tensor:
+    """Asymmetric loss (ASL), summed over the batch; -1 entries are ignored:
+
+        -sum_ij [y=1] * (1 - p)^g+ * log p + [y=0] * p_c^g- * log(1 - p_c)
+
+    p = sigma(s), 1 - p_c = min(1, 1 - p + clip); the focusing factors carry no gradient.
+    """
+    s, y = _as_float(logits, targets)
+    one_minus_p, p_c = _focusing(s, clip)
+    with torch.no_grad():
+        w_pos = (y == 1) * one_minus_p.pow(gamma_pos)
+        w_neg = (y == 0) * p_c.pow(gamma_neg)
+    loss = w_pos * F.logsigmoid(s) + w_neg * _log_one_minus_pc(s, clip)
+    return -loss.sum()
+
+
+def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy with logits, mean over the annotated entries (y != -1):
+
+        mean_{ij: y != -1}  -(y log p + (1 - y) log(1 - p)),  p = sigma(s)
+
+    0 when no entry is annotated.
+    """
+    s, y = _as_float(logits, targets)
+    annotated = y != -1
+    per_entry = F.binary_cross_entropy_with_logits(
+        s, torch.where(annotated, y.to(s.dtype), 0.0), reduction="none"
+    )
+    return torch.where(annotated, per_entry, 0.0).sum() / annotated.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter validation
+
+
+def _number(name: str, value: object, *, low: float, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float within the given range, else a UserError naming ``name``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        x = float(value)
+        ok = math.isfinite(x) and (x > low if low_open else x >= low)
+        if ok and high is not None:
+            ok = x < high if high_open else x <= high
+    if not ok:
+        lo = f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f" and {'<' if high_open else '<='} {high:g}"
+        raise UserError(f"[loss] {name} must be a number {lo}{hi} (got {value!r})")
+    return x
+
+
+def _prior_tensor(values: object) -> Tensor | None:
+    """A prior as a 1-D float32 tensor of values in [0, 1]; None/False mean no prior."""
+    if values is None or values is False:
+        return None
+    if isinstance(values, (str, bytes)):
+        raise UserError(
+            f"[loss] prior must be a list of class frequencies in [0, 1] here (got {values!r}); "
+            "a prior source such as 'labels' or a CSV path is resolved before the loss is built"
+        )
+    try:
+        prior = torch.as_tensor(values, dtype=torch.float32).detach().clone()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"[loss] prior must be a sequence of numbers in [0, 1] ({err})") from None
+    if prior.dim() != 1 or prior.numel() == 0:
+        raise UserError(
+            f"[loss] prior must be one value per class (got shape {tuple(prior.shape)})"
+        )
+    bad = (~torch.isfinite(prior)) | (prior < 0) | (prior > 1)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        raise UserError(
+            f"[loss] prior values must lie in [0, 1] (class index {first}: {prior[first].item()})"
+        )
+    return prior
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses as modules
+
+
+class _Loss(nn.Module):
+    """Base: forward runs the pure function with autocast off, so the math stays in float32."""
+
+    reduction = "mean"
+    description = ""
+    aliases: tuple[str, ...] = ()
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        device_type = logits.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
+            return self.compute(logits, targets)
+
+    def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ZLPRLoss(_Loss):
+    __doc__ = zlpr_loss.__doc__
+    reduction = "mean"
+    description = "ZLPR / multilabel categorical cross-entropy, mean over samples"
+    aliases = ("multilabel_categorical_crossentropy",)
+
+    def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return zlpr_loss(logits, targets)
+
+
+class TwoWayLoss(_Loss):
+    __doc__ = two_way_loss.__doc__
+    reduction = "mean"
+    description = "Two-way multi-label loss (tp, tn temperatures), mean over classes + samples"
+    aliases = ("TwoWayLoss",)
+
+    def __init__(self, tp: float = 4.0, tn: float = 1.0) -> None:
+        super().__init__()
+        self.tp = _number("tp", tp, low=0.0, low_open=True)
+        self.tn = _number("tn", tn, low=0.0, low_open=True)
+
+    def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return two_way_loss(logits, targets, tp=self.tp, tn=self.tn)
+
+
+class PartialSelectiveLoss(_Loss):
+    __doc__ = partial_selective_loss.__doc__
+    reduction = "sum"
+    description = "Partial asymmetric loss (P-ASL) with selective unannotated labels, sum"
+    aliases = ("PartialSelectiveLoss", "pasl")
+
+    def __init__(
+        self,
+        gamma_pos: float = 1.0,
+        gamma_neg: float = 1.0,
+        gamma_unann: float = 2.0,
+        alpha_pos: float = 1.0,
+        alpha_neg: float = 1.0,
+        alpha_unann: float = 1.0,
+        clip: float = 0.0,
+        partial_mode: str = "selective",
+        prior_threshold: float = 0.05,
+        likelihood_topk: int = 5,
+        prior: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.gamma_pos = _number("gamma_pos", gamma_pos, low=0.0)
+        self.gamma_neg = _number("gamma_neg", gamma_neg, low=0.0)
+        self.gamma_unann = _number("gamma_unann", gamma_unann, low=0.0)
+        self.alpha_pos = _number("alpha_pos", alpha_pos, low=0.0)
+        self.alpha_neg = _number("alpha_neg", alpha_neg, low=0.0)
+        self.alpha_unann = _number("alpha_unann", alpha_unann, low=0.0)
+        self.clip = _number("clip", clip, low=0.0, high=1.0, high_open=True)
+        self.prior_threshold = _number("prior_threshold", prior_threshold, low=0.0, high=1.0)
+        if isinstance(likelihood_topk, bool) or not isinstance(likelihood_topk, int) \
+                or likelihood_topk < 0:
+            raise UserError(
+                f"[loss] likelihood_topk must be an integer >= 0 (got {likelihood_topk!r})"
+            )
+        self.likelihood_topk = likelihood_topk
+        mode = partial_mode.lower() if isinstance(partial_mode, str) else partial_mode
+        if mode not in PARTIAL_MODES:
+            raise UserError(
+                f"[loss] partial_mode must be one of {', '.join(PARTIAL_MODES)} "
+                f"(got {partial_mode!r})"
+            )
+        self.partial_mode = mode
+        self.register_buffer("prior", _prior_tensor(prior), persistent=False)
+
+    def set_prior(self, values: Sequence[float] | Tensor | None) -> None:
+        """Give (or clear, with None) the class prior used by the "selective" mode."""
+        self.prior = _prior_tensor(values)
+
+    def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if self.prior is not None and self.prior.device != logits.device:
+            self.prior = self.prior.to(logits.device)  # once, not a host copy every step
+        return partial_selective_loss(
+            logits, targets,
+            gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, gamma_unann=self.gamma_unann,
+            alpha_pos=self.alpha_pos, alpha_neg=self.alpha_neg, alpha_unann=self.alpha_unann,
+            clip=self.clip, partial_mode=self.partial_mode,
+            prior_threshold=self.prior_threshold, likelihood_topk=self.likelihood_topk,
+            prior=self.prior,
+        )
+
+
+class AsymmetricLoss(_Loss):
+    __doc__ = asymmetric_loss.__doc__
+    reduction = "sum"
+    description = "Asymmetric loss (ASL), -1 labels ignored, sum"
+    aliases = ("AsymmetricLoss",)
+
+    def __init__(self, gamma_pos: float = 1.0, gamma_neg: float = 4.0, clip: float = 0.05) -> None:
+        super().__init__()
+        self.gamma_pos = _number("gamma_pos", gamma_pos, low=0.0)
+        self.gamma_neg = _number("gamma_neg", gamma_neg, low=0.0)
+        self.clip = _number("clip", clip, low=0.0, high=1.0, high_open=True)
+
+    def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return asymmetric_loss(
+            logits, targets, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, clip=self.clip
+        )
+
+
+class BCELogitLoss(_Loss):
+    __doc__ = bce_loss.__doc__
+    reduction = "mean"
+    description = "Binary cross-entropy with logits, mean over annotated entries"
+    aliases = ("BCELogitLoss",)
+
+    def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return bce_loss(logits, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+LOSS_CLASSES: dict[str, type[_Loss]] = {
+    "zlpr": ZLPRLoss,
+    "two_way": TwoWayLoss,
+    "partial_selective": PartialSelectiveLoss,
+    "asl": AsymmetricLoss,
+    "bce": BCELogitLoss,
+}
+
+LOSSES: dict[str, str] = {name: cls.description for name, cls in LOSS_CLASSES.items()}
+
+
+def _normalize(name: str) -> str:
+    """Spelling-insensitive key: 'TwoWayLoss', 'two_way' and 'Two-Way' meet."""
+    return "".join(ch for ch in name.lower() if ch not in "_- ")
+
+
+def _spellings() -> dict[str, str]:
+    """Every accepted spelling (canonical names and the seed's aliases) -> canonical name."""
+    spellings = {}
+    for canonical, cls in LOSS_CLASSES.items():
+        for spelling in (canonical, *cls.aliases):
+            spellings[spelling] = canonical
+    return spellings
+
+
+_BY_KEY: dict[str, str] = {_normalize(s): c for s, c in _spellings().items()}
+
+
+def resolve_loss_name(name: str) -> str:
+    """The canonical name of a loss given by any accepted spelling (case-insensitive)."""
+    if isinstance(name, str) and _normalize(name) in _BY_KEY:
+        return _BY_KEY[_normalize(name)]
+    spellings = _spellings()
+    by_key = {_normalize(s): s for s in spellings}
+    close = difflib.get_close_matches(
+        _normalize(str(name)), list(by_key), n=3, cutoff=0.6
+    )
+    hint = f" (did you mean {', '.join(repr(by_key[k]) for k in close)}?)" if close else ""
+    raise UserError(
+        f"[loss] unknown loss name {name!r}{hint}; known losses: {', '.join(LOSS_CLASSES)}"
+    )
+
+
+def loss_param_defaults(name: str) -> dict[str, object]:
+    """The parameters a loss accepts, with their defaults, in declaration order."""
+    cls = LOSS_CLASSES[resolve_loss_name(name)]
+    signature = inspect.signature(cls.__init__)
+    return {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.name != "self" and p.default is not inspect.Parameter.empty
+    }
+
+
+def build_loss(name: str, **params: object) -> nn.Module:
+    """The loss module ``name`` (any accepted spelling); params set to None take the default."""
+    canonical = resolve_loss_name(name)
+    accepted = loss_param_defaults(canonical)
+    given = {k: v for k, v in params.items() if v is not None}
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        close = {
+            k: difflib.get_close_matches(k, list(accepted), n=1, cutoff=0.75) for k in unknown
+        }
+        hints = "".join(f"; did you mean {c[0]}?" for c in close.values() if c)
+        verb = "does" if len(unknown) == 1 else "do"
+        raise UserError(
+            f"[loss] {', '.join(unknown)} {verb} not apply to loss '{canonical}' "
+            f"(it accepts: {', '.join(accepted) or 'none'}){hints}"
+        )
+    return LOSS_CLASSES[canonical](**given)

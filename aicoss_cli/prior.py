@@ -1,0 +1,162 @@
+"""The class prior of P-ASL: per-class positive frequency, read from and written to CSV.
+
+The CSV has the seed's columns ``Classes,avg_pred`` (one row per class) and is matched to the
+data's classes by name, never by row order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from aicoss_cli.errors import UserError
+
+CLASS_COLUMN = "Classes"
+VALUE_COLUMN = "avg_pred"
+
+
+def _some(names: Sequence[str], limit: int = 5) -> str:
+    """The first few names, quoted, and how many more there are."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def read_prior_csv(path: str | os.PathLike, classes: Sequence[str]) -> Tensor:
+    """The prior in a ``Classes,avg_pred`` CSV as float32, one value per class in ``classes``
+    order; the CSV must list exactly these classes, once each, with values in [0, 1]."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise UserError(f"{path}: prior file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: cannot read the prior CSV ({err})") from None
+    if not rows:
+        raise UserError(f"{path}: the prior CSV is empty (expected columns Classes,avg_pred)")
+
+    header = [h.strip() for h in rows[0]]
+    missing_columns = [c for c in (CLASS_COLUMN, VALUE_COLUMN) if c not in header]
+    if missing_columns:
+        raise UserError(
+            f"{path}: the prior CSV has no column {' or '.join(missing_columns)} "
+            f"(expected columns Classes,avg_pred; got {','.join(header)})"
+        )
+    name_at, value_at = header.index(CLASS_COLUMN), header.index(VALUE_COLUMN)
+
+    values: dict[str, float] = {}
+    duplicated: list[str] = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(name_at, value_at):
+            raise UserError(f"{path}: line {line} has {len(row)} fields, expected {len(header)}")
+        name, text = row[name_at].strip(), row[value_at].strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(
+                f"{path}: line {line}: avg_pred of class {name!r} is not a number ({text!r})"
+            ) from None
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise UserError(
+                f"{path}: line {line}: avg_pred of class {name!r} must lie in [0, 1] "
+                f"(got {text})"
+            )
+        if name in values:
+            duplicated.append(name)
+        values[name] = value
+
+    if duplicated:
+        raise UserError(f"{path}: class listed more than once: {_some(duplicated)}")
+    missing = [c for c in classes if c not in values]
+    extra = [c for c in values if c not in set(classes)]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing class(es) {_some(missing)}")
+        if extra:
+            parts.append(f"class(es) not in the data {_some(extra)}")
+        raise UserError(
+            f"{path}: the prior does not match the data's {len(classes)} classes: "
+            + "; ".join(parts)
+        )
+    return torch.tensor([values[c] for c in classes], dtype=torch.float32)
+
+
+def write_prior_csv(
+    path: str | os.PathLike, classes: Sequence[str], values: Sequence[float] | Tensor
+) -> None:
+    """Write ``Classes,avg_pred`` atomically: a temporary file beside ``path``, then os.replace."""
+    path = Path(path)
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist()
+    if len(values) != len(classes):
+        raise ValueError(f"{len(classes)} classes but {len(values)} prior values")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow([CLASS_COLUMN, VALUE_COLUMN])
+            writer.writerows([name, repr(float(v))] for name, v in zip(classes, values))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def label_prior(targets: Tensor | Sequence[Sequence[float]]) -> Tensor:
+    """Positive frequency of each class over its annotated entries:
+
+        prior_j = #{i: y_ij = 1} / #{i: y_ij != -1}   (0 when the class has no annotated entry)
+    """
+    y = torch.as_tensor(targets)
+    if y.dim() != 2:
+        raise ValueError(f"targets must have shape (N, K), got {tuple(y.shape)}")
+    positives = (y == 1).sum(dim=0).double()
+    annotated = (y != -1).sum(dim=0).double()
+    return (positives / annotated.clamp(min=1)).float()
+
+
+def prior_has_effect(
+    loss_name: str, params: Mapping[str, object], targets: Tensor | Sequence[Sequence[float]]
+) -> str | None:
+    """None when a prior changes the loss; otherwise a sentence saying why it changes nothing."""
+    from aicoss_cli.losses import loss_param_defaults, resolve_loss_name
+
+    canonical = resolve_loss_name(loss_name)
+    if canonical != "partial_selective":
+        return (
+            f"the class prior changes nothing: loss '{canonical}' does not use it "
+            "(only partial_selective does)"
+        )
+    settings = {**loss_param_defaults(canonical),
+                **{k: v for k, v in params.items() if v is not None}}
+    mode = str(settings["partial_mode"]).lower()
+    if mode != "selective":
+        return (
+            f"the class prior changes nothing: partial_mode is '{mode}', and the prior is only "
+            "used when partial_mode = 'selective'"
+        )
+    if float(settings["prior_threshold"]) >= 1:
+        return (
+            "the class prior changes nothing: prior_threshold is 1, and no class prior "
+            "can exceed it"
+        )
+    if not bool((torch.as_tensor(targets) == -1).any()):
+        return (
+            "the class prior changes nothing: the training labels have no -1 (not annotated) "
+            "entry, and the prior only decides which unannotated entries are ignored"
+        )
+    return None
