@@ -171,13 +171,12 @@ def partial_selective_loss(
                + [y=-1] * au * w * p_c^gu   * log(1 - p_c)
 
     p = sigma(s), 1 - p_c = min(1, 1 - p + clip). The focusing factors (1 - p)^g, p_c^g carry
-    no gradient. partial_mode: "negative" makes every -1 entry a negative (g-, a-);
-    "ignore" sets w = 0; "selective" sets w by ``selective_unannotated_weights``.
+    no gradient. partial_mode: "negative" (the seed's default) counts every -1 entry as a
+    negative with its own focusing, w = 1; "ignore" sets w = 0; "selective" sets w by
+    ``selective_unannotated_weights``.
     """
     s, y = _as_float(logits, targets)
     positive, negative, unannotated = y == 1, y == 0, y == -1
-    if partial_mode == "negative":
-        negative, unannotated = negative | unannotated, torch.zeros_like(unannotated)
 
     one_minus_p, p_c = _focusing(s, clip)
     with torch.no_grad():
@@ -192,9 +191,11 @@ def partial_selective_loss(
             keep = selective_unannotated_weights(
                 s, unannotated, likelihood_topk, prior, prior_threshold
             )
-            w_unann = alpha_unann * keep * p_c.pow(gamma_unann)
+        elif partial_mode == "negative":
+            keep = unannotated
         else:
-            w_unann = torch.zeros_like(s)
+            keep = torch.zeros_like(s)
+        w_unann = alpha_unann * keep * p_c.pow(gamma_unann)
 
     loss = w_pos * F.logsigmoid(s) + (w_neg + w_unann) * _log_one_minus_pc(s, clip)
     return -loss.sum()

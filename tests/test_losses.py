@@ -86,14 +86,14 @@ def ref_focal(s, y, *, gp, gn, gu=0.0, ap=1.0, an=1.0, au=1.0, clip=0.0,
             one_minus_pc = min(1.0, 1.0 - p + clip)
             pc = max(0.0, p - clip)
             t = y[i, j]
-            if t == -1 and mode == "negative":
-                t = 0
             if t == 1:
                 total += ap * (1.0 - p) ** gp * math.log(p)
             elif t == 0:
                 total += an * pc**gn * math.log(one_minus_pc)
             elif mode == "selective":
                 total += au * keep[i, j] * pc**gu * math.log(one_minus_pc)
+            elif mode == "negative":  # an unannotated entry is a negative with its own gamma/alpha
+                total += au * pc**gu * math.log(one_minus_pc)
     return -total
 
 
@@ -245,8 +245,8 @@ def test_partial_selective_tiny_cases_by_hand():
     y = torch.tensor([[1, 0, -1], [0, -1, -1]])
     # ignore: 1 positive + 2 negatives
     assert_close(build_loss("pasl", partial_mode="ignore")(s, y), 1.5 * LN2)
-    # negative: 1 positive + 5 negatives, all with gamma_neg = 1
-    assert_close(build_loss("pasl", partial_mode="negative")(s, y), 3.0 * LN2)
+    # negative: 1 positive + 2 negatives (gamma_neg = 1) + 3 unannotated as negatives (gamma_unann = 2)
+    assert_close(build_loss("pasl", partial_mode="negative")(s, y), 1.5 * LN2 + 3 * 0.25 * LN2)
     # selective, no top-k, prior 0.5 > 0.05 on class 1: the unannotated (1, 1) is dropped,
     # (0, 2) and (1, 2) stay: 0.5 ln2 + 2 * 0.5 ln2 + 2 * 0.25 ln2
     loss = build_loss("pasl", likelihood_topk=0, prior=[0.01, 0.5, 0.01])
