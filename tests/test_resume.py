@@ -1,0 +1,139 @@
+"""Exact resume after SIGKILL, refusal of changed recipes, and no lost work."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, only_run_dir
+
+EXACT = """
+[runtime]
+seed = 3
+precision = "fp32"
+device = "cpu"
+num_workers = 0
+deterministic = true
+checkpoint_every = 1
+"""
+
+
+def exact_recipe(write_recipe, root, epochs=2):
+    # resnet18_mldecoder: batch norm and dropout, so RNG and buffers must come back exactly
+    path = write_recipe(root, arch="resnet18_mldecoder", epochs=epochs)
+    text = path.read_text()
+    path.write_text(text[: text.index("[runtime]")] + EXACT.lstrip())
+    return path
+
+
+def state_progress(run: Path) -> dict | None:
+    """Progress stored in train_state.safetensors (read from its header, no tensors)."""
+    path = run / "train_state.safetensors"
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    return json.loads(header["__metadata__"]["progress"])
+
+
+def metrics_without_seconds(run: Path) -> list[list[str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [row[:-1] for row in csv.reader(f)]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from aicoss_cli.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)[0]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(run_cli, demo_root, write_recipe, tmp_path):
+    recipe = exact_recipe(write_recipe, demo_root)
+    assert run_cli("train", recipe, "--out", tmp_path / "straight").code == 0
+    straight = only_run_dir(tmp_path / "straight")
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "aicoss_cli", "train", str(recipe), "--out", str(tmp_path / "killed")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        runs = list((tmp_path / "killed").glob("*/*"))
+        progress = state_progress(runs[0]) if runs else None
+        if progress and progress["epoch"] == 1 and progress["step"] >= 2:  # second epoch, mid-way
+            proc.send_signal(signal.SIGKILL)
+            killed_at = progress
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run ended before the test could kill it mid-epoch"
+    killed = only_run_dir(tmp_path / "killed")
+    assert len(metrics_without_seconds(killed)) == 2  # header + epoch 1 only
+
+    result = run_cli("train", "--resume", killed)
+    assert result.code == 0, result.stderr
+    a, b = weights(straight / "last.safetensors"), weights(killed / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert metrics_without_seconds(killed) == metrics_without_seconds(straight)
+    assert (killed / "submission.csv").read_text() == (straight / "submission.csv").read_text()
+
+
+def test_resume_refuses_a_changed_recipe_unless_forced(run_cli, demo_root, write_recipe, tmp_path):
+    recipe = write_recipe(demo_root, epochs=1)
+    assert run_cli("train", recipe, "--out", tmp_path).code == 0
+    run = only_run_dir(tmp_path)
+    before = (run / "last.safetensors").read_bytes()
+    changed = run_cli("train", recipe, "--resume", run, "--set", "optim.lr=1e-2")
+    assert changed.code == 2 and "[optim] lr: 0.003 -> 0.01" in changed.stderr and "--force" in changed.stderr
+    assert (run / "last.safetensors").read_bytes() == before
+    forced = run_cli("train", recipe, "--resume", run, "--set", "optim.epochs=2", "--force")
+    assert forced.code == 0, forced.stderr
+    assert "[optim] epochs: 1 -> 2" in forced.stdout + forced.stderr
+    assert len(metrics_without_seconds(run)) == 3  # the run went on to epoch 2
+
+
+def test_resume_of_a_folder_that_is_not_a_run(run_cli, tmp_path):
+    result = run_cli("train", "--resume", tmp_path)
+    assert result.code == 2 and "not an aicoss run folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_saves_a_resumable_state_and_exits_cleanly(demo_root, write_recipe, tmp_path):
+    recipe = exact_recipe(write_recipe, demo_root, epochs=3)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "aicoss_cli", "train", str(recipe), "--out", str(tmp_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        runs = list(tmp_path.glob("*/*"))
+        progress = state_progress(runs[0]) if runs else None
+        if progress and progress["global_step"] >= 1:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    progress = state_progress(only_run_dir(tmp_path))
+    assert progress["global_step"] >= 1 and progress["epoch"] < 3
+
+
+@pytest.mark.parametrize("existing", ["runs"])
+def test_a_new_run_never_reuses_an_existing_folder(run_cli, demo_root, write_recipe, tmp_path, existing):
+    recipe = write_recipe(demo_root, epochs=1)
+    assert run_cli("train", recipe, "--out", tmp_path / existing).code == 0
+    assert run_cli("train", recipe, "--out", tmp_path / existing).code == 0
+    runs = sorted(p for p in (tmp_path / existing / "tiny").iterdir())
+    assert len(runs) == 2 and all((p / "best.safetensors").is_file() for p in runs)
