@@ -160,3 +160,20 @@ def prior_has_effect(
             "entry, and the prior only decides which unannotated entries are ignored"
         )
     return None
+
+
+def mean_prediction_prior(model: torch.nn.Module, paths: Sequence[str], img_size: int, device: torch.device,
+                          amp_dtype: torch.dtype | None = None, batch_size: int = 64, num_workers: int = 0,
+                          on_batch=None) -> Tensor:
+    """The seed's "avg_pred": mean sigmoid output of `model` over the images (eval transform)."""
+    import numpy as np
+
+    from aicoss_cli.data import ImageDataset, eval_batches, make_loader
+    from aicoss_cli.inference import predict_logits
+
+    dataset = ImageDataset(paths, None, img_size)
+    loader = make_loader(dataset, eval_batches(np.arange(len(paths)), batch_size), num_workers,
+                         pin_memory=device.type == "cuda")
+    model.to(device)
+    logits = predict_logits(model, loader, device, amp_dtype, on_batch=on_batch)
+    return torch.sigmoid(logits).mean(dim=0)
