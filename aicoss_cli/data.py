@@ -149,7 +149,7 @@ def _parse_labels(frame: pd.DataFrame, path: Path) -> np.ndarray:
         row, col = map(int, np.argwhere(bad)[0])
         raw = frame.iat[row, col]
         raise UserError(
-            f"{path}: row {row + 2}, column {frame.columns[col]!r}: label {raw!r} is not one of -1, 0, 1 "
+            f"{path}: row {row + 2}, column {frame.columns[col]!r}: label {str(raw)!r} is not one of -1, 0, 1 "
             f"({int(bad.sum())} bad cells in all); use 1 = present, 0 = absent, -1 = not annotated"
         )
     return values.astype(np.int8)
@@ -205,7 +205,9 @@ def _image_problem(path: str) -> str | None:
             f.seek(max(0, size - 64))
             tail = f.read()
     except Exception as exc:  # PIL raises several types for unreadable files
-        return f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        reason = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).replace(f" {path!r}", "")
+        truncated = reason.lower().startswith("truncated") or "is truncated" in reason.lower()
+        return f"truncated file ({reason})" if truncated else f"unreadable ({reason})"
     if fmt == "JPEG" and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
     if fmt == "PNG" and b"IEND" not in tail:
