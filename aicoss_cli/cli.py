@@ -423,3 +423,4 @@ def split(
         table.add_row(str(i), str(r["split_seed"]), f"{r['mean']:.5f}", f"{r['std']:.5f}")
     out.print(table)
     out.print(f"use it with --set data.split_seed={rows[0]['split_seed']}", highlight=False)
+from aicoss_cli import cli_inference  # noqa: E402,F401  (registers predict, ensemble, benchmark-fp16)

@@ -59,14 +59,23 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)[0]
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(run_cli, demo_root, write_recipe, tmp_path):
+def aicoss(*args, **kw) -> subprocess.Popen:
+    """`aicoss ARGS` in a fresh process: single-threaded, so float reductions run in one fixed order
+    and nothing set by other tests in this process leaks in."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "aicoss_cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, text=True, **kw)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(demo_root, write_recipe, tmp_path):
     recipe = exact_recipe(write_recipe, demo_root)
-    assert run_cli("train", recipe, "--out", tmp_path / "straight").code == 0
+    straight_proc = aicoss("train", recipe, "--out", tmp_path / "straight")
+    _, stderr = straight_proc.communicate(timeout=300)
+    assert straight_proc.returncode == 0, stderr
     straight = only_run_dir(tmp_path / "straight")
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "aicoss_cli", "train", str(recipe), "--out", str(tmp_path / "killed")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = aicoss("train", recipe, "--out", tmp_path / "killed", stderr=subprocess.DEVNULL)
     killed_at = None
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
@@ -82,8 +91,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(run_cli, demo_root, writ
     killed = only_run_dir(tmp_path / "killed")
     assert len(metrics_without_seconds(killed)) == 2  # header + epoch 1 only
 
-    result = run_cli("train", "--resume", killed)
-    assert result.code == 0, result.stderr
+    resumed = aicoss("train", "--resume", killed)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
     a, b = weights(straight / "last.safetensors"), weights(killed / "last.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]

@@ -1,0 +1,233 @@
+"""`aicoss ensemble` and `aicoss benchmark-fp16` through the real CLI, on checkpoints trained in seconds."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aicoss_cli.data import read_train, split_indices
+from aicoss_cli.metrics import mean_average_precision
+from conftest import TINY_RECIPE, only_run_dir
+from test_inference import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
+
+
+def _cli(*args) -> int:
+    """The real entry point, for module-scoped fixtures (run_cli is per test)."""
+    from aicoss_cli.cli import main
+
+    saved = sys.argv
+    sys.argv = ["aicoss", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    finally:
+        sys.argv = saved
+    return 0
+
+
+@pytest.fixture(scope="module")
+def runs(demo_root, tmp_path_factory) -> dict[str, Path]:
+    """Two trained runs under one runs folder: tiny_convnet at 32 px and at 48 px (another seed)."""
+    base = tmp_path_factory.mktemp("ensemble")
+    recipe = base / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=1, policy="none", root=demo_root))
+    out = {}
+    for name, sets in (("a32", []), ("b48", ["--set", "model.img_size=48", "--set", "runtime.seed=5"])):
+        assert _cli("train", recipe, "--out", base / "staging" / name, "--set", f"name={name}", *sets) == 0
+        run = only_run_dir(base / "staging" / name)
+        target = base / "runs" / name / run.name
+        target.parent.mkdir(parents=True)
+        run.rename(target)
+        out[name] = target / "best.safetensors"
+    out["runs"] = base / "runs"
+    return out
+
+
+def _predict(run_cli, ckpt: Path, out: Path, *extra) -> np.ndarray:
+    result = run_cli("predict", ckpt, "--out", out, *extra)
+    assert result.code == 0, result.stderr
+    return read_csv(out)[2]
+
+
+def test_ensemble_of_one_member_equals_predict(run_cli, runs, tmp_path):
+    expected = _predict(run_cli, runs["a32"], tmp_path / "p.csv")
+    result = run_cli("ensemble", runs["a32"], "--out", tmp_path / "e.csv")
+    assert result.code == 0, result.stderr
+    np.testing.assert_array_equal(read_csv(tmp_path / "e.csv")[2], expected)
+
+
+def test_equal_weight_ensemble_of_mixed_sizes_is_the_mean_of_the_members(run_cli, runs, demo_root, tmp_path):
+    out = tmp_path / "sub.csv"
+    result = run_cli("ensemble", runs["a32"], runs["b48"], "--out", out)
+    assert result.code == 0, result.stderr
+    header, ids, probs = read_csv(out)
+    sample_header, sample_ids, _ = read_csv(demo_root / "sample_submission.csv")
+    assert header == sample_header and ids == sample_ids
+    assert ((probs >= 0) & (probs <= 1)).all()
+    a = _predict(run_cli, runs["a32"], tmp_path / "a.csv")
+    b = _predict(run_cli, runs["b48"], tmp_path / "b.csv")
+    np.testing.assert_allclose(probs, (a + b) / 2, rtol=0, atol=1e-6)
+    assert np.abs(a - b).max() > 1e-3  # two different members, so the test can fail
+
+    # each member's val mAP and the ensemble's, on their shared val split
+    va = _predict(run_cli, runs["a32"], tmp_path / "va.csv", "--split", "val")
+    vb = _predict(run_cli, runs["b48"], tmp_path / "vb.csv", "--split", "val")
+    table = read_train(demo_root)
+    targets = table.labels[split_indices(table.labels, "random", 0.2, 78)[1]]
+    for value in (mean_average_precision(targets, va), mean_average_precision(targets, vb)):
+        assert f"{value:.4f}" in result.stdout
+    assert f"ensemble val mAP (equal weights): {mean_average_precision(targets, (va + vb) / 2):.4f}" in result.stdout
+
+
+def test_fp16_ensemble_runs_in_bf16_on_the_cpu_and_says_so(run_cli, runs, tmp_path):
+    result = run_cli("ensemble", runs["a32"], runs["b48"], "--fp16", "--out", tmp_path / "half.csv")
+    assert result.code == 0, result.stderr
+    assert "bf16" in result.stdout and "fp16 needs CUDA" in result.stdout
+    assert run_cli("ensemble", runs["a32"], runs["b48"], "--out", tmp_path / "full.csv").code == 0
+    half, full = read_csv(tmp_path / "half.csv")[2], read_csv(tmp_path / "full.csv")[2]
+    np.testing.assert_allclose(half, full, atol=0.05)
+    assert not np.array_equal(half, full)  # it really ran in lower precision
+
+
+def test_auto_weights_report_the_gain_on_a_held_out_half(run_cli, runs, demo_root, tmp_path):
+    noise = save_random_checkpoint(tmp_path / "noise.safetensors", demo_root, img_size=24, seed=11)
+    result = run_cli("ensemble", runs["a32"], runs["b48"], noise, "--weights", "auto", "--out", tmp_path / "s.csv")
+    assert result.code == 0, result.stderr
+    assert "held out: fit on 24 val images, scored on the other 24" in result.stdout
+    assert "gain" in result.stdout and "ensemble val mAP (auto weights)" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if "tiny_convnet" in line]  # first line of each row
+    weights = [float(line.split("│")[6]) for line in rows]
+    assert len(weights) == 3 and all(w >= 0 for w in weights) and sum(weights) == pytest.approx(1, abs=2e-3)
+
+
+def test_spec_gives_member_weights_and_tta(run_cli, runs, tmp_path):
+    spec = runs["runs"].parent / "ensemble.toml"  # member paths are relative to the spec's folder
+    spec.write_text(f'[[member]]\npath = "{runs["a32"].relative_to(spec.parent)}"\nweight = 3\ntta = "hflip"\n\n'
+                    f'[[member]]\npath = "{runs["b48"]}"\n')
+    result = run_cli("ensemble", "--spec", spec, "--out", tmp_path / "s.csv")
+    assert result.code == 0, result.stderr
+    a_tta = _predict(run_cli, runs["a32"], tmp_path / "a.csv", "--tta", "hflip")
+    b = _predict(run_cli, runs["b48"], tmp_path / "b.csv")
+    np.testing.assert_allclose(read_csv(tmp_path / "s.csv")[2], (3 * a_tta + b) / 4, rtol=0, atol=1e-6)
+    assert "(spec weights)" in result.stdout
+
+
+def test_no_member_named_takes_every_run_under_runs(run_cli, runs, demo_root, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "runs"
+    shutil.copytree(runs["runs"], folder)
+    (folder / "crashed" / "20240101T000000Z").mkdir(parents=True)  # a run that never finished an epoch
+    other = folder / "other_split" / "20240101T000000Z"
+    save_random_checkpoint(other / "best.safetensors", demo_root, split_seed=5)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("ensemble", "--fp16")
+    assert result.code == 0, result.stderr
+    assert "took 2 run(s)" in result.stdout
+    assert "crashed" in result.stdout and "no best.safetensors" in result.stdout
+    assert "other_split" in result.stdout and "another split" in result.stdout
+    assert (tmp_path / "ensemble_submission.csv").is_file()
+    expected = run_cli("ensemble", runs["a32"], runs["b48"], "--fp16", "--out", tmp_path / "named.csv")
+    assert expected.code == 0
+    np.testing.assert_array_equal(read_csv(tmp_path / "ensemble_submission.csv")[2],
+                                  read_csv(tmp_path / "named.csv")[2])
+
+
+def test_benchmark_fp16_prints_the_seeds_table(run_cli, runs):
+    result = run_cli("benchmark-fp16", runs["a32"], runs["b48"], "--limit", "20", "--batch-size", "8")
+    assert result.code == 0, result.stderr
+    for row in ("Inference time [sec]", "Inference speed [img/sec]", "val mAP", "FP32", "BF16", "diff."):
+        assert row in result.stdout
+    assert "largest |probability difference|" in result.stdout and "cpu" in result.stdout
+
+    result = run_cli("benchmark-fp16", runs["a32"], runs["b48"], "--limit", "20", "--json")
+    assert result.code == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["images"] == 20 and r["half_dtype"] == "bf16" and r["device"].startswith("cpu")
+    assert 0 < r["max_abs_prob_diff"] < 0.05
+    a, b = r["fp32"], r["half"]
+    assert r["diff_pct"]["seconds"] == pytest.approx((b["seconds"] - a["seconds"]) / a["seconds"] * 100)
+    assert r["diff_pct"]["val_map"] == pytest.approx((b["val_map"] - a["val_map"]) / a["val_map"] * 100)
+
+
+def test_benchmark_val_map_is_the_ensembles(run_cli, runs, demo_root, tmp_path):
+    r = json.loads(run_cli("benchmark-fp16", runs["a32"], runs["b48"], "--json").stdout)
+    va = _predict(run_cli, runs["a32"], tmp_path / "va.csv", "--split", "val")
+    vb = _predict(run_cli, runs["b48"], tmp_path / "vb.csv", "--split", "val")
+    table = read_train(demo_root)
+    targets = table.labels[split_indices(table.labels, "random", 0.2, 78)[1]]
+    assert r["fp32"]["val_map"] == pytest.approx(mean_average_precision(targets, (va + vb) / 2), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _other_classes(ckpt: Path, tmp: Path) -> Path:
+    from aicoss_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    state, meta = load_checkpoint(ckpt)
+    meta.classes = [c.replace("digit_3", "digit_three") for c in meta.classes]
+    save_checkpoint(tmp / "renamed.safetensors", state, meta)
+    return tmp / "renamed.safetensors"
+
+
+def _truncated(ckpt: Path, tmp: Path) -> Path:
+    data = ckpt.read_bytes()
+    (tmp / "cut.safetensors").write_bytes(data[: len(data) // 3])
+    return tmp / "cut.safetensors"
+
+
+@pytest.mark.parametrize(
+    "second, needle",
+    [
+        (_other_classes, "class list differs"),
+        (lambda c, tmp: save_random_checkpoint(tmp / "s5.safetensors", read_train_root(c), split_seed=5),
+         "validated on another split"),
+        (lambda c, tmp: tmp / "missing.safetensors", "checkpoint not found"),
+        (_truncated, "truncated or corrupt"),
+    ],
+    ids=["classes", "split", "missing", "truncated"],
+)
+def test_incompatible_members_are_a_one_line_error_and_write_nothing(run_cli, runs, tmp_path, second, needle):
+    out = tmp_path / "o" / "sub.csv"
+    for command in ("ensemble", "benchmark-fp16"):
+        extra = ["--out", out] if command == "ensemble" else []
+        assert_one_line_error(run_cli(command, runs["a32"], second(runs["a32"], tmp_path), *extra), needle)
+    assert not out.exists() and not leftovers(out.parent)
+
+
+def read_train_root(ckpt: Path) -> Path:
+    from aicoss_cli.checkpoint import read_meta
+    from aicoss_cli.ensemble import recipe_data_root
+
+    return recipe_data_root(read_meta(ckpt))
+
+
+def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, runs, demo_root, tmp_path):
+    import shutil
+
+    spec = tmp_path / "e.toml"
+    spec.write_text(f'[[member]]\npath = "{runs["a32"]}"\nwieght = 2\n')
+    assert_one_line_error(run_cli("ensemble", "--spec", spec), "member 1: wieght: unknown key")
+    assert_one_line_error(run_cli("ensemble", "--weights", "best", runs["a32"]), "--weights must be equal or auto")
+    assert_one_line_error(run_cli("ensemble", "--runs", tmp_path / "nowhere"), "no runs folder")
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    lines = (data / "sample_submission.csv").read_text().splitlines()
+    (data / "sample_submission.csv").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    out = tmp_path / "sub.csv"
+    assert_one_line_error(run_cli("ensemble", runs["a32"], runs["b48"], "--data", data, "--out", out),
+                          "does not match sample_submission.csv")
+    for name in ("test.csv", "sample_submission.csv"):
+        (data / name).write_text((data / name).read_text().splitlines()[0] + "\n")
+    assert_one_line_error(run_cli("ensemble", runs["a32"], "--data", data, "--out", out), "no rows")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_one_line_error(run_cli("ensemble", runs["a32"], "--out", blocker / "x.csv"), "cannot be written")
+    assert not out.exists() and not leftovers(tmp_path)

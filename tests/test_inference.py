@@ -1,0 +1,381 @@
+"""The inference core and `aicoss predict`: exact pixels, the batch loop, TTA, weights, outputs and bad input."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint
+from aicoss_cli.data import load_image, pil_to_uint8, read_test, read_train, split_fingerprint, split_indices
+from aicoss_cli.errors import UserError
+from aicoss_cli.metrics import average_precision_per_class, mean_average_precision
+
+
+# --------------------------------------------------------------------------- helpers (also used by test_ensemble)
+
+
+def save_random_checkpoint(path: Path, root: Path, *, arch: str = "tiny_convnet", img_size: int = 32, seed: int = 0,
+                           classes: list[str] | None = None, split_seed: int = 78, val_fraction: float = 0.2) -> Path:
+    """A random-init checkpoint with the metadata `aicoss train` writes (split verified on `root`)."""
+    from aicoss_cli.models import build_model
+
+    table = read_train(root)
+    classes = classes or table.classes
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes), img_size=img_size)
+    _, val = split_indices(table.labels, "random", val_fraction, split_seed)
+    split = {"kind": "random", "val_fraction": val_fraction, "split_seed": split_seed, "n_rows": len(table),
+             "n_val": int(len(val)), "val_fingerprint": split_fingerprint(table.ids, val)}
+    meta = CheckpointMeta(arch=arch, img_size=img_size, classes=classes, recipe_toml=f'[data]\nroot = "{root}"\n',
+                          epoch=1, val_map=None, split=split)
+    save_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+def read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(header, ids, values) of a scores CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.code == 2, (result.stdout, result.stderr)
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message and "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".probe"))] if folder.is_dir() else []
+
+
+@pytest.fixture
+def data_copy(demo_root, tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    return root
+
+
+@pytest.fixture
+def checkpoint(demo_root, tmp_path) -> Path:
+    return save_random_checkpoint(tmp_path / "ckpt" / "model.safetensors", demo_root)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _image_files(tmp_path: Path) -> list[Path]:
+    """A large RGB JPEG (PIL decodes it at a reduced DCT scale), a grayscale JPEG, a PNG and a CMYK JPEG."""
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (200, 260, 3), dtype=np.uint8)).filter(
+        __import__("PIL.ImageFilter", fromlist=["SMOOTH"]).SMOOTH)
+    paths = [tmp_path / "big.jpg", tmp_path / "gray.jpg", tmp_path / "small.png", tmp_path / "cmyk.jpg"]
+    big.save(paths[0], quality=85)
+    big.convert("L").resize((40, 30)).save(paths[1], quality=90)
+    big.resize((24, 24)).save(paths[2])
+    big.resize((40, 40)).convert("CMYK").save(paths[3], quality=90)
+    return paths
+
+
+def test_decode_sizes_gives_the_pixels_of_load_image(demo_root, tmp_path):
+    from aicoss_cli.inference import decode_sizes
+
+    from aicoss_cli import inference
+
+    paths = [Path(p) for p in read_test(demo_root).paths[:6]] + _image_files(tmp_path)
+    sizes = [16, 32, 48, 100]
+    for path in paths:
+        got = decode_sizes(str(path), sizes)
+        for size in sizes:
+            assert torch.equal(got[size], pil_to_uint8(load_image(str(path), size))), (path.name, size)
+    # the fast decoder was used and agreed with PIL (without it, decoding costs about twice as much)
+    assert inference.torchvision_jpeg() is not False and inference._fast_jpeg_ok is True
+
+
+def test_batches_are_the_same_inline_from_a_thread_and_from_loader_processes(demo_root):
+    from aicoss_cli.inference import ImageBatches
+
+    paths = read_test(demo_root).paths[:23]
+    inline = list(ImageBatches(paths, [32, 40], batch_size=8))
+    assert [b[0].shape for b in inline] == [(8, 3, 32, 32), (8, 3, 32, 32), (7, 3, 32, 32)]
+    assert torch.equal(inline[2][1][6], pil_to_uint8(load_image(paths[22], 40)))
+    for other in (ImageBatches(paths, [32, 40], batch_size=8, background=True),
+                  ImageBatches(paths, [32, 40], batch_size=8, workers=2)):
+        for a, b in zip(inline, other, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("loader", [{}, {"background": True}, {"workers": 1}], ids=["inline", "thread", "process"])
+def test_an_unreadable_image_is_a_one_line_error_naming_it(demo_root, tmp_path, loader):
+    from aicoss_cli.inference import ImageBatches
+
+    paths = read_test(demo_root).paths[:5]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Path(paths[0]).read_bytes()[:300])  # truncated JPEG
+    with pytest.raises(UserError) as info:
+        list(ImageBatches([*paths, str(broken)], [32], batch_size=4, **loader))
+    assert "broken.jpg" in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- the forward pass
+
+
+def _member(checkpoint: Path, tta: str = "none"):
+    from aicoss_cli.checkpoint import model_from_checkpoint
+    from aicoss_cli.inference import Member
+
+    model, meta = model_from_checkpoint(checkpoint)
+    return Member(path=str(checkpoint), model=model, img_size=meta.img_size, classes=meta.classes, tta=tta, meta=meta)
+
+
+def test_member_probabilities_equal_the_training_loops_validation(demo_root, checkpoint):
+    """predict sees the pixels and computes the scores that `aicoss train` validated with."""
+    from aicoss_cli.data import ImageDataset, eval_batches, make_loader
+    from aicoss_cli.inference import ImageBatches, member_probabilities, predict_logits
+
+    member = _member(checkpoint)
+    paths = read_test(demo_root).paths
+    dataset = ImageDataset(paths, None, 32)
+    loader = make_loader(dataset, eval_batches(np.arange(len(paths)), 16), 0, False)
+    expected = torch.sigmoid(predict_logits(member.model, loader, torch.device("cpu"), None))
+    got = member_probabilities([member], ImageBatches(paths, [32], 16), len(paths), torch.device("cpu"), None)
+    assert got.shape == (1, len(paths), 10)
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-6)
+
+
+def test_tta_flips_average_the_sigmoid_of_each_flipped_view(demo_root, checkpoint):
+    from aicoss_cli.inference import ImageBatches, member_probabilities
+
+    paths = read_test(demo_root).paths[:20]
+    plain, flips = _member(checkpoint), _member(checkpoint, tta="flips")
+    images = next(iter(ImageBatches(paths, [32], 20)))[0]
+    from aicoss_cli.data import normalize
+
+    x = normalize(images)
+    with torch.inference_mode():
+        views = [torch.sigmoid(plain.model(torch.flip(x, d) if d else x)) for d in ((), (3,), (2,), (2, 3))]
+    got = member_probabilities([plain, flips], ImageBatches(paths, [32], 8), 20, torch.device("cpu"), None)
+    torch.testing.assert_close(got[0], views[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[1], torch.stack(views).mean(0), rtol=0, atol=1e-6)
+    assert not torch.allclose(got[0], got[1])  # the flipped views differ: TTA changes something
+
+
+def test_combine_is_the_weighted_mean_of_members():
+    from aicoss_cli.inference import combine
+
+    probs = torch.rand(3, 5, 4)
+    torch.testing.assert_close(combine(probs), probs.mean(0))
+    torch.testing.assert_close(combine(probs, [2, 0, 2]), (probs[0] + probs[2]) / 2)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _synthetic_members(seed: int = 0):
+    """Member 0 is informative, member 1 is noise, member 2 is informative but weaker."""
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((400, 6)) < 0.3).astype(np.int8)
+    good = np.clip(targets * 0.3 + rng.random(targets.shape) * 0.7, 0, 1)
+    noise = rng.random(targets.shape)
+    weak = np.clip(targets * 0.1 + rng.random(targets.shape) * 0.9, 0, 1)
+    return np.stack([good, noise, weak]), targets
+
+
+def test_auto_weights_are_non_negative_sum_to_one_and_favour_the_informative_member():
+    from aicoss_cli.ensemble import fit_weights
+
+    probs, targets = _synthetic_members()
+    w = fit_weights(probs, targets)
+    assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+    assert w[0] > w[2] >= w[1]
+    fitted = mean_average_precision(targets, np.tensordot(w, probs, axes=1))
+    assert fitted >= mean_average_precision(targets, probs.mean(0))
+
+
+def test_held_out_gain_fits_on_one_half_and_scores_on_the_other():
+    from aicoss_cli.ensemble import fit_weights, held_out_gain
+
+    probs, targets = _synthetic_members(1)
+    h = held_out_gain(probs, targets, seed=0)
+    assert (h.n_fit, h.n_score) == (200, 200)
+    order = np.random.default_rng(0).permutation(400)
+    fit, score = np.sort(order[:200]), np.sort(order[200:])
+    assert h.weights_fit == pytest.approx(list(fit_weights(probs[:, fit], targets[fit])))
+    assert h.equal_map == pytest.approx(mean_average_precision(targets[score], probs[:, score].mean(0)))
+    assert h.gain > 0  # dropping the noise member helps on unseen images too
+
+
+# --------------------------------------------------------------------------- aicoss predict
+
+
+def test_predict_writes_the_sample_submission_layout(run_cli, demo_root, checkpoint, tmp_path):
+    out = tmp_path / "pred" / "sub.csv"
+    result = run_cli("predict", checkpoint, "--out", out)
+    assert result.code == 0, result.stderr
+    header, ids, probs = read_csv(out)
+    sample_header, sample_ids, _ = read_csv(demo_root / "sample_submission.csv")
+    assert header == sample_header and ids == sample_ids
+    assert probs.shape == (40, 10) and ((probs >= 0) & (probs <= 1)).all()
+    assert "submission:" in result.stdout and "fp32" in result.stdout
+
+
+def test_predict_default_out_is_beside_the_checkpoint_and_data_comes_from_its_recipe(run_cli, checkpoint):
+    result = run_cli("predict", checkpoint)
+    assert result.code == 0, result.stderr
+    assert (checkpoint.parent / "predictions_model_test.csv").is_file()
+
+
+def test_predict_val_reports_the_map_of_its_own_probabilities(run_cli, demo_root, tmp_path):
+    ckpt = save_random_checkpoint(tmp_path / "m.safetensors", demo_root, seed=3)
+    out = tmp_path / "val" / "val_scores.csv"
+    result = run_cli("predict", ckpt, "--split", "val", "--out", out)
+    assert result.code == 0, result.stderr
+    header, ids, probs = read_csv(out)
+    table = read_train(demo_root)
+    _, val = split_indices(table.labels, "random", 0.2, 78)
+    assert ids == [table.ids[i] for i in val]
+    targets = table.labels[val]
+    expected = mean_average_precision(targets, probs)
+    assert f"val mAP {expected:.4f}" in result.stdout
+
+    per_class = list(csv.DictReader(open(out.parent / "per_class_ap.csv")))
+    assert [r["class"] for r in per_class] == header[1:]
+    aps = average_precision_per_class(targets, probs)
+    assert [float(r["ap"]) for r in per_class] == pytest.approx(list(aps), abs=2e-6)
+    weakest = header[1:][int(np.argmin(aps))]
+    assert next(r for r in per_class if r["rank"] == "1")["class"] == weakest
+    assert "per-class AP" in result.stdout and weakest in result.stdout
+
+
+def test_tta_hflip_is_the_mean_of_the_two_views_predicted_independently(run_cli, demo_root, checkpoint, tmp_path):
+    flipped = tmp_path / "flipped"
+    (flipped / "test").mkdir(parents=True)
+    lines = (demo_root / "test.csv").read_text().splitlines()
+    for line in lines[1:]:
+        img_id, rel = line.split(",")
+        Image.open(demo_root / rel).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(flipped / "test" / f"{img_id}.png")
+    (flipped / "test.csv").write_text("\n".join([lines[0]] + [f"{l.split(',')[0]},./test/{l.split(',')[0]}.png"
+                                                              for l in lines[1:]]) + "\n")
+    shutil.copy(demo_root / "sample_submission.csv", flipped)
+
+    runs = {"plain": ("--tta", "none"), "mirror": ("--data", flipped), "tta": ("--tta", "hflip")}
+    probs = {}
+    for name, extra in runs.items():
+        result = run_cli("predict", checkpoint, "--out", tmp_path / f"{name}.csv", *extra)
+        assert result.code == 0, result.stderr
+        probs[name] = read_csv(tmp_path / f"{name}.csv")[2]
+    np.testing.assert_allclose(probs["tta"], (probs["plain"] + probs["mirror"]) / 2, atol=1e-6)
+    assert np.abs(probs["plain"] - probs["mirror"]).max() > 1e-4
+
+
+def test_predict_fp16_on_the_cpu_runs_bf16_and_says_so(run_cli, checkpoint, tmp_path):
+    result = run_cli("predict", checkpoint, "--precision", "fp16", "--out", tmp_path / "half.csv")
+    assert result.code == 0, result.stderr
+    assert "bf16" in result.stdout and "fp16 needs CUDA" in result.stdout
+    assert run_cli("predict", checkpoint, "--out", tmp_path / "full.csv").code == 0
+    np.testing.assert_allclose(read_csv(tmp_path / "half.csv")[2], read_csv(tmp_path / "full.csv")[2], atol=0.05)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda c, d: (["predict", c.parent / "nope.safetensors"], None), "checkpoint not found"),
+        (lambda c, d: (["predict", _truncate(c)], None), "truncated or corrupt"),
+        (lambda c, d: (["predict", c, "--data", d], (d / "sample_submission.csv").write_text(
+            "\n".join((d / "sample_submission.csv").read_text().splitlines()[:-1]) + "\n")),
+         "does not match sample_submission.csv"),
+        (lambda c, d: (["predict", c, "--data", d], [(d / n).write_text((d / n).read_text().splitlines()[0] + "\n")
+                                                      for n in ("test.csv", "sample_submission.csv")]),
+         "no rows"),
+        (lambda c, d: (["predict", c, "--data", d, "--split", "val"], (d / "train.csv").write_text(
+            "\n".join((d / "train.csv").read_text().splitlines()[:-3]) + "\n")),
+         "pass the --data it was trained on"),
+        (lambda c, d: (["predict", c, "--data", d], (d / "sample_submission.csv").write_text(
+            (d / "sample_submission.csv").read_text().replace("digit_9", "digit_nine", 1))),
+         "class columns do not match"),
+        (lambda c, d: (["predict", c, "--tta", "rotate"], None), "--tta must be one of"),
+        (lambda c, d: (["predict", c, "--split", "train"], None), "--split must be test or val"),
+    ],
+    ids=["missing", "truncated", "submission-mismatch", "empty-test", "other-train-csv", "other-classes", "tta",
+         "split"],
+)
+def test_bad_input_is_a_one_line_error_and_writes_nothing(run_cli, checkpoint, data_copy, tmp_path, damage, needle):
+    args, _ = damage(checkpoint, data_copy)
+    out = tmp_path / "out" / "sub.csv"
+    result = run_cli(*args, "--out", out)
+    assert_one_line_error(result, needle)
+    assert not out.exists() and not leftovers(out.parent)
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_work(run_cli, checkpoint, demo_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli("predict", checkpoint, "--out", blocker / "sub.csv"), "cannot be written")
+    assert_one_line_error(run_cli("predict", checkpoint, "--out", tmp_path), "is a folder")
+    before = checkpoint.read_bytes()
+    assert_one_line_error(run_cli("predict", checkpoint, "--out", checkpoint), "is an input")
+    assert checkpoint.read_bytes() == before
+    sample = demo_root / "sample_submission.csv"
+    text = sample.read_text()
+    assert_one_line_error(run_cli("predict", checkpoint, "--out", sample), "is an input")
+    assert sample.read_text() == text
+
+
+def test_a_write_that_fails_at_the_end_leaves_no_partial_csv(run_cli, checkpoint, tmp_path, monkeypatch):
+    import pandas as pd
+
+    def failing_to_csv(self, path, *args, **kwargs):
+        Path(path).write_text("img_id,partial\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", failing_to_csv)
+    out = tmp_path / "o" / "sub.csv"
+    out.parent.mkdir()
+    assert_one_line_error(run_cli("predict", checkpoint, "--out", out), "No space left on device")
+    assert not out.exists() and not leftovers(out.parent)
+
+
+@pytest.mark.parametrize("arch, size", [("tiny_convnet", 32), ("resnet18_mldecoder", 32),
+                                        ("tf_efficientnet_lite0_mldecoder", 32)])
+def test_members_load_without_random_init_and_compute_what_the_checkpoint_model_computes(demo_root, tmp_path, arch,
+                                                                                         size):
+    """tf_efficientnet_lite0_mldecoder re-normalises its input with non-persistent buffers: built the normal way."""
+    from aicoss_cli.checkpoint import model_from_checkpoint as reference
+    from aicoss_cli.ensemble import model_from_checkpoint
+
+    ckpt = save_random_checkpoint(tmp_path / f"{arch}.safetensors", demo_root, arch=arch, img_size=size, seed=4)
+    fast, meta = model_from_checkpoint(ckpt)
+    slow, _ = reference(ckpt)
+    assert meta.arch == arch and not fast.training
+    assert not any(t.is_meta for t in (*fast.parameters(), *fast.buffers()))
+    x = torch.randn(3, 3, size, size)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_the_arch_are_a_one_line_error(run_cli, checkpoint, tmp_path):
+    from aicoss_cli.checkpoint import load_checkpoint
+
+    state, meta = load_checkpoint(checkpoint)
+    state.pop(next(iter(state)))
+    save_checkpoint(tmp_path / "broken.safetensors", state, meta)
+    out = tmp_path / "sub.csv"
+    assert_one_line_error(run_cli("predict", tmp_path / "broken.safetensors", "--out", out), "weights do not fit")
+    assert not out.exists()
