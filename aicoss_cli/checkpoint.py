@@ -126,8 +126,9 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors file; UserError if it is missing, truncated or corrupt."""
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (none when `tensors` is false) and metadata of a .safetensors file; UserError if it
+    is missing, truncated or corrupt."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -136,11 +137,11 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            values = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:  # safetensors raises its own error types for damaged files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: not a readable .safetensors file (truncated or corrupt: {reason})") from None
-    return tensors, meta
+    return values, meta
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
@@ -150,29 +151,38 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
 
 def read_meta(path: str | Path) -> CheckpointMeta:
     """Metadata only (no tensor is read): cheap, for listings and compatibility checks."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: not a readable .safetensors file (truncated or corrupt: {reason})") from None
-    return CheckpointMeta.from_strings(meta, str(path))
+    return CheckpointMeta.from_strings(read_safetensors(path, tensors=False)[1], str(path))
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, CheckpointMeta]:
-    """Rebuild the model a checkpoint was trained as and load its weights (eval mode, CPU)."""
+def model_from_checkpoint(path: str | Path, skip_init: bool = True) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """Rebuild the model a checkpoint was trained as and load its weights (eval mode, CPU).
+
+    With `skip_init` the model is built on the meta device (no memory, no random initialisation,
+    which takes seconds for large models) and takes the checkpoint's tensors as its own; a model
+    that cannot be built that way, or that computes tensors the checkpoint does not hold
+    (non-persistent buffers), is built the normal way."""
     from aicoss_cli.models import build_model
 
     state, meta = load_checkpoint(path)
+    if skip_init:
+        try:
+            with torch.device("meta"):
+                model = build_model(meta.arch, meta.num_classes, pretrained=False, img_size=meta.img_size)
+        except UserError:
+            raise
+        except Exception:  # builders that need real tensors at set-up
+            model = None
+        if model is not None and _same_layout(model.state_dict(), state):
+            model.load_state_dict(state, strict=True, assign=True)
+            if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+                return model.eval(), meta
     model = build_model(meta.arch, meta.num_classes, pretrained=False, img_size=meta.img_size)
     load_weights(model, state, str(path), f"arch {meta.arch!r} with {meta.num_classes} classes")
-    model.eval()
-    return model, meta
+    return model.eval(), meta
+
+
+def _same_layout(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:
+    return own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own)
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:

@@ -115,15 +115,15 @@ def _check_ids(frame: pd.DataFrame, path: Path) -> list[str]:
 
 
 def _resolve_paths(frame: pd.DataFrame, root: Path, csv: Path) -> list[str]:
-    base = root.resolve()
+    base = os.path.abspath(root)
     out = []
     for row, rel in enumerate(frame["img_path"].tolist()):
         if not isinstance(rel, str) or not rel.strip():
             raise UserError(f"{csv}: row {row + 2}: empty img_path")
-        full = (base / rel).resolve()
-        if not full.is_relative_to(base):
+        full = os.path.normpath(os.path.join(base, rel))  # string work only: no system call per row
+        if not full.startswith(base + os.sep):
             raise UserError(f"{csv}: row {row + 2}: img_path {rel!r} points outside the data root {root}")
-        out.append(str(full))
+        out.append(full)
     return out
 
 
@@ -241,7 +241,7 @@ def check_images(paths: Sequence[str], csv: Path, on_progress: Callable[[int], N
 
 def _short(path: str, csv: Path) -> str:
     try:
-        return str(Path(path).relative_to(csv.parent.resolve()))
+        return str(Path(path).relative_to(os.path.abspath(csv.parent)))
     except ValueError:
         return path
 

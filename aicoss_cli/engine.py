@@ -45,7 +45,7 @@ from aicoss_cli.data import (
     split_indices,
 )
 from aicoss_cli.errors import TrainingStopped, UserError
-from aicoss_cli.inference import autocast, predict_logits, write_scores_csv
+from aicoss_cli.inference import autocast, inference_device, precision_dtype, predict_logits, write_scores_csv
 from aicoss_cli.metrics import mean_average_precision, skipped_classes
 from aicoss_cli.recipe import Recipe, recipe_diff, recipe_from_toml, recipe_to_toml
 
@@ -68,26 +68,17 @@ class RunResult:
 
 
 def select_device(spec: str, info: distributed.DistInfo | None = None) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f'[runtime] device = "{spec}" but no CUDA device is available; use "auto" or "cpu"')
-        if spec == "cuda" and info is not None and info.active:
-            return torch.device("cuda", info.local_rank)
-    return torch.device(spec)
+    """The recipe's `[runtime] device`; under torchrun, "cuda" means this process's local GPU."""
+    device = inference_device(spec, where="[runtime] device")
+    if device.type == "cuda" and device.index is None and info is not None and info.active:
+        return torch.device("cuda", info.local_rank)
+    return device
 
 
 def select_precision(precision: str, device: torch.device, notes: list[str]) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use a grad scaler). fp16 is a CUDA mode; on the CPU it becomes bf16."""
-    if precision == "fp32":
-        return None, False
-    if precision == "fp16" and device.type != "cuda":
-        notes.append("precision fp16 needs CUDA; training in bf16 on the CPU instead")
-        return torch.bfloat16, False
-    if precision == "fp16":
-        return torch.float16, True
-    return torch.bfloat16, False
+    """(autocast dtype or None, use a grad scaler): fp16 (CUDA only) trains with a grad scaler."""
+    dtype = precision_dtype(precision, device, notes)
+    return dtype, dtype is torch.float16
 
 
 def seed_everything(seed: int) -> None:
@@ -324,9 +315,11 @@ def train(recipe: Recipe, out: Path, *, resume: Path | None = None, force: bool 
     """Train `recipe` (already resolved) into a new run folder under `out`, or continue `resume`."""
     use_cuda = recipe.runtime.device != "cpu" and torch.cuda.is_available()
     info = distributed.setup(use_cuda)
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return _Trainer(recipe, out, resume, force, console, info, resume_recipe_given).run()
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # a process-wide switch
         distributed.teardown(info)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from aicoss_cli.checkpoint import CheckpointMeta, read_meta
+from aicoss_cli.checkpoint import CheckpointMeta, model_from_checkpoint, read_meta
 from aicoss_cli.errors import UserError
 
 SPLIT_KEYS = ("kind", "val_fraction", "split_seed", "val_fingerprint")
@@ -59,15 +59,10 @@ def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
         data: str | None = None
         member: list[SpecMember] = Field(min_length=1)
 
+    from aicoss_cli.recipe import read_toml
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: ensemble spec not found")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: TOML syntax error: {exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
+    raw = read_toml(path, "ensemble spec not found")
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -378,34 +373,6 @@ def make_runtime(device: str, precision: str, num_workers: int | None) -> Runtim
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
     return Runtime(dev, amp, workers, channels_last=dev.type == "cuda", notes=notes)
-
-
-def model_from_checkpoint(path: Path):
-    """`checkpoint.model_from_checkpoint`, without the random initialisation the weights replace.
-
-    The model is built on the meta device (no memory, no init: a large model's init takes seconds)
-    and takes the checkpoint's tensors as its own. A model that cannot be built that way, or that
-    computes tensors the checkpoint does not hold (non-persistent buffers), is built normally."""
-    import torch
-
-    from aicoss_cli import checkpoint
-    from aicoss_cli.models import build_model
-
-    state, meta = checkpoint.load_checkpoint(path)
-    try:
-        with torch.device("meta"):
-            model = build_model(meta.arch, meta.num_classes, pretrained=False, img_size=meta.img_size)
-    except UserError:
-        raise
-    except Exception:  # builders that need real tensors (data-dependent set-up): the normal way
-        return checkpoint.model_from_checkpoint(path)
-    own = model.state_dict()
-    if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
-        return checkpoint.model_from_checkpoint(path)  # it raises the error that says how they differ
-    model.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        return checkpoint.model_from_checkpoint(path)
-    return model.eval(), meta
 
 
 def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str = "none", progress=None) -> list:

@@ -96,17 +96,17 @@ def write_scores_csv(path, ids: Sequence[str], classes: Sequence[str], probs: to
 # --------------------------------------------------------------------------- device and precision
 
 
-def inference_device(spec: str) -> torch.device:
-    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
+def inference_device(spec: str, where: str = "--device") -> torch.device:
+    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; `where` names the option in errors."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {spec}: no CUDA device is available; use --device auto or cpu")
+            raise UserError(f"{where} {spec}: no CUDA device is available; use auto or cpu")
         return torch.device(spec)
-    raise UserError(f"--device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+    raise UserError(f"{where} must be auto, cpu, cuda or cuda:N (got {spec!r})")
 
 
 def half_dtype(device: torch.device) -> torch.dtype:

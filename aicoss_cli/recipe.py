@@ -156,20 +156,26 @@ SECTIONS = ("model", "loss", "optim", "augment", "data", "runtime")
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_names: bool = True) -> Recipe:
     """Read, override and validate a recipe; raise UserError naming the file and key on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found (see `aicoss recipes` for the bundled ones)")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: TOML syntax error: {exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
+    raw = read_toml(path, "recipe file not found (see `aicoss recipes` for the bundled ones)")
     for item in overrides or []:
         _apply_override(raw, item)
     recipe = validate_recipe(raw, source=str(path))
     if check_names:
         check_recipe_names(recipe, source=str(path))
     return recipe
+
+
+def read_toml(path: Path, missing: str) -> dict[str, Any]:
+    """A TOML file as a dict; UserError naming the file if it is missing (`missing` says what
+    it should have been), not UTF-8 or not valid TOML."""
+    if not path.is_file():
+        raise UserError(f"{path}: {missing}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
 
 
 def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:

@@ -357,12 +357,11 @@ def test_a_write_that_fails_at_the_end_leaves_no_partial_csv(run_cli, checkpoint
 def test_members_load_without_random_init_and_compute_what_the_checkpoint_model_computes(demo_root, tmp_path, arch,
                                                                                          size):
     """tf_efficientnet_lite0_mldecoder re-normalises its input with non-persistent buffers: built the normal way."""
-    from aicoss_cli.checkpoint import model_from_checkpoint as reference
-    from aicoss_cli.ensemble import model_from_checkpoint
+    from aicoss_cli.checkpoint import model_from_checkpoint
 
     ckpt = save_random_checkpoint(tmp_path / f"{arch}.safetensors", demo_root, arch=arch, img_size=size, seed=4)
     fast, meta = model_from_checkpoint(ckpt)
-    slow, _ = reference(ckpt)
+    slow, _ = model_from_checkpoint(ckpt, skip_init=False)
     assert meta.arch == arch and not fast.training
     assert not any(t.is_meta for t in (*fast.parameters(), *fast.buffers()))
     x = torch.randn(3, 3, size, size)

@@ -28,15 +28,6 @@ ON_META = {"cvt384_q2l"}
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train_step(model: nn.Module, images: torch.Tensor, dtype: torch.dtype | None, backward: bool) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):

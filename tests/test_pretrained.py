@@ -39,14 +39,6 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lite0_weights() -> dict[str, torch.Tensor]:
     """The package's efficientnet_pytorch weights, renamed to timm's tf_efficientnet_lite0."""
