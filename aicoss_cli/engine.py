@@ -279,6 +279,29 @@ def training_progress(console, enabled: bool = True, transient: bool = False):
                     disable=not enabled, transient=transient)
 
 
+class _LogLines:
+    """When the output is not a terminal (a log file, a cluster job), a progress bar shows nothing
+    until the epoch ends: print a plain line every tenth of the epoch, or every minute if sooner."""
+
+    def __init__(self, steps: int, enabled: bool, every_s: float = 60.0):
+        self.enabled, self.tenth, self.every_s, self.last = enabled, max(1, steps // 10), every_s, 0.0
+        self.steps = steps
+
+    def due(self, step: int, elapsed: float) -> bool:
+        if not self.enabled or step >= self.steps:  # the epoch's own line follows
+            return False
+        if step % self.tenth and elapsed - self.last < self.every_s:
+            return False
+        self.last = elapsed
+        return True
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class _StopFlag:
     """SIGINT / SIGTERM ask the loop to stop at the next step boundary; a second Ctrl-C is immediate."""
 
@@ -338,7 +361,9 @@ class _Trainer:
 
     # -- helpers
     def _progress(self):
-        return training_progress(self.console, enabled=self.info.main)
+        # not a terminal: the bar would only print its last state; _LogLines writes plain lines instead
+        terminal = self.console is not None and self.console.is_terminal
+        return training_progress(self.console, enabled=self.info.main and terminal)
 
     def _say(self, text: str) -> None:
         if self.info.main and self.console is not None:
@@ -489,6 +514,7 @@ class _Trainer:
         boundary = (dict(running), None if prior_acc is None else prior_acc.clone())
         task = progress.add_task(f"epoch {epoch + 1}/{r.optim.epochs}", total=steps, completed=step, stats="")
         t0, seen = time.perf_counter(), 0
+        log_lines = _LogLines(steps, enabled=self.console is not None and not self.console.is_terminal)
         self.model.train()
         for images, targets, _, errors in loader:
             bad = next((e for e in errors if e), "")
@@ -534,8 +560,13 @@ class _Trainer:
             self.progress_state["global_step"] += 1
             self.boundary_rng = _rng_state()
             elapsed = time.perf_counter() - t0
-            progress.update(task, advance=1, stats=(f"loss {running['loss_sum'] / running['loss_count']:.4f}  "
-                                                    f"{seen * info.world / max(elapsed, 1e-9):.0f} img/s"))
+            stats = (f"loss {running['loss_sum'] / running['loss_count']:.4f}  "
+                     f"{seen * info.world / max(elapsed, 1e-9):.0f} img/s")
+            progress.update(task, advance=1, stats=stats)
+            if log_lines.due(step, elapsed):
+                eta = elapsed / (step - start_step) * (steps - step)
+                self._say(f"epoch {epoch + 1}/{r.optim.epochs}  step {step}/{steps}  {stats}  "
+                          f"eta {_clock(eta)}")
             boundary = (dict(running, seconds=running["seconds"] + elapsed),
                         None if prior_acc is None else prior_acc.clone())
             if self._any_rank(stop.requested):

@@ -147,3 +147,74 @@ def test_a_new_run_never_reuses_an_existing_folder(run_cli, demo_root, write_rec
     assert run_cli("train", recipe, "--out", tmp_path / existing).code == 0
     runs = sorted(p for p in (tmp_path / existing / "tiny").iterdir())
     assert len(runs) == 2 and all((p / "best.safetensors").is_file() for p in runs)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+        run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
+    import aicoss_cli.losses as losses
+
+    real_build = losses.build_loss
+    train_calls = {"n": 0}
+
+    def nan_at_epoch_2_step_3(name, **params):
+        loss = real_build(name, **params)
+        forward = loss.forward
+
+        def poisoned(logits, targets):
+            value = forward(logits, targets)
+            if logits.requires_grad:  # training steps only, not validation
+                train_calls["n"] += 1
+                if train_calls["n"] == 6 + 3:  # 192 train images / batch 32 = 6 steps per epoch
+                    return value * float("nan")
+            return value
+
+        loss.forward = poisoned
+        return loss
+
+    monkeypatch.setattr(losses, "build_loss", nan_at_epoch_2_step_3)
+    recipe = write_recipe(demo_root, epochs=3)
+    result = run_cli("train", recipe, "--out", tmp_path)
+    assert result.code == 1
+    assert "non-finite loss at epoch 2, step 3" in result.stderr and "Traceback" not in result.stderr
+    run = only_run_dir(tmp_path)
+    assert len(metrics_without_seconds(run)) == 2  # header + epoch 1: the bad epoch wrote nothing
+    kept = weights(run / "last.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert state_progress(run)["epoch"] == 1  # the resumable state is the end of epoch 1
+
+    monkeypatch.setattr(losses, "build_loss", real_build)
+    resumed = run_cli("train", "--resume", run)
+    assert resumed.code == 0, resumed.stderr
+    assert len(metrics_without_seconds(run)) == 4
+
+
+def test_an_image_that_breaks_during_training_stops_cleanly_and_resumes(
+        run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
+    import aicoss_cli.data as data
+
+    real_load = data.load_image
+    seen = {"n": 0, "bad": None}
+
+    def breaks_once(path, size=None):
+        seen["n"] += 1
+        if seen["n"] == 2 * 32 + 5:  # an image of epoch 1, step 3 (passed the up-front check, then went bad)
+            seen["bad"] = path
+            raise OSError("image file is truncated")
+        return real_load(path, size)
+
+    monkeypatch.setattr(data, "load_image", breaks_once)
+    recipe = write_recipe(demo_root, epochs=2)
+    result = run_cli("train", recipe, "--out", tmp_path)
+    run = only_run_dir(tmp_path)
+    assert result.code == 2, result.stderr
+    message = " ".join(result.stderr.split())  # Rich may wrap the long line
+    assert seen["bad"] in message and "cannot decode image" in message
+    assert "epoch 1, step 2" in message and f"aicoss train --resume {run}" in message
+    assert "Traceback" not in message
+    progress = state_progress(run)
+    assert (progress["epoch"], progress["step"]) == (0, 2)
+
+    monkeypatch.setattr(data, "load_image", real_load)
+    resumed = run_cli("train", "--resume", run)
+    assert resumed.code == 0, resumed.stderr
+    assert len(metrics_without_seconds(run)) == 3 and (run / "submission.csv").is_file()

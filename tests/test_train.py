@@ -55,6 +55,9 @@ def test_one_epoch_writes_every_run_file(run_cli, demo_root, write_recipe, tmp_p
     assert meta.val_map == pytest.approx(float(metrics[best_epoch][4]), rel=1e-5)
     assert recipe_from_toml(meta.recipe_toml, "meta") == recipe_from_toml((run / "recipe.toml").read_text(), "run")
     assert "best val mAP" in result.stdout and "val mAP" in result.stdout
+    # not a terminal (a log file): plain progress lines stand in for the bar, 6 steps per epoch
+    assert "epoch 2/2  step 3/6  loss " in result.stderr and "eta 0:" in result.stderr
+    assert "step 6/6" not in result.stderr and "━" not in result.stderr  # no bar; the epoch's own line closes it
 
 
 def test_val_map_in_metrics_is_the_map_of_val_scores(run_cli, demo_root, write_recipe, tmp_path):
