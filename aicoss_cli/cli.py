@@ -424,3 +424,17 @@ def split(
     out.print(table)
     out.print(f"use it with --set data.split_seed={rows[0]['split_seed']}", highlight=False)
 from aicoss_cli import cli_inference  # noqa: E402,F401  (registers predict, ensemble, benchmark-fp16)
+
+
+def _one_line_summaries(typer_app: typer.Typer) -> None:
+    """The command list shows each docstring's first paragraph as one flowing line (Typer would keep
+    the docstring's line breaks there)."""
+    import inspect
+
+    for info in typer_app.registered_commands:
+        if info.short_help is None and info.callback is not None and info.callback.__doc__:
+            first = inspect.cleandoc(info.callback.__doc__).split("\n\n")[0]
+            info.short_help = " ".join(first.split())
+
+
+_one_line_summaries(app)

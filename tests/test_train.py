@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,12 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     out = subprocess.run([sys.executable, "-m", "aicoss_cli", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "demo-data" in out.stdout
+
+
+def test_command_list_shows_each_summary_as_flowing_text():
+    env = dict(os.environ, COLUMNS="250")
+    out = subprocess.run([sys.executable, "-m", "aicoss_cli", "--help"], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    # docstrings break lines at 100 columns; a 250-column terminal must not show those breaks
+    assert "the gap between the train and val positive rate of every class" in out
+    assert "row order of sample_submission.csv, or (--split val)" in out
