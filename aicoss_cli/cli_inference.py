@@ -23,11 +23,9 @@ DEVICE_HELP = "auto (CUDA when present) | cpu | cuda | cuda:N."
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from aicoss_cli.engine import training_progress
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
-                    refresh_per_second=4)  # each redraw holds the GIL: keep them rare
+    return training_progress(err, transient=True)
 
 
 def _note(text: str) -> None:

@@ -406,6 +406,17 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=
 # --------------------------------------------------------------------------- samplers
 
 
+def micro_batch_size(global_batch: int, accumulation: int, world: int) -> int:
+    """Images per forward pass on one process: the global batch split into accumulation × processes
+    equal micro-batches."""
+    if global_batch % (accumulation * world):
+        raise UserError(
+            f"[optim] batch_size {global_batch} must be divisible by grad_accumulation × processes = "
+            f"{accumulation} × {world}"
+        )
+    return global_batch // (accumulation * world)
+
+
 class TrainBatches(torch.utils.data.Sampler):
     """The micro-batches one rank trains on in one epoch.
 
@@ -417,15 +428,10 @@ class TrainBatches(torch.utils.data.Sampler):
 
     def __init__(self, rows: np.ndarray, global_batch: int, accumulation: int, rank: int, world: int,
                  seed: int, epoch: int, start_step: int = 0, augment: bool = True):
-        if global_batch % (accumulation * world):
-            raise UserError(
-                f"[optim] batch_size {global_batch} must be divisible by grad_accumulation × GPUs = "
-                f"{accumulation} × {world}"
-            )
+        self.micro = micro_batch_size(global_batch, accumulation, world)
         self.rows, self.batch, self.k = np.asarray(rows), global_batch, accumulation
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, epoch
         self.start_step, self.augment = start_step, augment
-        self.micro = global_batch // (accumulation * world)
 
     @property
     def steps(self) -> int:

@@ -37,6 +37,7 @@ from aicoss_cli.data import (
     check_images,
     eval_batches,
     make_loader,
+    micro_batch_size,
     normalize,
     read_test,
     read_train,
@@ -265,7 +266,8 @@ def check_resume_recipe(run_dir: Path, stored_toml: str, recipe: Recipe | None, 
 
 
 def training_progress(console, enabled: bool = True, transient: bool = False):
-    """A Rich progress display: description, bar, count, free-text stats (loss, img/s), elapsed, ETA."""
+    """A Rich progress display: description, bar, count, free-text stats (loss, img/s), elapsed, ETA.
+    It redraws 4 times a second: each redraw holds the GIL that decoding in this process needs."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.text import Text
@@ -276,7 +278,7 @@ def training_progress(console, enabled: bool = True, transient: bool = False):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Stats(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                    disable=not enabled, transient=transient)
+                    disable=not enabled, transient=transient, refresh_per_second=4)
 
 
 class _LogLines:
@@ -360,10 +362,14 @@ class _Trainer:
         self.out, self.resume = Path(out), resume
 
     # -- helpers
+    @property
+    def _terminal(self) -> bool:
+        """A live bar for a terminal; elsewhere (a log file) the bar would only print its last state,
+        so `_LogLines` writes plain lines instead."""
+        return self.console is not None and self.console.is_terminal
+
     def _progress(self):
-        # not a terminal: the bar would only print its last state; _LogLines writes plain lines instead
-        terminal = self.console is not None and self.console.is_terminal
-        return training_progress(self.console, enabled=self.info.main and terminal)
+        return training_progress(self.console, enabled=self.info.main and self._terminal)
 
     def _say(self, text: str) -> None:
         if self.info.main and self.console is not None:
@@ -407,12 +413,7 @@ class _Trainer:
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.channels_last = r.runtime.channels_last is True or (r.runtime.channels_last == "auto" and device.type == "cuda")
-        self.micro_batches = r.optim.grad_accumulation * info.world
-        if r.optim.batch_size % self.micro_batches:
-            raise UserError(
-                f"[optim] batch_size {r.optim.batch_size} must be divisible by grad_accumulation × processes = "
-                f"{r.optim.grad_accumulation} × {info.world}"
-            )
+        self.micro_batch = micro_batch_size(r.optim.batch_size, r.optim.grad_accumulation, info.world)
         with training_progress(self.console, enabled=info.main, transient=True) as progress:
             self.data = data = prepare_data(r, progress if info.main else None)
         if len(data.train_rows) < r.optim.batch_size:
@@ -471,7 +472,7 @@ class _Trainer:
         transform = build_train_transform(r.augment.policy, r.augment.magnitude, r.augment.num_ops, r.augment.cutout_factor)
         self.train_set = ImageDataset(data.table.paths, data.table.labels, r.model.img_size, transform)
         self.eval_set = ImageDataset(data.table.paths, data.table.labels, r.model.img_size)
-        self.eval_bs = r.runtime.eval_batch_size or max(1, r.optim.batch_size // self.micro_batches)
+        self.eval_bs = r.runtime.eval_batch_size or self.micro_batch
         self.pin = device.type == "cuda"
         self.val_targets = torch.from_numpy(data.table.labels[data.val_rows].astype(np.float32))
         # DDP averages gradients over ranks and accumulation sums them: scale so that one optimizer step
@@ -514,7 +515,7 @@ class _Trainer:
         boundary = (dict(running), None if prior_acc is None else prior_acc.clone())
         task = progress.add_task(f"epoch {epoch + 1}/{r.optim.epochs}", total=steps, completed=step, stats="")
         t0, seen = time.perf_counter(), 0
-        log_lines = _LogLines(steps, enabled=self.console is not None and not self.console.is_terminal)
+        log_lines = _LogLines(steps, enabled=self.console is not None and not self._terminal)
         self.model.train()
         for images, targets, _, errors in loader:
             bad = next((e for e in errors if e), "")
@@ -543,7 +544,7 @@ class _Trainer:
                         "lower [optim] lr or use precision = \"fp32\"")
                 scaled = loss * self.micro_scale
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            running["loss_sum"] += value / len(images) if self.loss_fn.reduction == "sum" else value
+            running["loss_sum"] += self._per_image(value, len(images))
             running["loss_count"] += 1
             if prior_acc is not None:
                 probs = torch.sigmoid(logits.detach().float()).sum(0).double().cpu()
@@ -666,15 +667,19 @@ class _Trainer:
 
     def _val_loss(self, logits: torch.Tensor) -> float:
         """Per-image validation loss over chunks of one micro-batch (independent of the process count)."""
-        chunk = self.recipe.optim.batch_size // self.micro_batches * self.info.world
+        chunk = self.micro_batch * self.info.world
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(logits), chunk):
                 part = logits[i:i + chunk].to(self.device)
                 value = self.loss_fn(part, self.val_targets[i:i + chunk].to(self.device)).item()
-                total += value / len(part) if self.loss_fn.reduction == "sum" else value
+                total += self._per_image(value, len(part))
                 count += 1
         return total / max(count, 1)
+
+    def _per_image(self, value: float, n: int) -> float:
+        """A batch's loss as reported: sum-reduced losses (P-ASL, ASL) divided by its n images."""
+        return value / n if self.loss_fn.reduction == "sum" else value
 
     def _write_metrics(self, rows: list[dict]) -> None:
         lines = [",".join(METRIC_COLUMNS)]
@@ -683,8 +688,6 @@ class _Trainer:
 
     def _write_submission(self) -> None:
         """submission.csv of the best checkpoint, in the row order of sample_submission.csv."""
-        from rich.progress import Progress
-
         from aicoss_cli.checkpoint import load_checkpoint
 
         state, _ = load_checkpoint(self.run_dir / "best.safetensors")
@@ -693,8 +696,8 @@ class _Trainer:
         test_set = ImageDataset(test.paths, None, self.recipe.model.img_size)
         loader = make_loader(test_set, eval_batches(np.arange(len(test_set)), self.eval_bs),
                              self.recipe.runtime.num_workers, self.pin)
-        with Progress(console=self.console, transient=True) as progress:
-            task = progress.add_task("predicting the test set", total=len(test_set))
+        with training_progress(self.console, transient=True) as progress:
+            task = progress.add_task("predicting the test set", total=len(test_set), stats="")
             logits = predict_logits(self.raw_model, loader, self.device, self.amp_dtype,
                                     self.channels_last, on_batch=lambda n: progress.advance(task, n))
         write_scores_csv(self.run_dir / "submission.csv", test.ids, test.classes, torch.sigmoid(logits))
