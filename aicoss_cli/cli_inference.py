@@ -1,7 +1,7 @@
 """The `predict`, `ensemble` and `benchmark-fp16` commands: parse, call `aicoss_cli.ensemble`, print.
 
-Registered on the app by the import at the end of `cli.py`. Nothing heavy is imported at module
-level (torch is imported by the jobs), so `aicoss --help` stays instant.
+Plain functions with annotated parameters, registered on the app by `cli.py`. Nothing heavy is
+imported at module level (torch is imported by the jobs), so `aicoss --help` stays instant.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.cli import app, err, out
+from aicoss_cli.console import err, note, out, progress_display
 
 WORKERS_HELP = ("Loader processes (default: none on the CPU, where decoding inline costs least as processes "
                 "would compete with the model for the cores; min(8, cores-1) on CUDA). 0 on CUDA: one decode thread.")
@@ -23,13 +23,11 @@ DEVICE_HELP = "auto (CUDA when present) | cpu | cuda | cuda:N."
 
 
 def _progress():
-    from aicoss_cli.engine import training_progress
-
-    return training_progress(err, transient=True)
+    return progress_display(err, transient=True)
 
 
 def _note(text: str) -> None:
-    out.print(f"[yellow]note:[/] {escape(text)}", highlight=False)
+    note(text)
 
 
 def _fmt_map(value: float | None) -> str:
@@ -39,7 +37,6 @@ def _fmt_map(value: float | None) -> str:
 # --------------------------------------------------------------------------- predict
 
 
-@app.command()
 def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint written by `aicoss train`.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (default: \\[data] root of the checkpoint's recipe).")] = None,
@@ -96,7 +93,6 @@ def _print_per_class(result) -> None:
 # --------------------------------------------------------------------------- ensemble
 
 
-@app.command()
 def ensemble(
     checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Member checkpoints (default: best.safetensors of every run under --runs).", show_default=False)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="ENSEMBLE.toml: `data = DIR` (optional) and \\[\\[member]] tables with path, weight, tta (paths relative to the spec's folder).")] = None,
@@ -158,7 +154,6 @@ def ensemble(
 # --------------------------------------------------------------------------- benchmark-fp16
 
 
-@app.command("benchmark-fp16")
 def benchmark_fp16(
     checkpoints: Annotated[list[Path], typer.Argument(help="Member checkpoints (one or more).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (default: the first member's \\[data] root).")] = None,

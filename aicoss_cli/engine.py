@@ -27,6 +27,7 @@ import torch
 from rich.markup import escape
 
 from aicoss_cli import distributed
+from aicoss_cli.console import LogLines, clock, progress_display
 from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, read_safetensors, save_checkpoint, write_text_atomic
 from aicoss_cli.data import (
     ImageDataset,
@@ -265,45 +266,6 @@ def check_resume_recipe(run_dir: Path, stored_toml: str, recipe: Recipe | None, 
 # --------------------------------------------------------------------------- the loop
 
 
-def training_progress(console, enabled: bool = True, transient: bool = False):
-    """A Rich progress display: description, bar, count, free-text stats (loss, img/s), elapsed, ETA.
-    It redraws 4 times a second: each redraw holds the GIL that decoding in this process needs."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class Stats(ProgressColumn):
-        def render(self, task):
-            return Text(str(task.fields.get("stats", "")))
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Stats(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                    disable=not enabled, transient=transient, refresh_per_second=4)
-
-
-class _LogLines:
-    """When the output is not a terminal (a log file, a cluster job), a progress bar shows nothing
-    until the epoch ends: print a plain line every tenth of the epoch, or every minute if sooner."""
-
-    def __init__(self, steps: int, enabled: bool, every_s: float = 60.0):
-        self.enabled, self.tenth, self.every_s, self.last = enabled, max(1, steps // 10), every_s, 0.0
-        self.steps = steps
-
-    def due(self, step: int, elapsed: float) -> bool:
-        if not self.enabled or step >= self.steps:  # the epoch's own line follows
-            return False
-        if step % self.tenth and elapsed - self.last < self.every_s:
-            return False
-        self.last = elapsed
-        return True
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 class _StopFlag:
     """SIGINT / SIGTERM ask the loop to stop at the next step boundary; a second Ctrl-C is immediate."""
 
@@ -365,11 +327,11 @@ class _Trainer:
     @property
     def _terminal(self) -> bool:
         """A live bar for a terminal; elsewhere (a log file) the bar would only print its last state,
-        so `_LogLines` writes plain lines instead."""
+        so `LogLines` writes plain lines instead."""
         return self.console is not None and self.console.is_terminal
 
     def _progress(self):
-        return training_progress(self.console, enabled=self.info.main and self._terminal)
+        return progress_display(self.console, enabled=self.info.main and self._terminal)
 
     def _say(self, text: str) -> None:
         if self.info.main and self.console is not None:
@@ -414,7 +376,7 @@ class _Trainer:
             torch.backends.cudnn.benchmark = True
         self.channels_last = r.runtime.channels_last is True or (r.runtime.channels_last == "auto" and device.type == "cuda")
         self.micro_batch = micro_batch_size(r.optim.batch_size, r.optim.grad_accumulation, info.world)
-        with training_progress(self.console, enabled=info.main, transient=True) as progress:
+        with progress_display(self.console, enabled=info.main, transient=True) as progress:
             self.data = data = prepare_data(r, progress if info.main else None)
         if len(data.train_rows) < r.optim.batch_size:
             raise UserError(
@@ -515,7 +477,7 @@ class _Trainer:
         boundary = (dict(running), None if prior_acc is None else prior_acc.clone())
         task = progress.add_task(f"epoch {epoch + 1}/{r.optim.epochs}", total=steps, completed=step, stats="")
         t0, seen = time.perf_counter(), 0
-        log_lines = _LogLines(steps, enabled=self.console is not None and not self._terminal)
+        log_lines = LogLines(steps, enabled=self.console is not None and not self._terminal)
         self.model.train()
         for images, targets, _, errors in loader:
             bad = next((e for e in errors if e), "")
@@ -567,7 +529,7 @@ class _Trainer:
             if log_lines.due(step, elapsed):
                 eta = elapsed / (step - start_step) * (steps - step)
                 self._say(f"epoch {epoch + 1}/{r.optim.epochs}  step {step}/{steps}  {stats}  "
-                          f"eta {_clock(eta)}")
+                          f"eta {clock(eta)}")
             boundary = (dict(running, seconds=running["seconds"] + elapsed),
                         None if prior_acc is None else prior_acc.clone())
             if self._any_rank(stop.requested):
@@ -696,7 +658,7 @@ class _Trainer:
         test_set = ImageDataset(test.paths, None, self.recipe.model.img_size)
         loader = make_loader(test_set, eval_batches(np.arange(len(test_set)), self.eval_bs),
                              self.recipe.runtime.num_workers, self.pin)
-        with training_progress(self.console, transient=True) as progress:
+        with progress_display(self.console, transient=True) as progress:
             task = progress.add_task("predicting the test set", total=len(test_set), stats="")
             logits = predict_logits(self.raw_model, loader, self.device, self.amp_dtype,
                                     self.channels_last, on_batch=lambda n: progress.advance(task, n))

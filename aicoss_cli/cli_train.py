@@ -1,0 +1,228 @@
+"""The training-side commands: train, validate, recipes, demo-data, split.
+
+Plain functions with annotated parameters, registered on the app by `cli.py`; nothing heavy is
+imported at module level (torch is imported by the jobs), so `aicoss --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from aicoss_cli.console import err, out
+from aicoss_cli.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file (optional with --resume: the run's own).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data root (overrides [data] root).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder that receives <name>/<timestamp>/.")] = Path("runs"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if the recipe changed (says what changed).")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs) on this machine; launches torchrun.")] = 1,
+) -> None:
+    """Validate RECIPE, train it, evaluate val mAP every epoch, keep best/last checkpoints and write
+    the best checkpoint's test submission.
+
+    Example: [bold]aicoss train recipes/demo.toml --data data/demo --set optim.epochs=3[/]
+    """
+    from aicoss_cli.recipe import load_recipe, resolve_recipe
+
+    if recipe is None and resume is None:
+        raise UserError("train needs a RECIPE (or --resume RUN_DIR); see `aicoss recipes` for the bundled ones")
+    data_root = data
+    if resume is not None:
+        from aicoss_cli.engine import load_train_state  # validates the folder before anything else
+
+        load_train_state(resume)
+        stored = load_recipe(Path(resume) / "recipe.toml")
+        if data_root is None:
+            data_root = Path(stored.data.root)
+    source = recipe if recipe is not None else Path(resume) / "recipe.toml"
+    loaded = resolve_recipe(load_recipe(source, overrides or []), data_root=data_root)
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_torchrun(nproc)
+        return
+
+    from aicoss_cli.engine import train as run_training
+
+    result = run_training(loaded, out_dir, resume=resume, force=force, console=err,
+                          resume_recipe_given=recipe is not None or bool(overrides))
+    if not _is_main_process():
+        return
+    _print_epochs(result)
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under torch.distributed.run with --nproc removed."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "aicoss_cli", *args]
+    err.print(f"launching: {' '.join(cmd[1:])}", highlight=False)
+    raise SystemExit(subprocess.call(cmd))
+
+
+def _print_epochs(result) -> None:
+    table = Table(title=f"{result.run_dir}", title_justify="left")
+    for col in ("epoch", "lr", "train loss", "val loss", "val mAP", "seconds"):
+        table.add_column(col, justify="right")
+    for row in result.rows:
+        style = "bold green" if row["epoch"] == result.best_epoch else None
+        table.add_row(str(row["epoch"]), f"{row['lr']:.3g}", f"{row['train_loss']:.4f}", f"{row['val_loss']:.4f}",
+                      f"{row['val_map']:.4f}", f"{row['seconds']:.1f}", style=style)
+    out.print(table)
+    for note in result.notes:
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    out.print(f"best val mAP [bold]{result.best_map:.4f}[/] at epoch {result.best_epoch}; "
+              f"submission: {result.run_dir / 'submission.csv'}", highlight=False)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Also check this data root (CSVs, labels, images).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")] = None,
+) -> None:
+    """Check a recipe (keys, types, ranges, arch and loss names) and, with --data, the data it would train on.
+
+    Example: [bold]aicoss validate recipes/tresnet_xl_pasl.toml --data data/demo[/]
+    """
+    from aicoss_cli.recipe import load_recipe, recipe_to_toml, resolve_recipe
+
+    resolved = resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)
+    if data is not None:
+        from rich.progress import Progress
+
+        from aicoss_cli.engine import prepare_data
+
+        with Progress(console=err, transient=True) as progress:
+            prepared = prepare_data(resolved, progress)
+        out.print(f"data: {len(prepared.table)} labelled images ({len(prepared.train_rows)} train, "
+                  f"{len(prepared.val_rows)} val), {len(prepared.test)} test images, "
+                  f"{len(prepared.table.classes)} classes", highlight=False)
+    out.print(f"[green]ok:[/] {recipe} is valid; resolved recipe:", highlight=False)
+    out.print(recipe_to_toml(resolved), highlight=False, markup=False)
+
+
+def _recipe_files(folder: Path | None) -> list[Path]:
+    folders = [folder] if folder else [Path("recipes"), RECIPES_DIR]
+    for f in folders:
+        if f.is_dir() and any(f.glob("*.toml")):
+            return sorted(f.glob("*.toml"))
+    return []
+
+
+def recipes(
+    folder: Annotated[Optional[Path], typer.Argument(help="Folder of recipes (default: the bundled ones).")] = None,
+) -> None:
+    """List the recipes: one per model row of the seed's tables, plus small CPU demos.
+
+    Example: [bold]aicoss recipes[/]
+    """
+    from aicoss_cli.recipe import load_recipe
+
+    files = _recipe_files(folder)
+    if not files:
+        raise UserError(f"{folder or 'recipes/'}: no recipe files (*.toml) found")
+    table = Table(title=f"recipes in {files[0].parent}", title_justify="left")
+    for col in ("recipe", "arch", "loss", "prior", "lr", "min_lr", "augment", "batch", "epochs"):
+        table.add_column(col, no_wrap=col in ("recipe", "arch"))
+    for f in files:
+        r = load_recipe(f, check_names=False)
+        prior = "-" if r.loss.prior is False else str(r.loss.prior)
+        accum = f"/{r.optim.grad_accumulation}" if r.optim.grad_accumulation > 1 else ""
+        table.add_row(escape(f.stem), r.model.arch, r.loss.name, escape(prior), f"{r.optim.lr:g}", f"{r.optim.min_lr:g}",
+                      r.augment.policy, f"{r.optim.batch_size}{accum}", str(r.optim.epochs))
+    out.print(table)
+
+
+
+def demo_data(
+    folder: Annotated[Path, typer.Argument(help="Where to write the demo set (a new or empty folder).")],
+    n_train: Annotated[int, typer.Option("--n-train", min=10, help="Training images.")] = 3000,
+    n_test: Annotated[int, typer.Option("--n-test", min=1, help="Test images.")] = 1000,
+    size: Annotated[int, typer.Option("--size", min=16, help="Image side in pixels.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same files.")] = 0,
+    unannotated: Annotated[float, typer.Option("--unannotated", help="Fraction of train labels marked -1 (not annotated).")] = 0.0,
+) -> None:
+    """Build the embedded demo data set: 2×2 mosaics of real handwritten digit scans
+    (scikit-learn's `load_digits`), 10 classes, in the DACON layout, with test_labels.csv for scoring.
+
+    Example: [bold]aicoss demo-data data/demo[/]
+    """
+    from rich.progress import Progress
+
+    from aicoss_cli.demo import build_demo_data
+
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("writing demo images", total=n_train + n_test)
+        path = build_demo_data(folder, n_train=n_train, n_test=n_test, size=size, seed=seed, unannotated=unannotated,
+                               on_progress=lambda n: progress.advance(task, n))
+    out.print(f"demo data in {path}: {n_train} train + {n_test} test images of {size}×{size}, 10 classes "
+              f"(train.csv, test.csv, sample_submission.csv, test_labels.csv)", highlight=False)
+
+
+def split(
+    data: Annotated[Path, typer.Argument(help="Data root with train.csv.")],
+    search: Annotated[int, typer.Option("--search", min=1, help="Random states to try (0..N-1).")] = 100,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=1.0, help="Validation fraction.")] = 0.1,
+    kind: Annotated[str, typer.Option("--kind", help="random | stratified")] = "random",
+    top: Annotated[int, typer.Option("--top", min=1, help="Rows to show.")] = 10,
+) -> None:
+    """Repeat the seed's split-seed search: for each random state, the gap between the train and
+    val positive rate of every class (mean and std over classes), most balanced first.
+
+    Example: [bold]aicoss split data/demo --search 200[/]
+    """
+    from rich.progress import Progress
+
+    from aicoss_cli.data import read_train, split_search
+
+    if kind not in ("random", "stratified"):
+        raise UserError(f"--kind must be random or stratified (got {kind!r})")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
+    table_data = read_train(data)
+    rows = []
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("searching split seeds", total=search)
+        for state in range(search):
+            rows += split_search(table_data.labels, val_fraction, [state], kind)
+            progress.advance(task)
+    rows.sort(key=lambda r: (r["mean"], r["std"]))
+    table = Table(title=f"class-ratio gap train vs val ({kind}, val {val_fraction:g}, {search} states)",
+                  title_justify="left")
+    for col in ("rank", "split_seed", "mean gap", "std gap"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(rows[:top], 1):
+        table.add_row(str(i), str(r["split_seed"]), f"{r['mean']:.5f}", f"{r['std']:.5f}")
+    out.print(table)
+    out.print(f"use it with --set data.split_seed={rows[0]['split_seed']}", highlight=False)
