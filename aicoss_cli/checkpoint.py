@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -41,6 +41,31 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def check_output(path: str | Path, inputs: Sequence[str | Path] = (), option: str = "--out") -> None:
+    """`path` must be a writable file path that is none of the inputs (checked before any compute)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; {option} takes the path of a file")
+    target = path.resolve()
+    for item in inputs:
+        if Path(item).exists() and target == Path(item).resolve():
+            raise UserError(f"{path}: is an input of this command ({item}); choose another {option}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{path}: cannot be written ({ancestor} is not a folder); choose another {option}")
+    if ancestor == path.parent:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=ancestor)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot be written ({exc.strerror or exc}); choose another {option}") from None
+    elif not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot be written ({ancestor} is not writable); choose another {option}")
+
+
 @dataclass
 class CheckpointMeta:
     """What a checkpoint knows about itself: enough to rebuild the model and its data split."""
@@ -58,6 +83,38 @@ class CheckpointMeta:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def data_root(self) -> Path | None:
+        """The `[data] root` of the stored recipe (None if it has none)."""
+        import tomllib
+
+        try:
+            root = tomllib.loads(self.recipe_toml).get("data", {}).get("root") if self.recipe_toml else None
+        except tomllib.TOMLDecodeError:
+            return None
+        return Path(root) if isinstance(root, str) and root else None
+
+    def resolve_data_root(self, data: str | Path | None, source: str) -> Path:
+        """`data` when given, else the stored recipe's data root."""
+        if data is not None:
+            return Path(data)
+        if self.data_root is None:
+            raise UserError(f"{source}: no data root in its stored recipe; pass --data DIR")
+        return self.data_root
+
+    def check_classes(self, classes: list[str], source: str, csv: Path) -> None:
+        """The data's classes must be this checkpoint's, names and order."""
+        if list(classes) == self.classes:
+            return
+        if sorted(classes) == sorted(self.classes):
+            detail = "the same names in another order"
+        else:
+            missing = [c for c in self.classes if c not in classes]
+            extra = [c for c in classes if c not in self.classes]
+            detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}"
+        raise UserError(f"{source}: trained on {self.num_classes} classes but {csv} has {len(classes)} "
+                        f"({detail}); pass the --data it was trained on")
 
     def to_strings(self) -> dict[str, str]:
         from aicoss_cli import __version__

@@ -26,10 +26,6 @@ def _progress():
     return progress_display(err, transient=True)
 
 
-def _note(text: str) -> None:
-    note(text)
-
-
 def _fmt_map(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
@@ -53,13 +49,13 @@ def predict(
 
     Example: [bold]aicoss predict runs/demo/<timestamp>/best.safetensors --split val --tta hflip[/]
     """
-    from aicoss_cli.ensemble import run_predict
+    from aicoss_cli.predict import run_predict
 
     with _progress() as progress:
         result = run_predict(checkpoint, data=data, split=split, out=out_path, precision=precision, tta=tta,
                              batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-    for note in result.notes:
-        _note(note)
+    for text in result.notes:
+        note(text)
     speed = result.n_images / result.loop_seconds if result.loop_seconds > 0 else float("nan")
     if result.val_map is not None:
         _print_per_class(result)
@@ -125,8 +121,8 @@ def ensemble(
                   highlight=False)
         for path, why in d.skipped:
             out.print(f"  [dim]skipped[/] {escape(str(path))}: {escape(why)}", highlight=False)
-    for note in result.notes:
-        _note(note)
+    for text in result.notes:
+        note(text)
     out.print(f"ensemble of {len(result.members)} members ({escape(result.runtime)})", highlight=False)
     table = Table()
     for col in ("#", "checkpoint", "arch", "size", "tta", "weight", "val mAP", "at training"):
@@ -179,8 +175,8 @@ def benchmark_fp16(
     if as_json:
         print(json.dumps(r, indent=2))
         return
-    for note in r["notes"]:
-        _note(note)
+    for text in r["notes"]:
+        note(text)
     half = r["half_dtype"].upper()
     out.print(f"{len(r['members'])}-model ensemble, {r['images']} val images, batch {r['batch_size']}, "
               f"{escape(r['device'])}: FP32 vs {half}", highlight=False)

@@ -124,39 +124,15 @@ def prior(
 
     Example: [bold]aicoss prior runs/demo/20260101T000000Z/best.safetensors --data data/demo --out prior.csv[/]
     """
-    from rich.progress import Progress
+    from aicoss_cli.console import progress_display
+    from aicoss_cli.predict import run_prior
 
-    from aicoss_cli.checkpoint import model_from_checkpoint
-    from aicoss_cli.data import check_images, read_train, split_fingerprint, split_indices
-    from aicoss_cli.engine import select_device
-    from aicoss_cli.prior import mean_prediction_prior, write_prior_csv
-    from aicoss_cli.recipe import recipe_from_toml
-
-    if out_file.exists():
-        raise UserError(f"{out_file}: already exists; choose another --out (nothing is overwritten)")
-    model, meta = model_from_checkpoint(checkpoint)
-    recipe = recipe_from_toml(meta.recipe_toml, str(checkpoint)) if meta.recipe_toml else None
-    root = data or (Path(recipe.data.root) if recipe else None)
-    if root is None:
-        raise UserError(f"{checkpoint}: no data root recorded; pass --data DIR")
-    table = read_train(root)
-    if table.classes != meta.classes:
-        raise UserError(f"{root}/train.csv: its classes differ from the checkpoint's ({len(meta.classes)} classes)")
-    split = meta.split or {"kind": "random", "val_fraction": 0.1, "split_seed": 78}
-    train_rows, val_rows = split_indices(table.labels, split.get("kind", "random"), split.get("val_fraction", 0.1),
-                                         split.get("split_seed", 78))
-    if split.get("val_fingerprint") and split["val_fingerprint"] != split_fingerprint(table.ids, val_rows):
-        raise UserError(f"{root}: its train/val split differs from the one {checkpoint} was trained with")
-    paths = [table.paths[i] for i in train_rows]
-    check_images(paths, Path(root) / "train.csv")
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("predicting the training split", total=len(paths))
-        values = mean_prediction_prior(model, paths, meta.img_size, select_device(device), batch_size=batch_size,
-                                       on_batch=lambda n: progress.advance(task, n))
-    write_prior_csv(out_file, meta.classes, values.tolist())
-    table_out = Table(title=f"class prior ({len(paths)} training images) → {out_file}", title_justify="left")
+    with progress_display(err, transient=True) as progress:
+        result = run_prior(checkpoint, data=data, out=out_file, batch_size=batch_size, device=device,
+                           progress=progress)
+    table_out = Table(title=f"class prior ({result.n_images} training images) → {out_file}", title_justify="left")
     table_out.add_column("class")
     table_out.add_column("avg_pred", justify="right")
-    for name, value in zip(meta.classes, values.tolist()):
+    for name, value in zip(result.classes, result.values):
         table_out.add_row(escape(name), f"{value:.4f}")
     out.print(table_out)

@@ -28,7 +28,7 @@ def _is_main_process() -> bool:
 def train(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file (optional with --resume: the run's own).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (overrides [data] root).")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder that receives <name>/<timestamp>/.")] = Path("runs"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder that receives <name>/<timestamp>/ (default runs/). With --resume: continue in a new run folder there, leaving the original as it was.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the recipe changed (says what changed).")] = False,
@@ -43,25 +43,29 @@ def train(
 
     if recipe is None and resume is None:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR); see `aicoss recipes` for the bundled ones")
-    data_root = data
-    if resume is not None:
-        from aicoss_cli.engine import load_train_state  # validates the folder before anything else
-
-        load_train_state(resume)
-        stored = load_recipe(Path(resume) / "recipe.toml")
-        if data_root is None:
-            data_root = Path(stored.data.root)
-    source = recipe if recipe is not None else Path(resume) / "recipe.toml"
-    loaded = resolve_recipe(load_recipe(source, overrides or []), data_root=data_root)
-
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if resume is None:
+            resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)  # fail here, not in N processes
         _launch_torchrun(nproc)
         return
 
     from aicoss_cli.engine import train as run_training
 
-    result = run_training(loaded, out_dir, resume=resume, force=force, console=err,
-                          resume_recipe_given=recipe is not None or bool(overrides))
+    resumed = None
+    if resume is not None:
+        from aicoss_cli.train_state import resolve_resume
+
+        resumed = resolve_resume(resume, recipe, overrides, data=data, out=out_dir, force=force)
+        if resumed.complete:
+            if _is_main_process():
+                out.print(f"{escape(str(resume))}: this run is already complete ({resumed.recipe.optim.epochs} "
+                          "epochs and its submission); nothing to do (resume with --set optim.epochs=N --force "
+                          "to train on)", highlight=False)
+            return
+        loaded = resumed.recipe
+    else:
+        loaded = resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)
+    result = run_training(loaded, out_dir or Path("runs"), resume=resumed, console=err)
     if not _is_main_process():
         return
     _print_epochs(result)

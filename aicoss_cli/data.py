@@ -27,6 +27,7 @@ from aicoss_cli.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ID_COLUMNS = ("img_id", "img_path")
+DATA_FILES = ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv")
 
 
 # --------------------------------------------------------------------------- tables
@@ -61,6 +62,11 @@ class TestTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def data_inputs(root: str | Path) -> list[Path]:
+    """The files of a data root that no output may replace."""
+    return [Path(root) / name for name in DATA_FILES]
 
 
 def _data_root(root: str | Path) -> Path:
@@ -287,6 +293,43 @@ def split_search(labels: np.ndarray, val_fraction: float, states: Sequence[int],
     return sorted(rows, key=lambda r: (r["mean"], r["std"]))
 
 
+SPLIT_KEYS = ("kind", "val_fraction", "split_seed", "val_fingerprint")
+
+
+def split_record(table: LabeledTable, kind: str, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train and val rows of a split, and the record of it a checkpoint keeps (`split` metadata)."""
+    train, val = split_indices(table.labels, kind, val_fraction, seed)
+    record = {"kind": kind, "val_fraction": val_fraction, "split_seed": seed, "n_rows": len(table),
+              "n_val": int(len(val)), "val_fingerprint": split_fingerprint(table.ids, val)}
+    return train, val, record
+
+
+def split_from_record(record: dict | None, table: LabeledTable, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The train and val rows a checkpoint was trained and validated on, rebuilt from its `split`
+    metadata and verified against `table` (same rows, and the val ids hash to its fingerprint)."""
+    split = record or {}
+    csv = table.root / "train.csv"
+    if not all(k in split for k in SPLIT_KEYS):
+        raise UserError(f"{source}: no validation split in its metadata (not written by `aicoss train`?); "
+                        "its val scores cannot be rebuilt")
+    if split.get("n_rows") is not None and int(split["n_rows"]) != len(table):
+        raise UserError(f"{source}: validated on a train.csv of {split['n_rows']} rows but {csv} has {len(table)}; "
+                        "pass the --data it was trained on")
+    train, val = split_indices(table.labels, split["kind"], float(split["val_fraction"]), int(split["split_seed"]))
+    found = split_fingerprint(table.ids, val)
+    if found != split["val_fingerprint"]:
+        raise UserError(f"{source}: its val split ({describe_split(split)}) selects other images in {csv} "
+                        f"(fingerprint {found}); pass the --data it was trained on")
+    return train, val
+
+
+def describe_split(split: dict | None) -> str:
+    if not split:
+        return "no split recorded"
+    return (f"{split.get('kind')} split, val_fraction {split.get('val_fraction')}, split_seed "
+            f"{split.get('split_seed')}, fingerprint {split.get('val_fingerprint')}")
+
+
 def split_fingerprint(ids: Sequence[str], val: np.ndarray) -> str:
     """A short hash of the val ids: two checkpoints with the same one were validated on the same images."""
     digest = hashlib.sha1("\n".join(sorted(ids[i] for i in val)).encode()).hexdigest()
@@ -459,10 +502,6 @@ def shard(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
     bounds = np.linspace(0, len(rows), world + 1).round().astype(int)
     return np.asarray(rows)[bounds[rank]:bounds[rank + 1]]
 
-
-def eval_batches(rows: np.ndarray, batch_size: int) -> list[list[int]]:
-    rows = [int(i) for i in rows]
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
 def make_loader(dataset, batch_sampler, num_workers: int, pin_memory: bool, worker_init_fn=None):

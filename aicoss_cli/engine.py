@@ -1,34 +1,31 @@
-"""The one training loop for every recipe: device, precision, DDP, accumulation, checkpoints, resume.
+"""The one training loop of aicoss: `Trainer`.
 
-Set-up lives in small functions beside the loop (`select_device`, `select_precision`,
-`prepare_data`, ...). The loop prints nothing but its progress.
+    from aicoss_cli.engine import Trainer
+    result = Trainer(recipe, out="runs").run()       # recipe: a resolved `aicoss_cli.recipe.Recipe`
 
-Exactness: an epoch's order is a seeded permutation, each image is augmented under its own
-seed (`data.sample_seed`), and the resumable state holds the model, optimizer, grad scaler,
-every RNG and the position in the epoch — so on the CPU with `runtime.deterministic = true`
-a run killed at any step and resumed ends bit-identical to one that never stopped.
+Set-up lives in `_setup_*` methods that return what they build; the loop prints nothing but its
+progress. Data checks (`prepare_data`), the learning-rate schedule and the run folder are free
+functions beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from rich.markup import escape
 
 from aicoss_cli import distributed
+from aicoss_cli.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, write_text_atomic
 from aicoss_cli.console import LogLines, clock, progress_display
-from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, read_safetensors, save_checkpoint, write_text_atomic
 from aicoss_cli.data import (
     ImageDataset,
     LabeledTable,
@@ -36,24 +33,31 @@ from aicoss_cli.data import (
     TrainBatches,
     build_train_transform,
     check_images,
-    eval_batches,
     make_loader,
     micro_batch_size,
-    normalize,
     read_test,
     read_train,
     shard,
-    split_fingerprint,
-    split_indices,
+    split_record,
 )
 from aicoss_cli.errors import TrainingStopped, UserError
-from aicoss_cli.inference import autocast, inference_device, precision_dtype, predict_logits, write_scores_csv
+from aicoss_cli.inference import Member, Normalizer, forward, write_scores_csv
 from aicoss_cli.metrics import mean_average_precision, skipped_classes
-from aicoss_cli.recipe import Recipe, recipe_diff, recipe_from_toml, recipe_to_toml
+from aicoss_cli.prior import PriorTracker, write_prior_csv
+from aicoss_cli.recipe import Recipe, recipe_to_toml
+from aicoss_cli.runtime import Runtime, configure_kernels, make_runtime, seed_everything
+from aicoss_cli.train_state import (
+    STATE_FILE,
+    Resume,
+    TrainProgress,
+    fork_run,
+    rng_state,
+    save_train_state,
+    set_rng_state,
+)
 
-STATE_FILE = "train_state.safetensors"
-STATE_FORMAT = "aicoss-train-state/1"
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "seconds")
+SYNC_EVERY_S = 1.0  # the loop reads device values (running loss, the non-finite flag) at most this often
 
 
 @dataclass
@@ -66,27 +70,21 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- set-up
+class Callback:
+    """Hooks into a run, called on rank 0 only; override what you need. `on_epoch_end` returning
+    True ends the run after that epoch (e.g. a tuner pruning a bad trial); the run then finishes
+    normally (submission from the best checkpoint)."""
+
+    def on_run_start(self, trainer: Trainer) -> None: ...
+
+    def on_log(self, trainer: Trainer, values: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> bool | None: ...
+
+    def on_run_end(self, trainer: Trainer, result: RunResult) -> None: ...
 
 
-def select_device(spec: str, info: distributed.DistInfo | None = None) -> torch.device:
-    """The recipe's `[runtime] device`; under torchrun, "cuda" means this process's local GPU."""
-    device = inference_device(spec, where="[runtime] device")
-    if device.type == "cuda" and device.index is None and info is not None and info.active:
-        return torch.device("cuda", info.local_rank)
-    return device
-
-
-def select_precision(precision: str, device: torch.device, notes: list[str]) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use a grad scaler): fp16 (CUDA only) trains with a grad scaler."""
-    dtype = precision_dtype(precision, device, notes)
-    return dtype, dtype is torch.float16
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+# --------------------------------------------------------------------------- free pieces
 
 
 def learning_rate(optim, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -120,15 +118,8 @@ def prepare_data(recipe: Recipe, progress=None) -> PreparedData:
         check_images(paths, csv, (lambda n, t=task: progress.advance(t, n)) if progress else None)
         if progress:
             progress.remove_task(task)
-    train_rows, val_rows = split_indices(table.labels, recipe.data.split, recipe.data.val_fraction, recipe.data.split_seed)
-    split = {
-        "kind": recipe.data.split,
-        "val_fraction": recipe.data.val_fraction,
-        "split_seed": recipe.data.split_seed,
-        "n_rows": len(table),
-        "n_val": int(len(val_rows)),
-        "val_fingerprint": split_fingerprint(table.ids, val_rows),
-    }
+    train_rows, val_rows, split = split_record(table, recipe.data.split, recipe.data.val_fraction,
+                                               recipe.data.split_seed)
     return PreparedData(table, test, train_rows, val_rows, split)
 
 
@@ -145,125 +136,6 @@ def new_run_dir(out: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise UserError(f"{base}: could not create a new run folder")
-
-
-# --------------------------------------------------------------------------- resumable state
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for pid, entries in state["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{name}"] = value
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in info["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": info["param_groups"]}
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    out = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_rest": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, pos, has_gauss, gauss = state["numpy_rest"]
-    np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_train_state(path: Path, model, optimizer, scaler, rng_states: list[dict], progress: dict, recipe_toml: str) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    optim_tensors, optim_info = _flatten_optimizer(optimizer.state_dict())
-    tensors.update(optim_tensors)
-    python_rng = []
-    for rank, rng in enumerate(rng_states):
-        tensors[f"rng.{rank}.torch"] = rng["torch"]
-        tensors[f"rng.{rank}.numpy"] = rng["numpy_keys"]
-        if "cuda" in rng:
-            tensors[f"rng.{rank}.cuda"] = rng["cuda"]
-        python_rng.append({"numpy_rest": rng["numpy_rest"], "python": rng["python"]})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {
-        "format": STATE_FORMAT,
-        "recipe": recipe_toml,
-        "progress": json.dumps(progress),
-        "optimizer": json.dumps(optim_info),
-        "scaler": json.dumps(scaler.state_dict() if scaler is not None else None),
-        "rng": json.dumps(python_rng),
-    }
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def load_train_state(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATE_FILE
-    if not Path(run_dir).is_dir() or not (Path(run_dir) / "recipe.toml").is_file() or not path.is_file():
-        raise UserError(
-            f"{run_dir}: not an aicoss run folder (it needs recipe.toml and {STATE_FILE}); "
-            "--resume takes a folder written by `aicoss train`, e.g. runs/<name>/<timestamp>"
-        )
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != STATE_FORMAT:
-        raise UserError(f"{path}: not an aicoss training state")
-    rng = json.loads(meta["rng"])
-    ranks = []
-    for rank, extra in enumerate(rng):
-        state = {"torch": tensors[f"rng.{rank}.torch"], "numpy_keys": tensors[f"rng.{rank}.numpy"], **extra}
-        if f"rng.{rank}.cuda" in tensors:
-            state["cuda"] = tensors[f"rng.{rank}.cuda"]
-        ranks.append(state)
-    return {
-        "model": {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-        "optimizer": _unflatten_optimizer(tensors, json.loads(meta["optimizer"])),
-        "scaler": json.loads(meta["scaler"]),
-        "rng": ranks,
-        "progress": json.loads(meta["progress"]),
-        "recipe_toml": meta["recipe"],
-    }
-
-
-def check_resume_recipe(run_dir: Path, stored_toml: str, recipe: Recipe | None, force: bool, notes: list[str]) -> Recipe:
-    """The recipe to continue with: the stored one, or the given one if it is the same (or --force)."""
-    stored = recipe_from_toml(stored_toml, f"{run_dir}/{STATE_FILE}")
-    if recipe is None:
-        return stored
-    changes = recipe_diff(stored, recipe)
-    if changes and not force:
-        shown = "; ".join(changes[:4]) + (f" (and {len(changes) - 4} more)" if len(changes) > 4 else "")
-        raise UserError(f"{run_dir}: the recipe changed since this run started ({shown}); resume without a recipe, or add --force")
-    if changes:
-        notes.append("resuming with a changed recipe (--force): " + "; ".join(changes))
-    return recipe
-
-
-# --------------------------------------------------------------------------- the loop
 
 
 class _StopFlag:
@@ -297,33 +169,450 @@ def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train(recipe: Recipe, out: Path, *, resume: Path | None = None, force: bool = False,
-          console=None, resume_recipe_given: bool = True) -> RunResult:
-    """Train `recipe` (already resolved) into a new run folder under `out`, or continue `resume`."""
-    use_cuda = recipe.runtime.device != "cpu" and torch.cuda.is_available()
-    info = distributed.setup(use_cuda)
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        return _Trainer(recipe, out, resume, force, console, info, resume_recipe_given).run()
-    finally:
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # a process-wide switch
-        distributed.teardown(info)
+@dataclass
+class _Boundary:
+    """What a step boundary looks like, to go back to when a step cannot be completed."""
+
+    loss_sum: torch.Tensor
+    loss_count: int
+    prior_sums: torch.Tensor | None
+    rng: dict[str, Any]
+    seconds: float
 
 
-class _Trainer:
-    def __init__(self, recipe, out, resume, force, console, info, resume_recipe_given):
-        self.info = info
-        self.notes: list[str] = []
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Train one resolved recipe into a run folder: the one training loop of aicoss.
+
+    Features:
+    - One process or many: under torchrun (`aicoss train --nproc N`) DDP with NCCL on GPUs, gloo on
+      CPUs. `[optim] batch_size` is the global batch; optimizer step t always trains on the same rows
+      of the epoch's seeded permutation whatever the number of processes, and gradient accumulation
+      splits it into equal micro-batches, so 1 GPU with accumulation trains as N GPUs without.
+    - fp32, bf16 or fp16 autocast; the optimizer step goes through a grad scaler in every precision
+      (dynamic scaling in fp16 only), so a step with non-finite gradients is skipped on the device
+      without a host sync; channels_last, torch.compile, cuDNN autotuning or deterministic kernels.
+    - AdamW; per-step linear warm-up, then cosine annealing stepped per epoch (`learning_rate`).
+    - Every epoch: validation loss and macro mAP, `metrics.csv`, `last.safetensors`, and on a better
+      val mAP `best.safetensors` and `val_scores.csv`; at the end `submission.csv` of the best
+      checkpoint. Validation and the submission go through `inference.forward`, the loop `predict`
+      uses, so `submission.csv` equals `aicoss predict best.safetensors`.
+    - The class prior of P-ASL (`prior.PriorTracker`), fixed or from the previous epoch's predictions.
+    - Exact resume: `train_state.safetensors` after every epoch (and every
+      `[runtime] checkpoint_every` steps) holds model, optimizer, scaler, every RNG and the position
+      in the epoch; with `[runtime] deterministic` on the CPU a resumed run is bit-identical.
+    - Stops cleanly: Ctrl-C / SIGTERM save a resumable state at the next step boundary; an image that
+      fails to decode stops the run at the boundary before it, resumable; a non-finite loss stops it
+      (the step is skipped on the device; the loop notices at its next sync, at most a second later,
+      and before anything is saved).
+    - `callbacks`: see `Callback` (tracking, live pictures, tuners).
+
+    Limits: the loop reads the running loss from the device about once a second (the progress
+    display updates its loss then); resuming on another number of processes keeps the data order
+    but not the augmentation and dropout noise; the two-way loss normalises per micro-batch, so
+    with accumulation it is not exactly the loss of the whole batch.
+    """
+
+    def __init__(self, recipe: Recipe, out: Path | str = "runs", *, resume: Resume | None = None, console=None,
+                 callbacks: Sequence[Callback] = ()):
+        self.recipe = resume.recipe if resume is not None else recipe
+        self.out = Path(out)
+        self.resume = resume
         self.console = console
-        self.state = None
-        if resume is not None:
-            self.state = load_train_state(resume)
-            recipe = check_resume_recipe(resume, self.state["recipe_toml"], recipe if resume_recipe_given else None,
-                                         force, self.notes)
-        self.recipe = recipe
-        self.out, self.resume = Path(out), resume
+        self.callbacks = list(callbacks)
+        self.notes: list[str] = list(resume.notes) if resume is not None else []
+
+    # -- the run
+
+    def run(self) -> RunResult:
+        r = self.recipe
+        use_cuda = r.runtime.device != "cpu" and torch.cuda.is_available()
+        self.info = distributed.setup(use_cuda)
+        deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        try:
+            self.setup()
+            for note in self.notes:
+                self._say(f"[yellow]note:[/] {escape(note)}")
+            self._say(f"run folder: {escape(str(self.run_dir))}")
+            self._each_callback("on_run_start", self)
+            stopped_early = False
+            with _StopFlag() as stop, self._progress() as bar:
+                while self.progress.epoch < r.optim.epochs and not stopped_early:
+                    self._train_epoch(bar, stop)
+                    stopped_early = self._end_epoch(bar)
+            if self.info.main:
+                self._write_submission()
+            distributed.barrier(self.info)
+            skipped = skipped_classes(self.val_targets)
+            if skipped:
+                self.notes.append(f"{skipped} of {len(self.classes)} classes have no positive in the val split; "
+                                  "val mAP averages the others")
+            p = self.progress
+            result = RunResult(self.run_dir, p.rows, p.best_epoch, p.best_map, skipped, self.notes)
+            self._each_callback("on_run_end", self, result)
+            return result
+        finally:
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # process-wide
+            distributed.teardown(self.info)
+
+    def setup(self) -> None:
+        """Build everything the loop holds; each `_setup_*` returns what it builds."""
+        r, state = self.recipe, self.resume.state if self.resume else None
+        self.rt = self._setup_runtime()
+        self.micro_batch = micro_batch_size(r.optim.batch_size, r.optim.grad_accumulation, self.info.world)
+        self.data = self._setup_data()
+        self.classes = self.data.table.classes
+        self.val_targets = self.data.table.labels[self.data.val_rows]
+        self.raw_model, self.model = self._setup_model(pretrained=r.model.pretrained if state is None else False)
+        self.loss_fn, self.prior = self._setup_loss()
+        self.optimizer, self.scaler = self._setup_optimizer(self.raw_model)
+        self.progress = TrainProgress(split=self.data.split)
+        if state is not None:
+            self._restore(state)
+        else:
+            seed_everything(r.runtime.seed + 1_000 * self.info.rank)  # same init everywhere, own noise per rank
+        self.run_dir = self._setup_run_dir()
+        if self.prior is not None:
+            self.prior.apply(self.loss_fn)
+        transform = build_train_transform(r.augment.policy, r.augment.magnitude, r.augment.num_ops,
+                                          r.augment.cutout_factor)
+        self.train_set = ImageDataset(self.data.table.paths, self.data.table.labels, r.model.img_size, transform)
+        self.eval_batch = r.runtime.eval_batch_size or self.micro_batch
+        # DDP averages gradients over ranks and accumulation sums them: scale so that one optimizer step
+        # follows the gradient of the recipe's loss on the whole global batch
+        self.micro_scale = self.info.world if self.loss_fn.reduction == "sum" else 1.0 / r.optim.grad_accumulation
+
+    def _setup_runtime(self) -> Runtime:
+        rt_cfg = self.recipe.runtime
+        local_rank = self.info.local_rank if self.info.active else None
+        rt = make_runtime(rt_cfg.device, rt_cfg.precision, rt_cfg.num_workers, channels_last=rt_cfg.channels_last,
+                          local_rank=local_rank, where="[runtime] device")
+        self.notes += rt.notes
+        configure_kernels(rt.device, rt_cfg.deterministic)
+        return rt
+
+    def _setup_data(self) -> PreparedData:
+        r = self.recipe
+        with progress_display(self.console, enabled=self.info.main and self.console is not None,
+                              transient=True) as progress:
+            data = prepare_data(r, progress if self.info.main else None)
+        if len(data.train_rows) < r.optim.batch_size:
+            raise UserError(
+                f"[optim] batch_size {r.optim.batch_size} is larger than the training split "
+                f"({len(data.train_rows)} images); lower it with --set optim.batch_size=N"
+            )
+        if self.resume is not None:
+            saved = self.resume.state.progress.split
+            if saved.get("val_fingerprint") and saved["val_fingerprint"] != data.split["val_fingerprint"]:
+                raise UserError(f"{r.data.root}: its train/val split differs from the one {self.resume.source} "
+                                "was trained on (another train.csv?); resume with the --data it trained on")
+        return data
+
+    def _setup_model(self, pretrained) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the model itself, what the loop calls: wrapped in DDP and compiled as the recipe asks)."""
+        from aicoss_cli.models import build_model
+
+        r, info = self.recipe, self.info
+        seed_everything(r.runtime.seed)
+        model = build_model(r.model.arch, len(self.classes), pretrained=pretrained, img_size=r.model.img_size)
+        model.to(self.rt.device)
+        if self.rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        raw = model
+        if info.active:
+            if r.runtime.sync_bn:
+                model = raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None)
+        if r.runtime.compile:
+            model = torch.compile(model)
+        return raw, model
+
+    def _setup_loss(self) -> tuple[torch.nn.Module, PriorTracker | None]:
+        from aicoss_cli.losses import build_loss
+
+        r = self.recipe
+        loss_fn = build_loss(r.loss.name, **r.loss.params())
+        train_labels = self.data.table.labels[self.data.train_rows]
+        prior = PriorTracker.from_recipe(r.loss.prior, r.loss.name, r.loss.params(), self.classes, train_labels,
+                                         self.rt.device, self.notes)
+        return loss_fn, prior
+
+    def _setup_optimizer(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+        """AdamW (fused: it reads the scaler's inf flag on the device) and the grad scaler: dynamic
+        loss scaling in fp16; a fixed scale of 1 otherwise, where it only skips non-finite steps."""
+        r = self.recipe
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=r.optim.lr, weight_decay=r.optim.weight_decay, fused=True)
+        fp16 = self.rt.amp_dtype is torch.float16
+        scaler = torch.amp.GradScaler(self.rt.device.type, init_scale=2.0**16 if fp16 else 1.0,
+                                      growth_interval=2000 if fp16 else 2**31 - 1)
+        return optimizer, scaler
+
+    def _restore(self, state) -> None:
+        info = self.info
+        self.raw_model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.progress = state.progress
+        if self.progress.prior is not None and self.prior is not None:
+            self.prior.prior = torch.tensor(self.progress.prior)
+        if len(state.rng) != info.world:
+            self.notes.append(f"resuming on {info.world} processes, saved on {len(state.rng)}: the data order is "
+                              "the same, random augmentation and dropout are not bit-identical")
+        set_rng_state(state.rng[min(info.rank, len(state.rng) - 1)])
+
+    def _setup_run_dir(self) -> Path:
+        info = self.info
+        resume = self.resume
+        if resume is not None and resume.out is None:
+            run_dir = resume.source
+        else:
+            run_dir = new_run_dir(resume.out if resume else self.out, self.recipe.name) if info.main else None
+            run_dir = Path(distributed.broadcast_object(info, str(run_dir) if run_dir else None))
+            if resume is not None and info.main:
+                fork_run(resume.source, run_dir)
+                self.notes.append(f"continuing {resume.source} in a new folder; the original is left as it was")
+        if info.main:
+            write_text_atomic(run_dir / "recipe.toml", recipe_to_toml(self.recipe))
+        return run_dir
+
+    # -- one epoch
+
+    def _train_epoch(self, bar, stop: _StopFlag) -> None:
+        r, info, rt, p = self.recipe, self.info, self.rt, self.progress
+        epoch, start_step = p.epoch, p.step
+        sampler = TrainBatches(self.data.train_rows, r.optim.batch_size, r.optim.grad_accumulation, info.rank,
+                               info.world, r.runtime.seed, epoch, start_step=start_step,
+                               augment=r.augment.policy != "none")
+        loader = make_loader(self.train_set, sampler, rt.workers, rt.pin,
+                             worker_init_fn=_ignore_sigint if rt.workers else None)
+        steps, accumulation = sampler.steps, r.optim.grad_accumulation
+        normalize = Normalizer(rt.device, torch.channels_last if rt.channels_last else torch.contiguous_format)
+        if self.prior is not None:
+            self.prior.restore(p.prior_sums if p.loss_count else None)
+        loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=rt.device)
+        loss_count, step, micro, base_seconds = p.loss_count, start_step, 0, p.seconds
+        step_finite = torch.ones((), dtype=torch.bool, device=rt.device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=rt.device)  # first step with a non-finite loss
+        task = bar.add_task(f"epoch {epoch + 1}/{r.optim.epochs}", total=steps, completed=step, stats="")
+        log_lines = LogLines(steps, enabled=self.console is not None and not self._terminal)
+        t0 = last_sync = time.perf_counter()
+        seen, bad = 0, ""
+        boundary = self._boundary(loss_sum, loss_count, base_seconds)
+        self.model.train()
+        for images, targets, _, errors in loader:
+            bad = bad or next((e for e in errors if e), "")
+            x = normalize(images.to(rt.device, non_blocking=rt.pin))
+            y = targets.to(rt.device, non_blocking=rt.pin)
+            last_micro = micro == accumulation - 1
+            with (self.model.no_sync() if info.active and not last_micro else contextlib.nullcontext()):
+                with rt.autocast():
+                    logits = self.model(x)
+                loss = self.loss_fn(logits.float(), y)
+                self.scaler.scale(loss * self.micro_scale).backward()
+            detached = loss.detach()
+            step_finite &= torch.isfinite(detached)
+            loss_sum += detached.double() / len(images) if self.loss_fn.reduction == "sum" else detached.double()
+            loss_count += 1
+            if self.prior is not None:
+                self.prior.observe(logits)
+            seen += len(images)
+            micro += 1
+            if not last_micro:
+                continue
+            micro = 0
+            first_bad = torch.where((first_bad < 0) & ~step_finite, step + 1, first_bad)
+            any_bad, any_stop, any_nonfinite = self._step_flags(bad, stop.requested, step_finite)
+            if any_bad:
+                self._stop_for_bad_image(bad, boundary, epoch, step)
+            if any_nonfinite:  # under DDP, perhaps another rank's loss
+                first_bad.fill_(step + 1)
+                self._check_finite(first_bad, epoch, p.global_step - step)
+            step_finite.fill_(True)
+            self.lr = learning_rate(r.optim, epoch, step, steps)
+            self._optimizer_step()
+            step += 1
+            p.global_step += 1
+            now = time.perf_counter()
+            boundary = self._boundary(loss_sum, loss_count, base_seconds + now - t0)
+            save_now = bool(r.runtime.checkpoint_every) and p.global_step % r.runtime.checkpoint_every == 0 \
+                and step < steps
+            log_line = log_lines.due(step, now - t0)
+            if any_stop or save_now or log_line or now - last_sync >= SYNC_EVERY_S:
+                last_sync = now
+                self._check_finite(first_bad, epoch, p.global_step - step)
+                values = {"step": p.global_step, "loss": float(loss_sum) / loss_count, "lr": self.lr,
+                          "img_per_s": seen * info.world / max(now - t0, 1e-9)}
+                stats = f"loss {values['loss']:.4f}  {values['img_per_s']:.0f} img/s"
+                bar.update(task, stats=stats)
+                if log_line:
+                    eta = (now - t0) / (step - start_step) * (steps - step)
+                    self._say(f"epoch {epoch + 1}/{r.optim.epochs}  step {step}/{steps}  {stats}  eta {clock(eta)}")
+                self._each_callback("on_log", self, values)
+            bar.advance(task)
+            if any_stop or save_now:
+                self._set_running(step, boundary)
+                self._save_state()
+                if any_stop:
+                    raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {step}; resumable state saved: "
+                                          f"continue with `aicoss train --resume {self.run_dir}`", exit_code=130)
+        self._check_finite(first_bad, epoch, p.global_step - step)
+        self._set_running(step, self._boundary(loss_sum, loss_count, base_seconds + time.perf_counter() - t0))
+        p.train_seconds += p.seconds
+        p.train_images += steps * r.optim.batch_size
+        bar.update(task, stats=f"loss {p.loss_sum / max(p.loss_count, 1):.4f}")
+        self.lr = learning_rate(r.optim, epoch, max(steps - 1, 0), steps)
+
+    def _boundary(self, loss_sum: torch.Tensor, loss_count: int, seconds: float) -> _Boundary:
+        """The state at a step boundary; device values are copied on the device (no host sync)."""
+        prior_sums = self.prior.snapshot() if self.prior is not None else None
+        return _Boundary(loss_sum.clone(), loss_count, prior_sums, rng_state(), seconds)
+
+    def _set_running(self, step: int, boundary: _Boundary) -> None:
+        """Record the epoch's position and running sums as of a step boundary (a host sync)."""
+        p = self.progress
+        p.step, p.loss_sum, p.loss_count, p.seconds = step, float(boundary.loss_sum), boundary.loss_count, boundary.seconds
+        p.prior_sums = boundary.prior_sums.tolist() if boundary.prior_sums is not None else None
+
+    def _step_flags(self, bad: str, stop: bool, step_finite: torch.Tensor) -> tuple[bool, bool, bool]:
+        """(some rank read a bad image, some rank was asked to stop, some rank's loss was non-finite):
+        one collective under DDP; alone, the host knows the first two and the third waits for a sync."""
+        if not self.info.active:
+            return bool(bad), stop, False
+        flags = torch.stack([torch.tensor(float(bool(bad)), device=self.rt.device),
+                             torch.tensor(float(stop), device=self.rt.device), (~step_finite).float()])
+        values = distributed.all_reduce_sum(self.info, flags).tolist()
+        return values[0] > 0, values[1] > 0, values[2] > 0
+
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int, epoch_start_global: int) -> None:
+        """Stop if a step had a non-finite loss (its update was skipped on the device; nothing after it is
+        saved). Reads one device value: called at the loop's syncs."""
+        step = int(first_bad)
+        if step < 0:
+            return
+        last = self.run_dir / "last.safetensors"
+        kept = [str(f) for f in (last, self.run_dir / STATE_FILE) if f.is_file()]
+        what = f"the last good checkpoint ({', '.join(kept)}) is kept" if kept else "no checkpoint had been written yet"
+        raise TrainingStopped(
+            f"non-finite loss at epoch {epoch + 1}, step {step} (global step {epoch_start_global + step}); the "
+            f"weights were not updated and {what}; lower [optim] lr or use precision = \"fp32\"")
+
+    def _stop_for_bad_image(self, bad: str, boundary: _Boundary, epoch: int, step: int) -> None:
+        message = next(m for m in distributed.all_gather_objects(self.info, bad) if m)
+        self._set_running(step, boundary)
+        self._save_state(rng=boundary.rng)
+        raise TrainingStopped(
+            f"{message}. Training stopped at epoch {epoch + 1}, step {step}; fix or remove the file and "
+            f"continue with `aicoss train --resume {self.run_dir}`", exit_code=2)
+
+    def _optimizer_step(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.scaler.unscale_(self.optimizer)
+        if self.recipe.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)  # skipped on the device when a gradient is not finite
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- the end of an epoch
+
+    def _end_epoch(self, bar) -> bool:
+        """Reduce the loss over ranks, validate, write metrics and checkpoints, save the resumable
+        state; True when a callback ends the run here."""
+        info, p, data = self.info, self.progress, self.data
+        epoch = p.epoch
+        totals = distributed.all_reduce_sum(
+            info, torch.tensor([p.loss_sum, float(p.loss_count)], device=self.rt.device)).cpu()
+        train_loss = float(totals[0] / max(float(totals[1]), 1.0))
+        t_val = time.perf_counter()
+        val_logits = self._validate(bar)
+        used_prior = None if self.prior is None or self.prior.prior is None else self.prior.prior.tolist()
+        if self.prior is not None:
+            self.prior.end_epoch(lambda t: distributed.all_reduce_sum(info, t), self.loss_fn)
+        seconds = p.seconds + (time.perf_counter() - t_val)
+        stop = False
+        if info.main:
+            val_probs = torch.sigmoid(val_logits)
+            val_map = mean_average_precision(self.val_targets, val_probs.numpy())
+            val_loss = self._val_loss(val_logits)
+            row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_map": val_map, "seconds": round(seconds, 3)}
+            p.rows.append(row)
+            self._write_metrics(p.rows)
+            meta = CheckpointMeta(arch=self.recipe.model.arch, img_size=self.recipe.model.img_size,
+                                  classes=self.classes, recipe_toml=recipe_to_toml(self.recipe), epoch=epoch + 1,
+                                  val_map=val_map, split=data.split, prior=used_prior)
+            save_checkpoint(self.run_dir / "last.safetensors", self.raw_model.state_dict(), meta)
+            best = val_map > p.best_map
+            if best:
+                p.best_map, p.best_epoch = val_map, epoch + 1
+                save_checkpoint(self.run_dir / "best.safetensors", self.raw_model.state_dict(), meta)
+                write_scores_csv(self.run_dir / "val_scores.csv", [data.table.ids[i] for i in data.val_rows],
+                                 self.classes, val_probs)
+            if self.prior is not None and self.prior.prior is not None:
+                write_prior_csv(self.run_dir / "prior.csv", self.classes, self.prior.prior.tolist())
+            self._say(f"epoch {epoch + 1}/{self.recipe.optim.epochs}  train_loss {train_loss:.4f}  "
+                      f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}{'  (best)' if best else ''}  {seconds:.1f}s")
+            stop = any(self._each_callback("on_epoch_end", self, row))
+        p.rows, p.best_map, p.best_epoch, stop = distributed.broadcast_object(
+            info, (p.rows, p.best_map, p.best_epoch, stop))
+        p.epoch, p.step, p.loss_sum, p.loss_count, p.seconds, p.prior_sums = epoch + 1, 0, 0.0, 0, 0.0, None
+        p.prior = None if self.prior is None or self.prior.prior is None else self.prior.prior.tolist()
+        self._save_state()
+        return stop
+
+    def _validate(self, bar) -> torch.Tensor:
+        """Validation logits of every rank's shard, gathered in val order (no padding duplicates)."""
+        mine = shard(self.data.val_rows, self.info.rank, self.info.world)
+        member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
+        logits = forward([member], [self.data.table.paths[i] for i in mine], self.rt, self.eval_batch, logits=True,
+                         progress=bar, what="  validating")[0]
+        return distributed.gather_rows(self.info, logits, self.rt.device)
+
+    def _val_loss(self, logits: torch.Tensor) -> float:
+        """Per-image validation loss over chunks of one micro-batch (independent of the process count)."""
+        chunk = self.micro_batch * self.info.world
+        targets = torch.from_numpy(self.val_targets.astype(np.float32))
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(logits), chunk):
+                part = logits[i:i + chunk].to(self.rt.device)
+                value = self.loss_fn(part, targets[i:i + chunk].to(self.rt.device)).item()
+                total += value / len(part) if self.loss_fn.reduction == "sum" else value
+                count += 1
+        return total / max(count, 1)
+
+    def _save_state(self, rng: dict | None = None) -> None:
+        """Resumable state as of the last step boundary (a collective: every rank calls it)."""
+        states = distributed.all_gather_objects(self.info, rng if rng is not None else rng_state())
+        if self.info.main:
+            save_train_state(self.run_dir / STATE_FILE, model=self.raw_model.state_dict(),
+                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=states,
+                             progress=self.progress, recipe_toml=recipe_to_toml(self.recipe))
+
+    def _write_metrics(self, rows: list[dict]) -> None:
+        lines = [",".join(METRIC_COLUMNS)]
+        lines += [",".join(_fmt(row[c]) for c in METRIC_COLUMNS) for row in rows]
+        write_text_atomic(self.run_dir / "metrics.csv", "\n".join(lines) + "\n")
+
+    def _write_submission(self) -> None:
+        """submission.csv of the best checkpoint, in the row order of sample_submission.csv."""
+        state, _ = load_checkpoint(self.run_dir / "best.safetensors")
+        self.raw_model.load_state_dict(state)
+        test = self.data.test
+        member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
+        with progress_display(self.console, enabled=self.console is not None, transient=True) as bar:
+            probs = forward([member], test.paths, self.rt, self.eval_batch, progress=bar,
+                            what="predicting the test set")[0]
+        write_scores_csv(self.run_dir / "submission.csv", test.ids, test.classes, probs)
 
     # -- helpers
+
     @property
     def _terminal(self) -> bool:
         """A live bar for a terminal; elsewhere (a log file) the bar would only print its last state,
@@ -337,332 +626,16 @@ class _Trainer:
         if self.info.main and self.console is not None:
             self.console.print(text)
 
-    def run(self) -> RunResult:
-        r, info = self.recipe, self.info
-        self._setup()
-        for note in self.notes:
-            self._say(f"[yellow]note:[/] {escape(note)}")
-        self._say(f"run folder: {escape(str(self.run_dir))}")
-        ps = self.progress_state
-        start_epoch, start_step = ps["epoch"], ps["step"]
-        with _StopFlag() as stop, self._progress() as progress:
-            for epoch in range(start_epoch, r.optim.epochs):
-                resumed = epoch == start_epoch and ps["running"] is not None
-                running = ps["running"] if resumed else {"loss_sum": 0.0, "loss_count": 0, "seconds": 0.0}
-                prior_acc = None
-                if self.prior_mode == "predictions":
-                    saved = ps.get("prior_sums") if resumed else None
-                    prior_acc = torch.tensor(saved if saved else [0.0] * (len(self.classes) + 1), dtype=torch.float64)
-                self._train_epoch(epoch, start_step if epoch == start_epoch else 0, running, prior_acc, stop, progress)
-                self._end_epoch(epoch, running, prior_acc, progress)
-        if info.main:
-            self._write_submission()
-        distributed.barrier(info)
-        skipped = skipped_classes(self.val_targets.numpy())
-        if skipped:
-            self.notes.append(f"{skipped} of {len(self.classes)} classes have no positive in the val split; "
-                              "val mAP averages the others")
-        return RunResult(run_dir=self.run_dir, rows=ps["rows"], best_epoch=ps["best_epoch"],
-                         best_map=ps["best_map"], skipped_classes=skipped, notes=self.notes)
+    def _each_callback(self, hook: str, *args) -> list:
+        if not self.info.main:
+            return []
+        return [getattr(cb, hook)(*args) for cb in self.callbacks]
 
-    def _setup(self) -> None:
-        r, info = self.recipe, self.info
-        self.device = device = select_device(r.runtime.device, info)
-        self.amp_dtype, use_scaler = select_precision(r.runtime.precision, device, self.notes)
-        if r.runtime.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        elif device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        self.channels_last = r.runtime.channels_last is True or (r.runtime.channels_last == "auto" and device.type == "cuda")
-        self.micro_batch = micro_batch_size(r.optim.batch_size, r.optim.grad_accumulation, info.world)
-        with progress_display(self.console, enabled=info.main, transient=True) as progress:
-            self.data = data = prepare_data(r, progress if info.main else None)
-        if len(data.train_rows) < r.optim.batch_size:
-            raise UserError(
-                f"[optim] batch_size {r.optim.batch_size} is larger than the training split "
-                f"({len(data.train_rows)} images); lower it with --set optim.batch_size=N"
-            )
-        self.classes = data.table.classes
 
-        from aicoss_cli.losses import build_loss
-        from aicoss_cli.models import build_model
-
-        seed_everything(r.runtime.seed)
-        pretrained = r.model.pretrained if self.state is None else False  # resumed weights replace them anyway
-        model = build_model(r.model.arch, len(self.classes), pretrained=pretrained, img_size=r.model.img_size)
-        self.loss_fn = build_loss(r.loss.name, **r.loss.params())
-        self.prior_mode, self.prior = self._initial_prior(data)
-        model.to(device)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                           lr=r.optim.lr, weight_decay=r.optim.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-
-        self.progress_state = {"epoch": 0, "step": 0, "global_step": 0, "best_map": -1.0, "best_epoch": 0,
-                               "rows": [], "running": None, "prior_sums": None, "prior": None}
-        if self.state is not None:
-            model.load_state_dict(self.state["model"])
-            self.optimizer.load_state_dict(self.state["optimizer"])
-            if self.scaler is not None and self.state["scaler"]:
-                self.scaler.load_state_dict(self.state["scaler"])
-            self.progress_state.update(self.state["progress"])
-            if self.progress_state.get("prior") is not None:
-                self.prior = torch.tensor(self.progress_state["prior"])
-            if len(self.state["rng"]) != info.world:
-                self.notes.append(f"resuming on {info.world} processes, saved on {len(self.state['rng'])}: the data "
-                                  "order is the same, random augmentation and dropout are not bit-identical")
-            self.run_dir = Path(self.resume)
-        else:
-            run_dir = new_run_dir(self.out, r.name) if info.main else None
-            self.run_dir = Path(distributed.broadcast_object(info, str(run_dir) if run_dir else None))
-        if info.main:
-            write_text_atomic(self.run_dir / "recipe.toml", recipe_to_toml(r))
-        self._apply_prior()
-
-        self.raw_model = model
-        if info.active:
-            if r.runtime.sync_bn:
-                model = self.raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        if r.runtime.compile:
-            model = torch.compile(model)
-        self.model = model
-
-        transform = build_train_transform(r.augment.policy, r.augment.magnitude, r.augment.num_ops, r.augment.cutout_factor)
-        self.train_set = ImageDataset(data.table.paths, data.table.labels, r.model.img_size, transform)
-        self.eval_set = ImageDataset(data.table.paths, data.table.labels, r.model.img_size)
-        self.eval_bs = r.runtime.eval_batch_size or self.micro_batch
-        self.pin = device.type == "cuda"
-        self.val_targets = torch.from_numpy(data.table.labels[data.val_rows].astype(np.float32))
-        # DDP averages gradients over ranks and accumulation sums them: scale so that one optimizer step
-        # follows the gradient of the recipe's loss on the whole global batch
-        self.micro_scale = info.world if self.loss_fn.reduction == "sum" else 1.0 / r.optim.grad_accumulation
-        if self.state is not None:
-            _set_rng_state(self.state["rng"][min(info.rank, len(self.state["rng"]) - 1)])
-        else:
-            seed_everything(r.runtime.seed + 1_000 * info.rank)  # same init everywhere, own dropout noise per rank
-        self.boundary_rng = _rng_state()
-
-    def _apply_prior(self) -> None:
-        if self.prior is not None and hasattr(self.loss_fn, "set_prior"):
-            self.loss_fn.set_prior(self.prior.to(self.device))
-
-    def _save_state(self, epoch: int, step: int, running: dict | None, prior_acc: torch.Tensor | None) -> None:
-        """Resumable state as of the last step boundary (a collective: every rank calls it)."""
-        ps = self.progress_state
-        ps.update(epoch=epoch, step=step, running=None if running is None else dict(running),
-                  prior_sums=None if prior_acc is None else prior_acc.tolist(),
-                  prior=None if self.prior is None else [float(v) for v in self.prior])
-        states = distributed.all_gather_objects(self.info, self.boundary_rng)
-        if self.info.main:
-            save_train_state(self.run_dir / STATE_FILE, self.raw_model, self.optimizer, self.scaler, states, ps,
-                             recipe_to_toml(self.recipe))
-
-    def _any_rank(self, flag: bool) -> bool:
-        if not self.info.active:
-            return flag
-        return bool(distributed.all_reduce_sum(self.info, torch.tensor([float(flag)], device=self.device)).item() > 0)
-
-    def _train_epoch(self, epoch, start_step, running, prior_acc, stop, progress) -> None:
-        r, info, device = self.recipe, self.info, self.device
-        sampler = TrainBatches(self.data.train_rows, r.optim.batch_size, r.optim.grad_accumulation, info.rank,
-                               info.world, r.runtime.seed, epoch, start_step=start_step,
-                               augment=r.augment.policy != "none")
-        loader = make_loader(self.train_set, sampler, r.runtime.num_workers, self.pin,
-                             worker_init_fn=_ignore_sigint if r.runtime.num_workers else None)
-        steps, step, micro = sampler.steps, start_step, 0
-        boundary = (dict(running), None if prior_acc is None else prior_acc.clone())
-        task = progress.add_task(f"epoch {epoch + 1}/{r.optim.epochs}", total=steps, completed=step, stats="")
-        t0, seen = time.perf_counter(), 0
-        log_lines = LogLines(steps, enabled=self.console is not None and not self._terminal)
-        self.model.train()
-        for images, targets, _, errors in loader:
-            bad = next((e for e in errors if e), "")
-            if self._any_rank(bool(bad)):
-                message = next(m for m in distributed.all_gather_objects(info, bad) if m)
-                running.update(boundary[0])
-                self._save_state(epoch, step, running, boundary[1])
-                raise TrainingStopped(
-                    f"{message}. Training stopped at epoch {epoch + 1}, step {step}; fix or remove the file and "
-                    f"continue with `aicoss train --resume {self.run_dir}`", exit_code=2)
-            x = normalize(images.to(device, non_blocking=self.pin))
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = targets.to(device, non_blocking=self.pin)
-            last_micro = micro == r.optim.grad_accumulation - 1
-            with (self.model.no_sync() if info.active and not last_micro else contextlib.nullcontext()):
-                with autocast(device, self.amp_dtype):
-                    logits = self.model(x)
-                loss = self.loss_fn(logits.float(), y)
-                value = float(loss.detach())
-                if self._any_rank(not math.isfinite(value)):
-                    raise TrainingStopped(
-                        f"non-finite loss at epoch {epoch + 1}, step {step + 1} (global step "
-                        f"{self.progress_state['global_step'] + 1}); the weights were not updated and the last good "
-                        f"checkpoint ({self.run_dir / 'last.safetensors'}, {self.run_dir / STATE_FILE}) is kept; "
-                        "lower [optim] lr or use precision = \"fp32\"")
-                scaled = loss * self.micro_scale
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            running["loss_sum"] += self._per_image(value, len(images))
-            running["loss_count"] += 1
-            if prior_acc is not None:
-                probs = torch.sigmoid(logits.detach().float()).sum(0).double().cpu()
-                prior_acc[:-1] += probs
-                prior_acc[-1] += len(images)
-            seen += len(images)
-            micro += 1
-            if not last_micro:
-                continue
-            micro = 0
-            self.lr = learning_rate(r.optim, epoch, step, steps)
-            self._optimizer_step()
-            step += 1
-            self.progress_state["global_step"] += 1
-            self.boundary_rng = _rng_state()
-            elapsed = time.perf_counter() - t0
-            stats = (f"loss {running['loss_sum'] / running['loss_count']:.4f}  "
-                     f"{seen * info.world / max(elapsed, 1e-9):.0f} img/s")
-            progress.update(task, advance=1, stats=stats)
-            if log_lines.due(step, elapsed):
-                eta = elapsed / (step - start_step) * (steps - step)
-                self._say(f"epoch {epoch + 1}/{r.optim.epochs}  step {step}/{steps}  {stats}  "
-                          f"eta {clock(eta)}")
-            boundary = (dict(running, seconds=running["seconds"] + elapsed),
-                        None if prior_acc is None else prior_acc.clone())
-            if self._any_rank(stop.requested):
-                self._save_state(epoch, step, boundary[0], boundary[1])
-                raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {step}; resumable state saved: "
-                                      f"continue with `aicoss train --resume {self.run_dir}`", exit_code=130)
-            every = r.runtime.checkpoint_every
-            if every and self.progress_state["global_step"] % every == 0 and step < steps:
-                self._save_state(epoch, step, boundary[0], boundary[1])
-        running["seconds"] += time.perf_counter() - t0
-        progress.update(task, stats=f"loss {running['loss_sum'] / max(running['loss_count'], 1):.4f}")
-        self.lr = learning_rate(r.optim, epoch, max(steps - 1, 0), steps)
-
-    def _optimizer_step(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.recipe.optim.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.clip_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _end_epoch(self, epoch, running, prior_acc, progress) -> None:
-        """Reduce the loss over ranks, validate, write metrics and checkpoints, save resumable state."""
-        info, ps, data = self.info, self.progress_state, self.data
-        totals = distributed.all_reduce_sum(
-            info, torch.tensor([running["loss_sum"], float(running["loss_count"])], device=self.device)).cpu()
-        train_loss = float(totals[0] / max(float(totals[1]), 1.0))
-        t_val = time.perf_counter()
-        val_logits = self._evaluate(progress)
-        used_prior = self.prior
-        if prior_acc is not None:  # the seed's ComputePrior: mean prediction over this epoch's training images
-            sums = distributed.all_reduce_sum(info, prior_acc.to(self.device)).cpu()
-            self.prior = (sums[:-1] / max(float(sums[-1]), 1.0)).float()
-            self._apply_prior()
-        seconds = running["seconds"] + (time.perf_counter() - t_val)
-        if info.main:
-            val_probs = torch.sigmoid(val_logits)
-            val_map = mean_average_precision(self.val_targets.numpy(), val_probs.numpy())
-            val_loss = self._val_loss(val_logits)
-            ps["rows"].append({"epoch": epoch + 1, "lr": self.lr, "train_loss": train_loss, "val_loss": val_loss,
-                               "val_map": val_map, "seconds": round(seconds, 3)})
-            self._write_metrics(ps["rows"])
-            meta = CheckpointMeta(arch=self.recipe.model.arch, img_size=self.recipe.model.img_size,
-                                  classes=self.classes, recipe_toml=recipe_to_toml(self.recipe), epoch=epoch + 1,
-                                  val_map=val_map, split=data.split,
-                                  prior=None if used_prior is None else used_prior.tolist())
-            save_checkpoint(self.run_dir / "last.safetensors", self.raw_model.state_dict(), meta)
-            best = val_map > ps["best_map"]
-            if best:
-                ps["best_map"], ps["best_epoch"] = val_map, epoch + 1
-                save_checkpoint(self.run_dir / "best.safetensors", self.raw_model.state_dict(), meta)
-                write_scores_csv(self.run_dir / "val_scores.csv", [data.table.ids[i] for i in data.val_rows],
-                                 self.classes, val_probs)
-            if self.prior is not None:
-                from aicoss_cli.prior import write_prior_csv
-
-                write_prior_csv(self.run_dir / "prior.csv", self.classes, self.prior.tolist())
-            self._say(f"epoch {epoch + 1}/{self.recipe.optim.epochs}  train_loss {train_loss:.4f}  "
-                      f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}{'  (best)' if best else ''}  {seconds:.1f}s")
-        ps["rows"], ps["best_map"], ps["best_epoch"] = distributed.broadcast_object(
-            info, (ps["rows"], ps["best_map"], ps["best_epoch"]))
-        self._save_state(epoch + 1, 0, None, None)
-
-    # -- pieces of the loop
-    def _initial_prior(self, data: PreparedData) -> tuple[str | None, torch.Tensor | None]:
-        source = self.recipe.loss.prior
-        if source is False:
-            return None, None
-        from aicoss_cli.prior import label_prior, prior_has_effect, read_prior_csv
-
-        why = prior_has_effect(self.recipe.loss.name, self.recipe.loss.params(), data.table.labels[data.train_rows])
-        if why:
-            self.notes.append(f"[loss] prior = {source!r} changes nothing here: {why}")
-        if source == "labels":
-            return "labels", label_prior(torch.from_numpy(data.table.labels[data.train_rows]))
-        if source == "predictions":
-            return "predictions", None  # no prior in the first epoch; then the previous epoch's mean prediction
-        return "file", read_prior_csv(source, data.table.classes)
-
-    def _evaluate(self, progress) -> torch.Tensor:
-        """Validation logits of every rank's shard, gathered in val order (no padding duplicates)."""
-        mine = shard(self.data.val_rows, self.info.rank, self.info.world)
-        loader = make_loader(self.eval_set, eval_batches(mine, self.eval_bs), self.recipe.runtime.num_workers, self.pin)
-        task = progress.add_task("  validating", total=len(mine), stats="")
-        logits = predict_logits(self.raw_model, loader, self.device, self.amp_dtype,
-                                self.channels_last, on_batch=lambda n: progress.advance(task, n))
-        progress.remove_task(task)
-        if logits.numel() == 0:
-            logits = torch.zeros(0, len(self.classes))
-        return distributed.gather_rows(self.info, logits, self.device)
-
-    def _val_loss(self, logits: torch.Tensor) -> float:
-        """Per-image validation loss over chunks of one micro-batch (independent of the process count)."""
-        chunk = self.micro_batch * self.info.world
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(logits), chunk):
-                part = logits[i:i + chunk].to(self.device)
-                value = self.loss_fn(part, self.val_targets[i:i + chunk].to(self.device)).item()
-                total += self._per_image(value, len(part))
-                count += 1
-        return total / max(count, 1)
-
-    def _per_image(self, value: float, n: int) -> float:
-        """A batch's loss as reported: sum-reduced losses (P-ASL, ASL) divided by its n images."""
-        return value / n if self.loss_fn.reduction == "sum" else value
-
-    def _write_metrics(self, rows: list[dict]) -> None:
-        lines = [",".join(METRIC_COLUMNS)]
-        lines += [",".join(_fmt(row[c]) for c in METRIC_COLUMNS) for row in rows]
-        write_text_atomic(self.run_dir / "metrics.csv", "\n".join(lines) + "\n")
-
-    def _write_submission(self) -> None:
-        """submission.csv of the best checkpoint, in the row order of sample_submission.csv."""
-        from aicoss_cli.checkpoint import load_checkpoint
-
-        state, _ = load_checkpoint(self.run_dir / "best.safetensors")
-        self.raw_model.load_state_dict(state)
-        test = self.data.test
-        test_set = ImageDataset(test.paths, None, self.recipe.model.img_size)
-        loader = make_loader(test_set, eval_batches(np.arange(len(test_set)), self.eval_bs),
-                             self.recipe.runtime.num_workers, self.pin)
-        with progress_display(self.console, transient=True) as progress:
-            task = progress.add_task("predicting the test set", total=len(test_set), stats="")
-            logits = predict_logits(self.raw_model, loader, self.device, self.amp_dtype,
-                                    self.channels_last, on_batch=lambda n: progress.advance(task, n))
-        write_scores_csv(self.run_dir / "submission.csv", test.ids, test.classes, torch.sigmoid(logits))
+def train(recipe: Recipe, out: Path | str = "runs", *, resume: Resume | None = None, console=None,
+          callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train `recipe` (already resolved) into a new run folder under `out`, or continue `resume`."""
+    return Trainer(recipe, out, resume=resume, console=console, callbacks=callbacks).run()
 
 
 def _fmt(value) -> str:

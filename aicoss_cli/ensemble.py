@@ -1,6 +1,5 @@
-"""Ensembles from checkpoints: members and their checks, the ENSEMBLE.toml spec, `runs/` discovery,
-member weights, and the predict / ensemble / benchmark jobs the CLI calls (a `predict` is an
-ensemble of one member).
+"""Ensembles: the ENSEMBLE.toml spec, `runs/` discovery, member checks, member weights, and the
+ensemble and benchmark-fp16 jobs.
 
 Members must share the class list (names and order) and the validation split (the checkpoint's
 `split` metadata, verified against train.csv with `data.split_fingerprint`), so their val scores
@@ -9,31 +8,23 @@ can be compared and combined. The output is the weighted mean of the members' si
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
-from aicoss_cli.checkpoint import CheckpointMeta, model_from_checkpoint, read_meta
+from aicoss_cli.checkpoint import CheckpointMeta, check_output, read_meta
+from aicoss_cli.data import data_inputs, describe_split, read_test, read_train, split_from_record
 from aicoss_cli.errors import UserError
-
-SPLIT_KEYS = ("kind", "val_fraction", "split_seed", "val_fingerprint")
-DATA_FILES = ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv")
+from aicoss_cli.inference import MemberSource, combine, forward, load_members, write_scores_csv
+from aicoss_cli.metrics import mean_average_precision
+from aicoss_cli.recipe import read_toml
+from aicoss_cli.runtime import half_dtype, make_runtime
 
 
 # --------------------------------------------------------------------------- where members come from
-
-
-@dataclass
-class MemberSource:
-    path: Path
-    weight: float | None = None
-    tta: str | None = None
 
 
 def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
@@ -46,7 +37,7 @@ def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
         tta = "hflip"                   # optional: none | hflip | flips
 
     Relative paths are relative to the spec file's folder."""
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError  # the spec's schema, built on use
 
     class SpecMember(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -58,8 +49,6 @@ def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
         model_config = ConfigDict(extra="forbid")
         data: str | None = None
         member: list[SpecMember] = Field(min_length=1)
-
-    from aicoss_cli.recipe import read_toml
 
     path = Path(path)
     raw = read_toml(path, "ensemble spec not found")
@@ -89,20 +78,9 @@ class Discovery:
     data_root: Path
 
 
-def recipe_data_root(meta: CheckpointMeta) -> Path | None:
-    """The `[data] root` of the recipe stored in a checkpoint (None if it has none)."""
-    try:
-        root = tomllib.loads(meta.recipe_toml).get("data", {}).get("root") if meta.recipe_toml else None
-    except tomllib.TOMLDecodeError:
-        return None
-    return Path(root) if isinstance(root, str) and root else None
-
-
 def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
     """best.safetensors of every run folder runs_dir/<name>/<timestamp>/ whose classes and val split
     match the data. Runs validated on another split than the largest group are skipped."""
-    from aicoss_cli.data import read_train
-
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise UserError(f"{runs_dir}: no runs folder; name the members (aicoss ensemble A.safetensors "
@@ -122,7 +100,7 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
         why = f" (skipped: {'; '.join(f'{p}: {r}' for p, r in skipped[:3])})" if skipped else ""
         raise UserError(f"{runs_dir}: no run with a readable best.safetensors{why}; train one with `aicoss train RECIPE`")
     if data is None:
-        roots = sorted({str(r) for r in (recipe_data_root(m) for _, m in readable) if r is not None})
+        roots = sorted({str(m.data_root) for _, m in readable if m.data_root is not None})
         if len(roots) != 1:
             raise UserError(f"{runs_dir}: the runs were trained on {len(roots)} data roots "
                             f"({', '.join(roots[:3]) or 'none recorded'}); pass --data DIR")
@@ -135,7 +113,7 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
                                   f"{data / 'train.csv'}"))
             continue
         try:
-            val_rows_for(meta, table, str(ckpt))
+            split_from_record(meta.split, table, str(ckpt))
         except UserError as exc:
             skipped.append((ckpt, str(exc).removeprefix(f"{ckpt}: ")))
             continue
@@ -170,95 +148,9 @@ def check_members(metas: Sequence[tuple[str, CheckpointMeta]]) -> None:
         a, b = ref.split.get("val_fingerprint"), meta.split.get("val_fingerprint")
         if a != b:
             raise UserError(
-                f"{src}: validated on another split than {ref_src} ({_split_text(meta.split)} vs "
-                f"{_split_text(ref.split)}); ensemble members must share the val split (same [data] split, "
+                f"{src}: validated on another split than {ref_src} ({describe_split(meta.split)} vs "
+                f"{describe_split(ref.split)}); ensemble members must share the val split (same [data] split, "
                 "val_fraction and split_seed on the same train.csv)")
-
-
-def _split_text(split: dict) -> str:
-    if not split:
-        return "no split recorded"
-    return (f"{split.get('kind')} split, val_fraction {split.get('val_fraction')}, split_seed "
-            f"{split.get('split_seed')}, fingerprint {split.get('val_fingerprint')}")
-
-
-def check_classes(meta: CheckpointMeta, classes: Sequence[str], source: str, csv: Path) -> None:
-    if list(classes) != meta.classes:
-        if sorted(classes) == sorted(meta.classes):
-            detail = "the same names in another order"
-        else:
-            missing = [c for c in meta.classes if c not in classes]
-            extra = [c for c in classes if c not in meta.classes]
-            detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}"
-        raise UserError(f"{source}: trained on {meta.num_classes} classes but {csv} has {len(classes)} "
-                        f"({detail}); pass the --data it was trained on")
-
-
-def val_rows_for(meta: CheckpointMeta, table, source: str) -> np.ndarray:
-    """The checkpoint's own val rows in `table`, rebuilt from its split metadata and verified."""
-    from aicoss_cli.data import split_fingerprint, split_indices
-
-    split = meta.split or {}
-    csv = table.root / "train.csv"
-    if not all(k in split for k in SPLIT_KEYS):
-        raise UserError(f"{source}: no validation split in its metadata (not written by `aicoss train`?); "
-                        "its val scores cannot be rebuilt")
-    if split.get("n_rows") is not None and int(split["n_rows"]) != len(table):
-        raise UserError(f"{source}: validated on a train.csv of {split['n_rows']} rows but {csv} has {len(table)}; "
-                        "pass the --data it was trained on")
-    _, val = split_indices(table.labels, split["kind"], float(split["val_fraction"]), int(split["split_seed"]))
-    found = split_fingerprint(table.ids, val)
-    if found != split["val_fingerprint"]:
-        raise UserError(f"{source}: its val split ({_split_text(split)}) selects other images in {csv} "
-                        f"(fingerprint {found}); pass the --data it was trained on")
-    return val
-
-
-def check_output(path: Path, inputs: Sequence[Path]) -> None:
-    """--out must be a writable file path that is none of the inputs (checked before any compute)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; --out takes the path of a CSV file")
-    target = path.resolve()
-    for item in inputs:
-        if Path(item).exists() and target == Path(item).resolve():
-            raise UserError(f"{path}: is an input of this command ({item}); choose another --out")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"{path}: cannot be written ({ancestor} is not a folder); choose another --out")
-    if ancestor == path.parent:
-        try:
-            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=ancestor)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise UserError(f"{path}: cannot be written ({exc.strerror or exc}); choose another --out") from None
-    elif not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot be written ({ancestor} is not writable); choose another --out")
-
-
-def _write_csv(path: Path, ids, classes, probs) -> None:
-    from aicoss_cli.inference import write_scores_csv
-
-    try:
-        write_scores_csv(path, ids, classes, probs)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be written ({exc.strerror or exc}); choose another --out") from None
-
-
-def _data_inputs(root: Path) -> list[Path]:
-    return [root / name for name in DATA_FILES]
-
-
-def resolve_data_root(data: Path | None, meta: CheckpointMeta, source: str) -> Path:
-    if data is not None:
-        return Path(data)
-    root = recipe_data_root(meta)
-    if root is None:
-        raise UserError(f"{source}: no data root in its stored recipe; pass --data DIR")
-    return root
 
 
 # --------------------------------------------------------------------------- weights
@@ -271,8 +163,6 @@ def fit_weights(probs: np.ndarray, targets: np.ndarray, rounds: int | None = Non
     Start from an empty ensemble; each round adds the member (repeats allowed) whose addition gives
     the highest macro mAP of the running mean; weight_m = (times m was added) / (additions), taken
     at the round with the best mAP. Weights are multiples of 1/rounds; a member never chosen gets 0."""
-    from aicoss_cli.metrics import mean_average_precision
-
     m = len(probs)
     if m == 1:
         return np.ones(1)
@@ -310,8 +200,6 @@ class HeldOut:
 
 def held_out_gain(probs: np.ndarray, targets: np.ndarray, seed: int = 0) -> HeldOut:
     """Fit on a seeded random half of the val images, score on the other half."""
-    from aicoss_cli.metrics import mean_average_precision
-
     n = probs.shape[1]
     order = np.random.default_rng(seed).permutation(n)
     fit, score = np.sort(order[: n // 2]), np.sort(order[n // 2:])
@@ -319,200 +207,6 @@ def held_out_gain(probs: np.ndarray, targets: np.ndarray, seed: int = 0) -> Held
     equal = mean_average_precision(targets[score], probs[:, score].mean(axis=0))
     auto = mean_average_precision(targets[score], np.tensordot(w, probs[:, score], axes=1))
     return HeldOut(len(fit), len(score), [float(v) for v in w], equal, auto)
-
-
-# --------------------------------------------------------------------------- shared set-up
-
-
-@dataclass
-class Runtime:
-    device: Any
-    amp_dtype: Any
-    workers: int
-    channels_last: bool
-    notes: list[str]
-
-    @property
-    def pin(self) -> bool:
-        return self.device.type == "cuda"
-
-    def describe(self) -> str:
-        import torch
-
-        from aicoss_cli.inference import dtype_name
-
-        if self.device.type == "cuda":
-            where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        else:
-            where = f"cpu ({torch.get_num_threads()} threads)"
-        return f"{where}, {dtype_name(self.amp_dtype)}, {self.loader}"
-
-    @property
-    def background(self) -> bool:
-        """Decode in a background thread: only when the model runs on another device."""
-        return self.device.type == "cuda" and self.workers == 0
-
-    @property
-    def loader(self) -> str:
-        if self.workers:
-            return f"{self.workers} loader processes"
-        return "1 decode thread" if self.background else "decoding inline"
-
-
-def make_runtime(device: str, precision: str, num_workers: int | None) -> Runtime:
-    import torch
-
-    from aicoss_cli.inference import default_workers, inference_device, precision_dtype
-
-    dev = inference_device(device)
-    notes: list[str] = []
-    amp = precision_dtype(precision, dev, notes)
-    if num_workers is not None and num_workers < 0:
-        raise UserError(f"--num-workers must be ≥ 0 (got {num_workers})")
-    workers = default_workers(dev) if num_workers is None else num_workers
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
-    return Runtime(dev, amp, workers, channels_last=dev.type == "cuda", notes=notes)
-
-
-def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str = "none", progress=None) -> list:
-    """Rebuild each member's model from its checkpoint, on the device, in eval mode."""
-    import torch
-
-    from aicoss_cli.inference import TTA_MODES, Member, torchvision_jpeg
-
-    torchvision_jpeg()  # import the decoder now, not inside the first batch
-    if default_tta not in TTA_MODES:
-        raise UserError(f"--tta must be one of {', '.join(TTA_MODES)} (got {default_tta!r})")
-    task = progress.add_task("loading checkpoints", total=len(sources)) if progress else None
-    members = []
-    for src in sources:
-        model, meta = model_from_checkpoint(src.path)
-        model.to(rt.device)
-        if rt.channels_last:
-            model.to(memory_format=torch.channels_last)
-        weight = 1.0 if src.weight is None else float(src.weight)
-        members.append(Member(path=str(src.path), model=model, img_size=meta.img_size, classes=meta.classes,
-                              weight=weight, tta=src.tta or default_tta, meta=meta))
-        if progress:
-            progress.advance(task)
-    if progress:
-        progress.remove_task(task)
-    return members
-
-
-def forward(members, paths: Sequence[str], rt: Runtime, batch_size: int, progress=None, what: str = "images"):
-    """(M, n, K) sigmoid outputs of every member on the images at `paths`, with a progress bar."""
-    from aicoss_cli.inference import ImageBatches, member_probabilities
-
-    sizes = sorted({m.img_size for m in members})
-    batches = ImageBatches(paths, sizes, batch_size, workers=rt.workers, background=rt.background, pin=rt.pin)
-    task = progress.add_task(what, total=len(paths)) if progress else None
-    try:
-        return member_probabilities(members, batches, len(paths), rt.device, rt.amp_dtype, rt.channels_last,
-                                    on_batch=(lambda n: progress.advance(task, n)) if progress else None)
-    finally:
-        if progress:
-            progress.remove_task(task)
-
-
-# --------------------------------------------------------------------------- predict
-
-
-@dataclass
-class PredictResult:
-    checkpoint: Path
-    out: Path
-    split: str
-    n_images: int
-    classes: list[str]
-    runtime: str
-    tta: str
-    seconds: float
-    loop_seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    val_map: float | None = None
-    per_class: list[dict] = field(default_factory=list)
-    per_class_path: Path | None = None
-
-
-def default_predict_out(checkpoint: Path, split: str) -> Path:
-    return Path(checkpoint).parent / f"predictions_{Path(checkpoint).stem}_{split}.csv"
-
-
-def run_predict(checkpoint: Path, *, data: Path | None = None, split: str = "test", out: Path | None = None,
-                precision: str = "fp32", tta: str = "none", batch_size: int = 64, num_workers: int | None = None,
-                device: str = "auto", progress=None) -> PredictResult:
-    """One checkpoint → probabilities of the test set (in sample_submission.csv's row order) or of its
-    own val split (with val mAP and per-class AP)."""
-    from aicoss_cli.data import read_test, read_train
-    from aicoss_cli.inference import TTA_MODES
-
-    if split not in ("test", "val"):
-        raise UserError(f"--split must be test or val (got {split!r})")
-    if tta not in TTA_MODES:
-        raise UserError(f"--tta must be one of {', '.join(TTA_MODES)} (got {tta!r})")
-    checkpoint = Path(checkpoint)
-    meta = read_meta(checkpoint)
-    root = resolve_data_root(data, meta, str(checkpoint))
-    targets = None
-    if split == "test":
-        test = read_test(root, meta.classes)
-        ids, paths = test.ids, test.paths
-    else:
-        table = read_train(root)
-        check_classes(meta, table.classes, str(checkpoint), root / "train.csv")
-        rows = val_rows_for(meta, table, str(checkpoint))
-        ids, paths, targets = [table.ids[i] for i in rows], [table.paths[i] for i in rows], table.labels[rows]
-    out = Path(out) if out is not None else default_predict_out(checkpoint, split)
-    per_class_path = out.parent / "per_class_ap.csv" if split == "val" else None
-    inputs = [checkpoint, *_data_inputs(root)]
-    check_output(out, inputs)
-    if per_class_path is not None:
-        if per_class_path.resolve() == out.resolve():
-            raise UserError(f"{out}: per_class_ap.csv is written beside --out; give --out another name")
-        check_output(per_class_path, inputs)
-
-    rt = make_runtime(device, precision, num_workers)
-    t0 = time.perf_counter()
-    members = load_members([MemberSource(checkpoint, 1.0, tta)], rt, progress=progress)
-    t1 = time.perf_counter()
-    probs = forward(members, paths, rt, batch_size, progress, f"predicting {len(paths)} {split} images")[0]
-    result = PredictResult(checkpoint, out, split, len(paths), meta.classes, rt.describe(), tta, 0.0,
-                           time.perf_counter() - t1, rt.notes)
-    if targets is not None:
-        result.per_class, result.val_map = per_class_table(meta.classes, targets, probs.numpy())
-        _write_per_class(per_class_path, result.per_class)
-        result.per_class_path = per_class_path
-    _write_csv(out, ids, meta.classes, probs)
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-def per_class_table(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray) -> tuple[list[dict], float]:
-    """Per-class AP rows (class, positives, ap, rank: 1 = weakest) and the macro mAP."""
-    from aicoss_cli.metrics import average_precision_per_class, mean_average_precision
-
-    aps = average_precision_per_class(targets, scores)
-    order = [int(i) for i in np.argsort(np.where(np.isnan(aps), np.inf, aps), kind="stable")]
-    rank = {j: r + 1 for r, j in enumerate(order) if not np.isnan(aps[j])}
-    rows = [{"class": c, "positives": int((targets[:, j] > 0).sum()), "ap": float(aps[j]), "rank": rank.get(j)}
-            for j, c in enumerate(classes)]
-    return rows, mean_average_precision(targets, scores)
-
-
-def _write_per_class(path: Path, rows: list[dict]) -> None:
-    from aicoss_cli.checkpoint import write_text_atomic
-
-    lines = ["class,positives,ap,rank"]
-    for r in rows:
-        ap = "" if np.isnan(r["ap"]) else f"{r['ap']:.6f}"
-        name = f'"{r["class"]}"' if "," in r["class"] or '"' in r["class"] else r["class"]
-        lines.append(f"{name},{r['positives']},{ap},{'' if r['rank'] is None else r['rank']}")
-    try:
-        write_text_atomic(path, "\n".join(lines) + "\n")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be written ({exc.strerror or exc}); choose another --out") from None
 
 
 # --------------------------------------------------------------------------- ensemble
@@ -551,10 +245,6 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
                  num_workers: int | None = None, device: str = "auto", progress=None) -> EnsembleResult:
     """Weighted mean of the members' sigmoid outputs on the test set; every member's and the
     ensemble's val mAP on their shared val split."""
-    from aicoss_cli.data import read_test, read_train
-    from aicoss_cli.inference import combine
-    from aicoss_cli.metrics import mean_average_precision
-
     if weights not in (None, "equal", "auto"):
         raise UserError(f"--weights must be equal or auto (got {weights!r})")
     sources: list[MemberSource] = []
@@ -570,7 +260,7 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     metas = [(str(s.path), read_meta(s.path)) for s in sources]
     check_members(metas)
     ref_src, ref = metas[0]
-    root = Path(data) if data is not None else spec_data if spec_data is not None else resolve_data_root(None, ref, ref_src)
+    root = Path(data) if data is not None else spec_data if spec_data is not None else ref.resolve_data_root(None, ref_src)
     test = read_test(root, ref.classes)
     has_split = bool(ref.split.get("val_fingerprint"))
     notes: list[str] = []
@@ -578,15 +268,15 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     targets = None
     if has_split:
         table = read_train(root)
-        check_classes(ref, table.classes, ref_src, root / "train.csv")
-        rows = val_rows_for(ref, table, ref_src)
+        ref.check_classes(table.classes, ref_src, root / "train.csv")
+        _, rows = split_from_record(ref.split, table, ref_src)
         val_paths, targets = [table.paths[i] for i in rows], table.labels[rows]
     else:
         notes.append("the members have no val split in their metadata: no val mAP, equal or spec weights only")
         if weights == "auto":
             raise UserError(f"{ref_src}: --weights auto fits on the val split, and these members record none")
     out = Path(out) if out is not None else Path("ensemble_submission.csv")
-    check_output(out, [s.path for s in sources] + ([Path(spec)] if spec else []) + _data_inputs(root))
+    check_output(out, [s.path for s in sources] + ([Path(spec)] if spec else []) + data_inputs(root))
 
     rt = make_runtime(device, "fp16" if fp16 else "fp32", num_workers)
     notes = rt.notes + notes
@@ -601,8 +291,8 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     result = EnsembleResult(reports, out, len(test), len(val_paths), rt.describe(), weighting, 0.0, notes=notes,
                             discovery=discovery)
     if has_split:
-        val_probs = forward(members, val_paths, rt, batch_size, progress,
-                            f"val: {len(val_paths)} images × {len(members)} members").numpy()
+        val_probs = forward(members, val_paths, rt, batch_size, progress=progress,
+                            what=f"val: {len(val_paths)} images × {len(members)} members").numpy()
         for report, p in zip(reports, val_probs):
             report.val_map = mean_average_precision(targets, p)
         result.equal_val_map = mean_average_precision(targets, val_probs.mean(axis=0))
@@ -619,9 +309,9 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     result.weighting = weighting
     for report, w in zip(reports, final):
         report.weight = float(w)
-    test_probs = forward(members, test.paths, rt, batch_size, progress,
-                         f"test: {len(test)} images × {len(members)} members")
-    _write_csv(out, test.ids, test.classes, combine(test_probs, final))
+    test_probs = forward(members, test.paths, rt, batch_size, progress=progress,
+                         what=f"test: {len(test)} images × {len(members)} members")
+    write_scores_csv(out, test.ids, test.classes, combine(test_probs, final))
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -634,10 +324,6 @@ def run_benchmark(checkpoints: Sequence[Path], *, data: Path | None = None, limi
                   progress=None) -> dict:
     """The same ensemble over the same val images in fp32 and in half precision (after a warm-up of
     each): time, img/s and val mAP of both, their differences in %, and the largest |Δ probability|."""
-    from aicoss_cli.data import read_train
-    from aicoss_cli.inference import combine, dtype_name, half_dtype
-    from aicoss_cli.metrics import mean_average_precision
-
     if not checkpoints:
         raise UserError("benchmark-fp16 needs at least one CHECKPOINT")
     if limit is not None and limit < 1:
@@ -646,10 +332,10 @@ def run_benchmark(checkpoints: Sequence[Path], *, data: Path | None = None, limi
     metas = [(str(s.path), read_meta(s.path)) for s in sources]
     check_members(metas)
     ref_src, ref = metas[0]
-    root = resolve_data_root(data, ref, ref_src)
+    root = ref.resolve_data_root(data, ref_src)
     table = read_train(root)
-    check_classes(ref, table.classes, ref_src, root / "train.csv")
-    rows = val_rows_for(ref, table, ref_src)
+    ref.check_classes(table.classes, ref_src, root / "train.csv")
+    _, rows = split_from_record(ref.split, table, ref_src)
     if limit is not None:
         rows = rows[:limit]
     paths, targets = [table.paths[i] for i in rows], table.labels[rows]
@@ -662,14 +348,16 @@ def run_benchmark(checkpoints: Sequence[Path], *, data: Path | None = None, limi
     members = load_members(sources, rt, progress=progress)
     warm = paths[: min(len(paths), 2 * batch_size)]
     for dtype in (None, half):
-        forward(members, warm, replace(rt, amp_dtype=dtype), batch_size, progress, f"warm-up ({dtype_name(dtype)})")
+        run = rt.with_precision(dtype)
+        forward(members, warm, run, batch_size, progress=progress, what=f"warm-up ({run.precision})")
     timings = {}
     for label, dtype in (("fp32", None), ("half", half)):
-        _sync(rt.device)
+        run = rt.with_precision(dtype)
+        run.synchronize()
         t0 = time.perf_counter()
-        probs = forward(members, paths, replace(rt, amp_dtype=dtype), batch_size, progress,
-                        f"{dtype_name(dtype)}: {len(paths)} images × {len(members)} members")
-        _sync(rt.device)
+        probs = forward(members, paths, run, batch_size, progress=progress,
+                        what=f"{run.precision}: {len(paths)} images × {len(members)} members")
+        run.synchronize()
         seconds = time.perf_counter() - t0
         ens = combine(probs)
         timings[label] = {"seconds": seconds, "img_per_sec": len(paths) / seconds,
@@ -681,7 +369,7 @@ def run_benchmark(checkpoints: Sequence[Path], *, data: Path | None = None, limi
     a, b = timings["fp32"], timings["half"]
     return {
         "device": rt.describe().split(", ")[0],
-        "half_dtype": dtype_name(half),
+        "half_dtype": rt.with_precision(half).precision,
         "members": [{"path": s, "arch": m.arch, "img_size": m.img_size} for s, m in metas],
         "images": len(paths),
         "batch_size": batch_size,
@@ -694,9 +382,3 @@ def run_benchmark(checkpoints: Sequence[Path], *, data: Path | None = None, limi
         "notes": notes,
     }
 
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

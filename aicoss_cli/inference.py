@@ -1,4 +1,5 @@
-"""Forward passes over a data set: the shared core of validation, predict, ensemble and benchmark.
+"""Decoding and THE forward loop: validation, the training submission, the P-ASL prior, predict,
+ensemble and benchmark all get their scores from `forward`.
 
 The loop keeps the model busy: each image is read and decoded once per batch (resized per member
 size) into uint8 tensors, by loader processes or a background thread while a GPU computes, inline
@@ -6,26 +7,28 @@ on the CPU (where anything else competes with the model for the cores); the tens
 CUDA, copied non-blocking and normalised on the device; outputs stay tensors until the end (no
 per-batch `.tolist()`).
 
-Pixels are exactly those of `data.load_image` (what training and validation saw): JPEGs are
-decoded by torchvision's libjpeg-turbo when that gives the same pixels as PIL (checked once per
-process) and by PIL otherwise; resizing is always PIL's.
+Pixels are exactly those of `data.load_image` (what training saw): JPEGs are decoded by
+torchvision's libjpeg-turbo when that gives the same pixels as PIL (checked once per process) and
+by PIL otherwise; resizing is always PIL's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD, normalize
+from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, model_from_checkpoint
+from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from aicoss_cli.errors import UserError
+from aicoss_cli.runtime import Runtime
 
 TTA_MODES = ("none", "hflip", "flips")
 # flip dims of each view on a (B, 3, H, W) batch: identity, horizontal, vertical, both
@@ -34,114 +37,6 @@ TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
     "hflip": ((), (3,)),
     "flips": ((), (3,), (2,), (2, 3)),
 }
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision context for `dtype` (None: full precision)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: torch.nn.Module,
-    loader: torch.utils.data.DataLoader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool = False,
-    on_batch: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Logits (n, K) float32 on the CPU, in the loader's order."""
-    was_training = model.training
-    model.eval()
-    outputs = []
-    non_blocking = device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    try:
-        for images, _, _, errors in loader:
-            _raise_decode_errors(errors)
-            x = normalize(images.to(device, non_blocking=non_blocking))
-            x = x.contiguous(memory_format=memory_format)
-            with autocast(device, amp_dtype):
-                outputs.append(model(x).float())
-            if on_batch:
-                on_batch(len(images))
-    finally:
-        model.train(was_training)
-    if not outputs:
-        return torch.zeros(0, 0)
-    return torch.cat(outputs).cpu()
-
-
-def _raise_decode_errors(errors: Sequence[str]) -> None:
-    bad = [e for e in errors if e]
-    if bad:
-        raise UserError(f"{bad[0]}; fix or remove this image (and any other unreadable ones)")
-
-
-def write_scores_csv(path, ids: Sequence[str], classes: Sequence[str], probs: torch.Tensor | np.ndarray) -> None:
-    """img_id + one probability column per class, written atomically."""
-    import pandas as pd
-
-    from aicoss_cli.checkpoint import atomic_path
-
-    values = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    frame = pd.DataFrame(values, columns=list(classes))
-    frame.insert(0, "img_id", list(ids))
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.7g")
-
-
-# --------------------------------------------------------------------------- device and precision
-
-
-def inference_device(spec: str, where: str = "--device") -> torch.device:
-    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; `where` names the option in errors."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UserError(f"{where} {spec}: no CUDA device is available; use auto or cpu")
-        return torch.device(spec)
-    raise UserError(f"{where} must be auto, cpu, cuda or cuda:N (got {spec!r})")
-
-
-def half_dtype(device: torch.device) -> torch.dtype:
-    """The half precision a device runs fast: fp16 on CUDA, bf16 on the CPU."""
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def precision_dtype(precision: str, device: torch.device, notes: list[str]) -> torch.dtype | None:
-    """Autocast dtype of fp32 | fp16 | bf16 on `device` (None: fp32); a fallback is added to `notes`."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            notes.append("fp16 needs CUDA: running in bf16 on the CPU instead")
-            return torch.bfloat16
-        return torch.float16
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            notes.append(f"{torch.cuda.get_device_name(device)} has no bf16: running in fp16 instead")
-            return torch.float16
-        return torch.bfloat16
-    raise UserError(f"--precision must be fp32, fp16 or bf16 (got {precision!r})")
-
-
-def dtype_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
-def default_workers(device: torch.device) -> int:
-    """Loader processes by default: none on the CPU, where decoding inline costs least (loader
-    processes, or a thread, compete with the model for the cores; measured in
-    bench/inference_overhead.py); on CUDA the CPU only decodes, so use them."""
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -339,33 +234,89 @@ class ImageBatches:
                 yield result
 
     def _processes(self):
+        # a private generator: the loader's worker seeds must not draw on the global RNG (exact resume)
         loader = torch.utils.data.DataLoader(
             _BatchDataset(self.chunks, self.sizes), batch_size=None, shuffle=False, num_workers=self.workers,
-            pin_memory=self.pin, prefetch_factor=self.prefetch)
+            pin_memory=self.pin, prefetch_factor=self.prefetch, generator=torch.Generator().manual_seed(0))
         yield from loader
 
 
-# --------------------------------------------------------------------------- members and the forward pass
+# --------------------------------------------------------------------------- members
+
+
+@dataclass
+class MemberSource:
+    """Where a member comes from: a checkpoint (or exported model) and its ensemble settings."""
+
+    path: Path
+    weight: float | None = None
+    tta: str | None = None
 
 
 @dataclass
 class Member:
-    """One model of an ensemble (a `predict` is an ensemble of one)."""
+    """One model of an ensemble (a `predict`, a validation pass, a prior pass: an ensemble of one).
+
+    `model` is a torch module giving logits, or an exported model with a `probabilities(x)` method."""
 
     path: str
-    model: torch.nn.Module
+    model: Any
     img_size: int
     classes: list[str]
     weight: float = 1.0
     tta: str = "none"
-    meta: object = None  # its CheckpointMeta
+    meta: CheckpointMeta | None = None
+
+    def outputs(self, x: torch.Tensor, runtime: Runtime, logits: bool = False) -> torch.Tensor:
+        """(B, K) float32 probabilities (averaged over the TTA views), or the plain logits."""
+        views = TTA_VIEWS[self.tta]
+        if logits:
+            if len(views) > 1 or not isinstance(self.model, torch.nn.Module):
+                raise ValueError("logits need a torch model without TTA")
+            with runtime.autocast():
+                return self.model(x).float()
+        total = None
+        for dims in views:
+            view = torch.flip(x, dims) if dims else x
+            if isinstance(self.model, torch.nn.Module):
+                with runtime.autocast():
+                    probs = torch.sigmoid(self.model(view).float())
+            else:
+                probs = self.model.probabilities(view).to(x.device)
+            total = probs if total is None else total.add_(probs)
+        return total.div_(len(views)) if len(views) > 1 else total
 
 
-class _Normalizer:
+def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str = "none", progress=None) -> list[Member]:
+    """Rebuild each member's model from its checkpoint, on the device, in eval mode."""
+    torchvision_jpeg()  # import the decoder now, not inside the first batch
+    if default_tta not in TTA_MODES:
+        raise UserError(f"--tta must be one of {', '.join(TTA_MODES)} (got {default_tta!r})")
+    task = progress.add_task("loading checkpoints", total=len(sources)) if progress else None
+    members = []
+    for src in sources:
+        model, meta = model_from_checkpoint(src.path)
+        model.to(rt.device)
+        if rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        weight = 1.0 if src.weight is None else float(src.weight)
+        members.append(Member(path=str(src.path), model=model, img_size=meta.img_size, classes=meta.classes,
+                              weight=weight, tta=src.tta or default_tta, meta=meta))
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    return members
+
+
+# --------------------------------------------------------------------------- the forward loop
+
+
+class Normalizer:
     """`data.normalize` into a new float32 tensor of the given memory format (same arithmetic, same
     bits): the uint8 → float conversion and the layout change are one copy."""
 
-    def __init__(self, device: torch.device, memory_format: torch.memory_format):
+    def __init__(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
         self.shift = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
         self.scale = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
         self.memory_format = memory_format
@@ -376,50 +327,44 @@ class _Normalizer:
 
 
 @torch.inference_mode()
-def member_probabilities(
-    members: Sequence[Member],
-    batches: ImageBatches,
-    n_images: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool = False,
-    on_batch: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Sigmoid outputs (M, n, K) float32 on the CPU, member by member on each batch.
-
-    A member with TTA averages the sigmoid outputs of its flipped views."""
+def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_size: int, *,
+            logits: bool = False, progress=None, what: str = "images",
+            on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(M, n, K) float32 on the CPU: every member's sigmoid outputs (or logits) on the images at
+    `paths`, in order. Each image is decoded once per batch and resized per member size; the members
+    run one after another on the batch, in eval mode (a member's train/eval mode is restored after)."""
     if not members:
         raise ValueError("no members")
-    num_classes = len(members[0].classes)
-    size_index = {s: i for i, s in enumerate(batches.sizes)}
-    out = torch.empty(len(members), n_images, num_classes, device=device)
-    norm = _Normalizer(device, torch.channels_last if channels_last else torch.contiguous_format)
-    non_blocking = device.type == "cuda"
-    for m in members:
-        m.model.eval()
+    sizes = sorted({m.img_size for m in members})
+    batches = ImageBatches(paths, sizes, batch_size, workers=rt.workers, background=rt.background, pin=rt.pin)
+    size_index = {s: i for i, s in enumerate(sizes)}
+    out = torch.empty(len(members), len(paths), len(members[0].classes), device=rt.device)
+    norm = Normalizer(rt.device, torch.channels_last if rt.channels_last else torch.contiguous_format)
+    modes = [m.model.training if isinstance(m.model, torch.nn.Module) else None for m in members]
+    task = progress.add_task(what, total=len(paths)) if progress else None
     pos = 0
-    for images in batches:
-        inputs = {size: norm(images[i].to(device, non_blocking=non_blocking)) for size, i in size_index.items()}
-        n = len(images[0])
-        for k, member in enumerate(members):
-            x = inputs[member.img_size]
-            views = TTA_VIEWS[member.tta]
-            target = out[k, pos:pos + n]
-            for j, dims in enumerate(views):
-                with autocast(device, amp_dtype):
-                    logits = member.model(torch.flip(x, dims) if dims else x)
-                probs = torch.sigmoid(logits.float())
-                if j == 0:
-                    target.copy_(probs)
-                else:
-                    target.add_(probs)
-            if len(views) > 1:
-                target.div_(len(views))
-        pos += n
-        if on_batch:
-            on_batch(n)
-    if pos != n_images:
-        raise RuntimeError(f"expected {n_images} images, got {pos}")
+    try:
+        for m in members:
+            if isinstance(m.model, torch.nn.Module):
+                m.model.eval()
+        for images in batches:
+            inputs = {size: norm(images[i].to(rt.device, non_blocking=rt.pin)) for size, i in size_index.items()}
+            n = len(images[0])
+            for k, member in enumerate(members):
+                out[k, pos:pos + n] = member.outputs(inputs[member.img_size], rt, logits=logits)
+            pos += n
+            if progress:
+                progress.advance(task, n)
+            if on_batch:
+                on_batch(n)
+    finally:
+        for m, mode in zip(members, modes):
+            if mode is not None:
+                m.model.train(mode)
+        if progress:
+            progress.remove_task(task)
+    if pos != len(paths):
+        raise RuntimeError(f"expected {len(paths)} images, got {pos}")
     return out.cpu()
 
 
@@ -430,3 +375,17 @@ def combine(probs: torch.Tensor, weights: Sequence[float] | np.ndarray | None = 
         np.asarray(weights, dtype=np.float64))
     w = w / w.sum()
     return torch.einsum("m,mnk->nk", w, probs.double()).float()
+
+
+def write_scores_csv(path, ids: Sequence[str], classes: Sequence[str], probs: torch.Tensor | np.ndarray) -> None:
+    """img_id + one probability column per class, written atomically; UserError if it cannot be."""
+    import pandas as pd
+
+    values = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    frame = pd.DataFrame(values, columns=list(classes))
+    frame.insert(0, "img_id", list(ids))
+    try:
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.7g")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be written ({exc.strerror or exc})") from None

@@ -162,18 +162,62 @@ def prior_has_effect(
     return None
 
 
-def mean_prediction_prior(model: torch.nn.Module, paths: Sequence[str], img_size: int, device: torch.device,
-                          amp_dtype: torch.dtype | None = None, batch_size: int = 64, num_workers: int = 0,
-                          on_batch=None) -> Tensor:
-    """The seed's "avg_pred": mean sigmoid output of `model` over the images (eval transform)."""
-    import numpy as np
+class PriorTracker:
+    """The class prior a P-ASL loss uses during training, and how it evolves.
 
-    from aicoss_cli.data import ImageDataset, eval_batches, make_loader
-    from aicoss_cli.inference import predict_logits
+    - "labels" / a CSV: fixed for the whole run;
+    - "predictions" (the seed's `ComputePrior`): none in the first epoch, then the previous epoch's
+      mean sigmoid output over its training images. The sums stay on the device during the epoch
+      (`observe` adds to them without a host sync) and are reduced over processes at its end.
+    """
 
-    dataset = ImageDataset(paths, None, img_size)
-    loader = make_loader(dataset, eval_batches(np.arange(len(paths)), batch_size), num_workers,
-                         pin_memory=device.type == "cuda")
-    model.to(device)
-    logits = predict_logits(model, loader, device, amp_dtype, on_batch=on_batch)
-    return torch.sigmoid(logits).mean(dim=0)
+    def __init__(self, mode: str, prior: Tensor | None, num_classes: int, device: torch.device):
+        self.mode, self.prior, self.device = mode, prior, device
+        self.sums = torch.zeros(num_classes + 1, dtype=torch.float64, device=device) if mode == "predictions" else None
+
+    @classmethod
+    def from_recipe(cls, source: bool | str, loss_name: str, loss_params: Mapping[str, object],
+                    classes: Sequence[str], train_labels, device: torch.device,
+                    notes: list[str]) -> PriorTracker | None:
+        """The tracker for `[loss] prior` (None when the recipe has none); a note when it changes nothing."""
+        if source is False:
+            return None
+        why = prior_has_effect(loss_name, loss_params, train_labels)
+        if why:
+            notes.append(f"[loss] prior = {source!r} changes nothing here: {why}")
+        if source == "labels":
+            return cls("labels", label_prior(torch.as_tensor(train_labels)), len(classes), device)
+        if source == "predictions":
+            return cls("predictions", None, len(classes), device)
+        return cls("file", read_prior_csv(source, classes), len(classes), device)
+
+    def apply(self, loss_fn) -> None:
+        if self.prior is not None and hasattr(loss_fn, "set_prior"):
+            loss_fn.set_prior(self.prior.to(self.device))
+
+    def observe(self, logits: Tensor) -> None:
+        """Add a training batch's sigmoid outputs (predictions mode only; no host sync)."""
+        if self.sums is not None:
+            self.sums[:-1] += torch.sigmoid(logits.detach().float()).sum(0).double()
+            self.sums[-1] += logits.shape[0]
+
+    def snapshot(self) -> Tensor | None:
+        return None if self.sums is None else self.sums.clone()
+
+    def restore(self, saved: Tensor | Sequence[float] | None) -> None:
+        """Back to a snapshot or to sums stored in the training state (none: an empty epoch)."""
+        if self.sums is not None:
+            if saved is None:
+                self.sums.zero_()
+            else:
+                self.sums.copy_(torch.as_tensor(saved, dtype=torch.float64))
+
+    def end_epoch(self, reduce, loss_fn) -> None:
+        """Predictions mode: the epoch's mean prediction (summed over processes by `reduce`) becomes
+        the prior of the next epoch."""
+        if self.sums is None:
+            return
+        sums = reduce(self.sums).cpu()
+        self.prior = (sums[:-1] / max(float(sums[-1]), 1.0)).float()
+        self.apply(loss_fn)
+        self.sums.zero_()

@@ -203,9 +203,8 @@ def test_incompatible_members_are_a_one_line_error_and_write_nothing(run_cli, ru
 
 def read_train_root(ckpt: Path) -> Path:
     from aicoss_cli.checkpoint import read_meta
-    from aicoss_cli.ensemble import recipe_data_root
 
-    return recipe_data_root(read_meta(ckpt))
+    return read_meta(ckpt).data_root
 
 
 def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, runs, demo_root, tmp_path):

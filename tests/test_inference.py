@@ -136,33 +136,43 @@ def _member(checkpoint: Path, tta: str = "none"):
     return Member(path=str(checkpoint), model=model, img_size=meta.img_size, classes=meta.classes, tta=tta, meta=meta)
 
 
-def test_member_probabilities_equal_the_training_loops_validation(demo_root, checkpoint):
-    """predict sees the pixels and computes the scores that `aicoss train` validated with."""
-    from aicoss_cli.data import ImageDataset, eval_batches, make_loader
-    from aicoss_cli.inference import ImageBatches, member_probabilities, predict_logits
+def _cpu():
+    from aicoss_cli.runtime import make_runtime
+
+    return make_runtime("cpu", "fp32", 0)
+
+
+def test_forward_gives_the_model_outputs_on_pil_pixels(demo_root, checkpoint):
+    """The one forward loop (validation, submission, predict, ensemble) equals the model applied, by
+    hand, to PIL's pixels normalised with ImageNet statistics in float64."""
+    from aicoss_cli.inference import forward
 
     member = _member(checkpoint)
     paths = read_test(demo_root).paths
-    dataset = ImageDataset(paths, None, 32)
-    loader = make_loader(dataset, eval_batches(np.arange(len(paths)), 16), 0, False)
-    expected = torch.sigmoid(predict_logits(member.model, loader, torch.device("cpu"), None))
-    got = member_probabilities([member], ImageBatches(paths, [32], 16), len(paths), torch.device("cpu"), None)
-    assert got.shape == (1, len(paths), 10)
-    torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-6)
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    pixels = torch.stack([pil_to_uint8(load_image(p, 32)) for p in paths]).double()
+    x = ((pixels / 255.0 - mean) / std).float()
+    with torch.inference_mode():
+        expected = member.model(x)
+    logits = forward([member], paths, _cpu(), 16, logits=True)
+    probs = forward([member], paths, _cpu(), 16)
+    assert probs.shape == (1, len(paths), 10)
+    torch.testing.assert_close(logits[0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(probs[0], torch.sigmoid(expected), rtol=0, atol=1e-6)
 
 
 def test_tta_flips_average_the_sigmoid_of_each_flipped_view(demo_root, checkpoint):
-    from aicoss_cli.inference import ImageBatches, member_probabilities
+    from aicoss_cli.data import normalize
+    from aicoss_cli.inference import ImageBatches, forward
 
     paths = read_test(demo_root).paths[:20]
     plain, flips = _member(checkpoint), _member(checkpoint, tta="flips")
     images = next(iter(ImageBatches(paths, [32], 20)))[0]
-    from aicoss_cli.data import normalize
-
     x = normalize(images)
     with torch.inference_mode():
         views = [torch.sigmoid(plain.model(torch.flip(x, d) if d else x)) for d in ((), (3,), (2,), (2, 3))]
-    got = member_probabilities([plain, flips], ImageBatches(paths, [32], 8), 20, torch.device("cpu"), None)
+    got = forward([plain, flips], paths, _cpu(), 8)
     torch.testing.assert_close(got[0], views[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(got[1], torch.stack(views).mean(0), rtol=0, atol=1e-6)
     assert not torch.allclose(got[0], got[1])  # the flipped views differ: TTA changes something
