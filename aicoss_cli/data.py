@@ -503,7 +503,6 @@ def shard(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
     return np.asarray(rows)[bounds[rank]:bounds[rank + 1]]
 
 
-
 def make_loader(dataset, batch_sampler, num_workers: int, pin_memory: bool, worker_init_fn=None):
     """A DataLoader over explicit batches. Its own generator keeps it from drawing on the global
     torch RNG, so creating a loader does not shift dropout noise (exact resume relies on it)."""
