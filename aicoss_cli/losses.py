@@ -14,17 +14,85 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import inspect
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from aicoss_cli.errors import UserError
 
-PARTIAL_MODES = ("negative", "ignore", "selective")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: one model per loss, the one place a parameter, its default and its range are
+# declared (the recipe's [loss] section is built from these models)
+
+
+class LossParams(BaseModel):
+    """Parameters of a loss; numbers must be finite and of the declared type (no "0.5", no true)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class NoParams(LossParams):
+    """The loss has no parameter."""
+
+
+class TwoWayParams(LossParams):
+    tp: float = Field(4.0, gt=0, description="two-way loss temperature of positives")
+    tn: float = Field(1.0, gt=0, description="two-way loss temperature of negatives")
+
+
+class AsymmetricParams(LossParams):
+    gamma_pos: float = Field(1.0, ge=0, description="focusing exponent on positives")
+    gamma_neg: float = Field(4.0, ge=0, description="focusing exponent on negatives")
+    clip: float = Field(0.05, ge=0, lt=1, description="probability margin shifted off negatives")
+
+
+class PartialSelectiveParams(LossParams):
+    gamma_pos: float = Field(1.0, ge=0, description="focusing exponent on positives")
+    gamma_neg: float = Field(1.0, ge=0, description="focusing exponent on negatives")
+    gamma_unann: float = Field(2.0, ge=0, description="focusing exponent on unannotated labels")
+    alpha_pos: float = Field(1.0, ge=0, description="weight of positives")
+    alpha_neg: float = Field(1.0, ge=0, description="weight of negatives")
+    alpha_unann: float = Field(1.0, ge=0, description="weight of unannotated labels")
+    clip: float = Field(0.0, ge=0, lt=1, description="probability margin shifted off negatives")
+    partial_mode: Literal["negative", "ignore", "selective"] = Field(
+        "selective", description="how unannotated (-1) labels are treated")
+    prior_threshold: float = Field(0.05, ge=0, le=1, description="classes with a higher prior are ignored")
+    likelihood_topk: int = Field(5, ge=0, description="unannotated entries ignored per image")
+
+
+def _range_text(info) -> str:
+    """">= 0 and < 1" from a field's constraints."""
+    parts = []
+    for item in info.metadata:
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(item, attr, None) is not None:
+                parts.append(f"{sign} {getattr(item, attr):g}")
+    return " and ".join(parts)
+
+
+def _param_error(params: type[LossParams], exc: ValidationError) -> UserError:
+    """A one-line error naming the parameter and what it accepts."""
+    first = exc.errors(include_url=False)[0]
+    name = str(first["loc"][0]) if first["loc"] else "?"
+    info = params.model_fields.get(name)
+    if info is None:
+        return UserError(f"[loss] {name}: {first['msg']}")
+    annotation = info.annotation
+    if getattr(annotation, "__origin__", None) is Literal:
+        what = f"one of {', '.join(annotation.__args__)}"
+    else:
+        kind = "an integer" if annotation is int else "a number"
+        limits = _range_text(info)
+        what = f"{kind} {limits}" if limits else kind
+    return UserError(f"[loss] {name} must be {what} (got {first.get('input')!r})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +191,7 @@ def zlpr_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return (negative_part + positive_part).mean()
 
 
-def two_way_loss(logits: Tensor, targets: Tensor, tp: float = 4.0, tn: float = 1.0) -> Tensor:
+def two_way_loss(logits: Tensor, targets: Tensor, params: TwoWayParams = TwoWayParams()) -> Tensor:
     """Two-way multi-label loss.
 
     For a set of entries (one class over the batch's samples, or one sample over its classes)
@@ -137,6 +205,7 @@ def two_way_loss(logits: Tensor, targets: Tensor, tp: float = 4.0, tn: float = 1
     """
     s, y = _as_float(logits, targets)
     positive, negative = y == 1, y == 0
+    tp, tn = params.tp, params.tn
 
     def mean_term(dim: int) -> Tensor:
         lse_neg = _masked_logsumexp(s / tn, negative, dim)
@@ -148,22 +217,9 @@ def two_way_loss(logits: Tensor, targets: Tensor, tp: float = 4.0, tn: float = 1
     return mean_term(0) + mean_term(1)
 
 
-def partial_selective_loss(
-    logits: Tensor,
-    targets: Tensor,
-    *,
-    gamma_pos: float = 1.0,
-    gamma_neg: float = 1.0,
-    gamma_unann: float = 2.0,
-    alpha_pos: float = 1.0,
-    alpha_neg: float = 1.0,
-    alpha_unann: float = 1.0,
-    clip: float = 0.0,
-    partial_mode: str = "selective",
-    prior_threshold: float = 0.05,
-    likelihood_topk: int = 5,
-    prior: Tensor | None = None,
-) -> Tensor:
+def partial_selective_loss(logits: Tensor, targets: Tensor,
+                           params: PartialSelectiveParams = PartialSelectiveParams(),
+                           prior: Tensor | None = None) -> Tensor:
     """Partial asymmetric loss (P-ASL), summed over the batch:
 
         -sum_ij  [y=1]  * a+ * (1 - p)^g+   * log p
@@ -177,11 +233,12 @@ def partial_selective_loss(
     """
     s, y = _as_float(logits, targets)
     positive, negative, unannotated = y == 1, y == 0, y == -1
+    p, clip, partial_mode = params, params.clip, params.partial_mode
 
     one_minus_p, p_c = _focusing(s, clip)
     with torch.no_grad():
-        w_pos = alpha_pos * positive * one_minus_p.pow(gamma_pos)
-        w_neg = alpha_neg * negative * p_c.pow(gamma_neg)
+        w_pos = p.alpha_pos * positive * one_minus_p.pow(p.gamma_pos)
+        w_neg = p.alpha_neg * negative * p_c.pow(p.gamma_neg)
         if partial_mode == "selective":
             if prior is not None and prior.numel() != s.shape[1]:
                 raise UserError(
@@ -189,26 +246,19 @@ def partial_selective_loss(
                     f"{s.shape[1]} classes"
                 )
             keep = selective_unannotated_weights(
-                s, unannotated, likelihood_topk, prior, prior_threshold
+                s, unannotated, p.likelihood_topk, prior, p.prior_threshold
             )
         elif partial_mode == "negative":
             keep = unannotated
         else:
             keep = torch.zeros_like(s)
-        w_unann = alpha_unann * keep * p_c.pow(gamma_unann)
+        w_unann = p.alpha_unann * keep * p_c.pow(p.gamma_unann)
 
     loss = w_pos * F.logsigmoid(s) + (w_neg + w_unann) * _log_one_minus_pc(s, clip)
     return -loss.sum()
 
 
-def asymmetric_loss(
-    logits: Tensor,
-    targets: Tensor,
-    *,
-    gamma_pos: float = 1.0,
-    gamma_neg: float = 4.0,
-    clip: float = 0.05,
-) -> Tensor:
+def asymmetric_loss(logits: Tensor, targets: Tensor, params: AsymmetricParams = AsymmetricParams()) -> Tensor:
     """Asymmetric loss (ASL), summed over the batch; -1 entries are ignored:
 
         -sum_ij [y=1] * (1 - p)^g+ * log p + [y=0] * p_c^g- * log(1 - p_c)
@@ -216,11 +266,11 @@ def asymmetric_loss(
     p = sigma(s), 1 - p_c = min(1, 1 - p + clip); the focusing factors carry no gradient.
     """
     s, y = _as_float(logits, targets)
-    one_minus_p, p_c = _focusing(s, clip)
+    one_minus_p, p_c = _focusing(s, params.clip)
     with torch.no_grad():
-        w_pos = (y == 1) * one_minus_p.pow(gamma_pos)
-        w_neg = (y == 0) * p_c.pow(gamma_neg)
-    loss = w_pos * F.logsigmoid(s) + w_neg * _log_one_minus_pc(s, clip)
+        w_pos = (y == 1) * one_minus_p.pow(params.gamma_pos)
+        w_neg = (y == 0) * p_c.pow(params.gamma_neg)
+    loss = w_pos * F.logsigmoid(s) + w_neg * _log_one_minus_pc(s, params.clip)
     return -loss.sum()
 
 
@@ -240,23 +290,7 @@ def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter validation
-
-
-def _number(name: str, value: object, *, low: float, high: float | None = None,
-            low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float within the given range, else a UserError naming ``name``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        x = float(value)
-        ok = math.isfinite(x) and (x > low if low_open else x >= low)
-        if ok and high is not None:
-            ok = x < high if high_open else x <= high
-    if not ok:
-        lo = f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f" and {'<' if high_open else '<='} {high:g}"
-        raise UserError(f"[loss] {name} must be a number {lo}{hi} (got {value!r})")
-    return x
+# The prior of P-ASL
 
 
 def _prior_tensor(values: object) -> Tensor | None:
@@ -290,11 +324,22 @@ def _prior_tensor(values: object) -> Tensor | None:
 
 
 class _Loss(nn.Module):
-    """Base: forward runs the pure function with autocast off, so the math stays in float32."""
+    """Base: validates the parameters with the loss's `Params` model (and keeps them as attributes);
+    forward runs the pure function with autocast off, so the math stays in float32."""
 
     reduction = "mean"
     description = ""
     aliases: tuple[str, ...] = ()
+    Params: type[LossParams] = NoParams
+
+    def __init__(self, **params: object) -> None:
+        super().__init__()
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as exc:
+            raise _param_error(self.Params, exc) from None
+        for name, value in self.params:
+            setattr(self, name, value)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         device_type = logits.device.type
@@ -325,14 +370,10 @@ class TwoWayLoss(_Loss):
     reduction = "mean"
     description = "Two-way multi-label loss (tp, tn temperatures), mean over classes + samples"
     aliases = ("TwoWayLoss",)
-
-    def __init__(self, tp: float = 4.0, tn: float = 1.0) -> None:
-        super().__init__()
-        self.tp = _number("tp", tp, low=0.0, low_open=True)
-        self.tn = _number("tn", tn, low=0.0, low_open=True)
+    Params = TwoWayParams
 
     def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return two_way_loss(logits, targets, tp=self.tp, tn=self.tn)
+        return two_way_loss(logits, targets, self.params)
 
 
 class PartialSelectiveLoss(_Loss):
@@ -340,43 +381,12 @@ class PartialSelectiveLoss(_Loss):
     reduction = "sum"
     description = "Partial asymmetric loss (P-ASL) with selective unannotated labels, sum"
     aliases = ("PartialSelectiveLoss", "pasl")
+    Params = PartialSelectiveParams
 
-    def __init__(
-        self,
-        gamma_pos: float = 1.0,
-        gamma_neg: float = 1.0,
-        gamma_unann: float = 2.0,
-        alpha_pos: float = 1.0,
-        alpha_neg: float = 1.0,
-        alpha_unann: float = 1.0,
-        clip: float = 0.0,
-        partial_mode: str = "selective",
-        prior_threshold: float = 0.05,
-        likelihood_topk: int = 5,
-        prior: Sequence[float] | Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.gamma_pos = _number("gamma_pos", gamma_pos, low=0.0)
-        self.gamma_neg = _number("gamma_neg", gamma_neg, low=0.0)
-        self.gamma_unann = _number("gamma_unann", gamma_unann, low=0.0)
-        self.alpha_pos = _number("alpha_pos", alpha_pos, low=0.0)
-        self.alpha_neg = _number("alpha_neg", alpha_neg, low=0.0)
-        self.alpha_unann = _number("alpha_unann", alpha_unann, low=0.0)
-        self.clip = _number("clip", clip, low=0.0, high=1.0, high_open=True)
-        self.prior_threshold = _number("prior_threshold", prior_threshold, low=0.0, high=1.0)
-        if isinstance(likelihood_topk, bool) or not isinstance(likelihood_topk, int) \
-                or likelihood_topk < 0:
-            raise UserError(
-                f"[loss] likelihood_topk must be an integer >= 0 (got {likelihood_topk!r})"
-            )
-        self.likelihood_topk = likelihood_topk
-        mode = partial_mode.lower() if isinstance(partial_mode, str) else partial_mode
-        if mode not in PARTIAL_MODES:
-            raise UserError(
-                f"[loss] partial_mode must be one of {', '.join(PARTIAL_MODES)} "
-                f"(got {partial_mode!r})"
-            )
-        self.partial_mode = mode
+    def __init__(self, prior: Sequence[float] | Tensor | None = None, **params: object) -> None:
+        if isinstance(params.get("partial_mode"), str):
+            params["partial_mode"] = params["partial_mode"].lower()
+        super().__init__(**params)
         self.register_buffer("prior", _prior_tensor(prior), persistent=False)
 
     def set_prior(self, values: Sequence[float] | Tensor | None) -> None:
@@ -386,14 +396,7 @@ class PartialSelectiveLoss(_Loss):
     def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
         if self.prior is not None and self.prior.device != logits.device:
             self.prior = self.prior.to(logits.device)  # once, not a host copy every step
-        return partial_selective_loss(
-            logits, targets,
-            gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, gamma_unann=self.gamma_unann,
-            alpha_pos=self.alpha_pos, alpha_neg=self.alpha_neg, alpha_unann=self.alpha_unann,
-            clip=self.clip, partial_mode=self.partial_mode,
-            prior_threshold=self.prior_threshold, likelihood_topk=self.likelihood_topk,
-            prior=self.prior,
-        )
+        return partial_selective_loss(logits, targets, self.params, self.prior)
 
 
 class AsymmetricLoss(_Loss):
@@ -401,17 +404,10 @@ class AsymmetricLoss(_Loss):
     reduction = "sum"
     description = "Asymmetric loss (ASL), -1 labels ignored, sum"
     aliases = ("AsymmetricLoss",)
-
-    def __init__(self, gamma_pos: float = 1.0, gamma_neg: float = 4.0, clip: float = 0.05) -> None:
-        super().__init__()
-        self.gamma_pos = _number("gamma_pos", gamma_pos, low=0.0)
-        self.gamma_neg = _number("gamma_neg", gamma_neg, low=0.0)
-        self.clip = _number("clip", clip, low=0.0, high=1.0, high_open=True)
+    Params = AsymmetricParams
 
     def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return asymmetric_loss(
-            logits, targets, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, clip=self.clip
-        )
+        return asymmetric_loss(logits, targets, self.params)
 
 
 class BCELogitLoss(_Loss):
@@ -471,14 +467,23 @@ def resolve_loss_name(name: str) -> str:
 
 
 def loss_param_defaults(name: str) -> dict[str, object]:
-    """The parameters a loss accepts, with their defaults, in declaration order."""
+    """The parameters a loss accepts, with their defaults, in declaration order (P-ASL also takes
+    its class `prior`, given at run time)."""
     cls = LOSS_CLASSES[resolve_loss_name(name)]
-    signature = inspect.signature(cls.__init__)
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.name != "self" and p.default is not inspect.Parameter.empty
-    }
+    defaults: dict[str, object] = {key: info.default for key, info in cls.Params.model_fields.items()}
+    if cls is PartialSelectiveLoss:
+        defaults["prior"] = None
+    return defaults
+
+
+def loss_param_fields() -> dict[str, object]:
+    """Every loss parameter name → its field (type, range, description), over all losses: what the
+    recipe's [loss] section accepts. A name shared by several losses has one range in all of them."""
+    fields: dict[str, object] = {}
+    for cls in LOSS_CLASSES.values():
+        for key, info in cls.Params.model_fields.items():
+            fields.setdefault(key, info)
+    return fields
 
 
 def build_loss(name: str, **params: object) -> nn.Module:

@@ -2,7 +2,8 @@
 
 A recipe has the sections `[model] [loss] [optim] [augment] [data] [runtime]`; every key is
 checked (unknown keys, types, ranges) before any compute is spent, and errors name the file,
-the key, the value and what was expected. This module does not import torch.
+the key, the value and what was expected. The [loss] parameters come from the loss registry's
+parameter models (`aicoss_cli.losses`), so importing this module imports torch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from aicoss_cli.errors import UserError
+from aicoss_cli.losses import loss_param_fields
 
 
 class _Section(BaseModel):
@@ -33,29 +36,12 @@ class ModelConfig(_Section):
     img_size: int | None = Field(None, ge=16, le=4096, description="input side in pixels; default: the arch's")
 
 
-class LossConfig(_Section):
+class _LossSection(_Section):
     """[loss]: the loss by name; unset parameters take the loss's own defaults."""
 
     name: str = Field("bce", description="zlpr | two_way | partial_selective | asl | bce (seed spellings accepted)")
-    gamma_pos: float | None = Field(None, ge=0, description="focusing exponent on positives")
-    gamma_neg: float | None = Field(None, ge=0, description="focusing exponent on negatives")
-    gamma_unann: float | None = Field(None, ge=0, description="focusing exponent on unannotated labels")
-    alpha_pos: float | None = Field(None, ge=0, description="weight of positives")
-    alpha_neg: float | None = Field(None, ge=0, description="weight of negatives")
-    alpha_unann: float | None = Field(None, ge=0, description="weight of unannotated labels")
-    clip: float | None = Field(None, ge=0, lt=1, description="probability margin shifted off negatives")
-    partial_mode: Literal["negative", "ignore", "selective"] | None = Field(
-        None, description="how unannotated (-1) labels are treated"
-    )
-    prior_threshold: float | None = Field(None, ge=0, le=1, description="classes with a higher prior are ignored")
-    likelihood_topk: int | None = Field(None, ge=0, description="unannotated entries ignored per image")
-    tp: float | None = Field(None, gt=0, description="two-way loss temperature of positives")
-    tn: float | None = Field(None, gt=0, description="two-way loss temperature of negatives")
-    prior: bool | str = Field(
-        False, description='class prior: false | "labels" | "predictions" | "path/to/prior.csv"'
-    )
 
-    @field_validator("prior")
+    @field_validator("prior", check_fields=False)
     @classmethod
     def _prior_source(cls, value: bool | str) -> bool | str:
         if value is True:
@@ -67,6 +53,22 @@ class LossConfig(_Section):
     def params(self) -> dict[str, Any]:
         """The loss parameters that are set (not None), without the name and the prior source."""
         return {k: v for k, v in self.model_dump(exclude={"name", "prior"}).items() if v is not None}
+
+
+def _loss_section() -> type[_LossSection]:
+    """[loss] accepts every parameter of every loss (`losses.LossParams` models: the one
+    declaration of each, with its range and description), unset by default; which of them apply
+    to the chosen loss is checked by `check_recipe_names`."""
+    fields = {}
+    for key, info in loss_param_fields().items():
+        kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        fields[key] = (kind | None, Field(None, description=info.description))
+    fields["prior"] = (bool | str, Field(False, description='class prior: false | "labels" | "predictions" | '
+                                                            '"path/to/prior.csv"'))
+    return create_model("LossConfig", __base__=_LossSection, **fields)
+
+
+LossConfig = _loss_section()
 
 
 class OptimConfig(_Section):
