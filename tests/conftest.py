@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_RECIPE
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 os.environ.setdefault("COLUMNS", "200")  # Rich tables and one-line errors must not wrap in captured output
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -59,41 +60,6 @@ def demo_root_partial(tmp_path_factory) -> Path:
                            unannotated=0.3)
 
 
-TINY_RECIPE = """\
-name = "tiny"
-description = "test recipe: a CPU-instant model"
-
-[model]
-arch = "{arch}"
-pretrained = false
-img_size = 32
-
-[loss]
-name = "{loss}"
-
-[optim]
-epochs = {epochs}
-batch_size = 32
-lr = 3e-3
-min_lr = 1e-4
-weight_decay = 0.0
-
-[augment]
-policy = "{policy}"
-
-[data]
-root = "{root}"
-val_fraction = 0.2
-split_seed = 78
-
-[runtime]
-seed = 3
-precision = "fp32"
-device = "cpu"
-num_workers = 0
-"""
-
-
 @pytest.fixture
 def write_recipe(tmp_path):
     """Write a tiny recipe (tiny_convnet by default) and return its path."""
@@ -105,10 +71,3 @@ def write_recipe(tmp_path):
         return path
 
     return write
-
-
-def only_run_dir(out: Path) -> Path:
-    """The one run folder a single `aicoss train --out OUT` created."""
-    runs = [p for p in out.glob("*/*") if p.is_dir()]
-    assert len(runs) == 1, runs
-    return runs[0]

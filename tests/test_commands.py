@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, only_run_dir
+from helpers import ROOT, only_run_dir
 
 SEED_COUNTS_M = {  # the seed README's table, as printed
     "resnet50": "23.63", "resnet101": "42.62", "tresnetv2_l_mldecoder": "51.26", "tresnet_xl": "75.94",

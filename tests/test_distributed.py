@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from conftest import ROOT, only_run_dir
+from helpers import ROOT, only_run_dir
 
 DDP = """
 [runtime]

@@ -11,8 +11,8 @@ import pytest
 
 from aicoss_cli.data import read_train, split_indices
 from aicoss_cli.metrics import mean_average_precision
-from conftest import TINY_RECIPE, only_run_dir
-from test_inference import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
+from helpers import TINY_RECIPE, only_run_dir
+from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
 
 
 def _cli(*args) -> int:

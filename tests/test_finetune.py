@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from conftest import ROOT, only_run_dir
+from helpers import ROOT, only_run_dir
 
 
 @pytest.fixture(scope="module")

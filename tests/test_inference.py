@@ -11,50 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint
-from aicoss_cli.data import load_image, pil_to_uint8, read_test, read_train, split_fingerprint, split_indices
+from aicoss_cli.checkpoint import save_checkpoint
+from aicoss_cli.data import load_image, pil_to_uint8, read_test, read_train, split_indices
 from aicoss_cli.errors import UserError
 from aicoss_cli.metrics import average_precision_per_class, mean_average_precision
 
 
-# --------------------------------------------------------------------------- helpers (also used by test_ensemble)
-
-
-def save_random_checkpoint(path: Path, root: Path, *, arch: str = "tiny_convnet", img_size: int = 32, seed: int = 0,
-                           classes: list[str] | None = None, split_seed: int = 78, val_fraction: float = 0.2) -> Path:
-    """A random-init checkpoint with the metadata `aicoss train` writes (split verified on `root`)."""
-    from aicoss_cli.models import build_model
-
-    table = read_train(root)
-    classes = classes or table.classes
-    torch.manual_seed(seed)
-    model = build_model(arch, len(classes), img_size=img_size)
-    _, val = split_indices(table.labels, "random", val_fraction, split_seed)
-    split = {"kind": "random", "val_fraction": val_fraction, "split_seed": split_seed, "n_rows": len(table),
-             "n_val": int(len(val)), "val_fingerprint": split_fingerprint(table.ids, val)}
-    meta = CheckpointMeta(arch=arch, img_size=img_size, classes=classes, recipe_toml=f'[data]\nroot = "{root}"\n',
-                          epoch=1, val_map=None, split=split)
-    save_checkpoint(path, model.state_dict(), meta)
-    return path
-
-
-def read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """(header, ids, values) of a scores CSV."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.code == 2, (result.stdout, result.stderr)
-    message = result.stderr.strip()
-    assert message.startswith("error:") and "\n" not in message and "Traceback" not in message, message
-    for needle in needles:
-        assert needle in message, message
-
-
-def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".probe"))] if folder.is_dir() else []
+from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, only_run_dir
+from helpers import ROOT, only_run_dir
 
 EXACT = """
 [runtime]
@@ -218,3 +218,100 @@ def test_an_image_that_breaks_during_training_stops_cleanly_and_resumes(
     resumed = run_cli("train", "--resume", run)
     assert resumed.code == 0, resumed.stderr
     assert len(metrics_without_seconds(run)) == 3 and (run / "submission.csv").is_file()
+
+
+def _interrupted_run(run_cli, recipe, out, monkeypatch) -> Path:
+    """A run stopped (as by Ctrl-C) after its first optimizer step of epoch 1."""
+    import aicoss_cli.engine as engine
+
+    real = engine.Trainer._optimizer_step
+
+    def stop_after_first_step(self):
+        real(self)
+        if self.progress.global_step == 0:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(engine.Trainer, "_optimizer_step", stop_after_first_step)
+    result = run_cli("train", recipe, "--out", out)
+    monkeypatch.setattr(engine.Trainer, "_optimizer_step", real)
+    assert result.code == 130, result.stderr
+    return only_run_dir(out)
+
+
+def test_resume_with_data_in_a_new_place_uses_it(run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
+    import shutil
+
+    old = tmp_path / "old_data"
+    shutil.copytree(demo_root, old)
+    run = _interrupted_run(run_cli, write_recipe(old, epochs=2), tmp_path / "runs", monkeypatch)
+    new = tmp_path / "moved_data"
+    old.rename(new)
+    lost = run_cli("train", "--resume", run)
+    assert lost.code == 2 and "old_data: data folder not found" in lost.stderr
+    resumed = run_cli("train", "--resume", run, "--data", new)
+    assert resumed.code == 0, resumed.stderr
+    assert len(metrics_without_seconds(run)) == 3 and (run / "submission.csv").is_file()
+    from aicoss_cli.recipe import recipe_from_toml
+
+    assert recipe_from_toml((run / "recipe.toml").read_text(), "run").data.root == str(new)
+
+
+def test_resume_on_data_with_another_split_is_refused(run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
+    import shutil
+
+    run = _interrupted_run(run_cli, write_recipe(demo_root, epochs=2), tmp_path / "runs", monkeypatch)
+    before = (run / "train_state.safetensors").read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(demo_root, other)
+    lines = (other / "train.csv").read_text().splitlines()
+    (other / "train.csv").write_text("\n".join(lines[:-10]) + "\n")  # ten rows fewer: another split
+    result = run_cli("train", "--resume", run, "--data", other)
+    assert result.code == 2 and "split differs" in result.stderr, result.stderr
+    assert (run / "train_state.safetensors").read_bytes() == before
+
+
+def test_resume_with_out_continues_in_a_new_folder_and_leaves_the_run_as_it_was(
+        run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
+    run = _interrupted_run(run_cli, write_recipe(demo_root, epochs=2), tmp_path / "runs", monkeypatch)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = run_cli("train", "--resume", run, "--out", tmp_path / "forks")
+    assert result.code == 0, result.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    fork = only_run_dir(tmp_path / "forks")
+    assert len(metrics_without_seconds(fork)) == 3 and (fork / "submission.csv").is_file()
+
+
+def test_resume_of_a_finished_run_says_so_and_touches_nothing(run_cli, demo_root, write_recipe, tmp_path):
+    assert run_cli("train", write_recipe(demo_root, epochs=1), "--out", tmp_path).code == 0
+    run = only_run_dir(tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = run_cli("train", "--resume", run)
+    assert result.code == 0 and "already complete" in result.stdout
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("damage", ["progress key removed", "progress not JSON", "step negative", "optimizer gone"])
+def test_a_damaged_training_state_is_a_one_line_error(run_cli, demo_root, write_recipe, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    assert run_cli("train", write_recipe(demo_root, epochs=2), "--out", tmp_path, "--set", "optim.epochs=1").code == 0
+    run = only_run_dir(tmp_path)
+    path = run / "train_state.safetensors"
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(size))["__metadata__"]
+    tensors = load_file(str(path))
+    progress = json.loads(meta["progress"])
+    if damage == "progress key removed":
+        del meta["progress"]
+    elif damage == "progress not JSON":
+        meta["progress"] = "{not json"
+    elif damage == "step negative":
+        meta["progress"] = json.dumps(dict(progress, epoch=0, step=-3))
+    else:
+        meta["optimizer"] = "[]"
+    save_file(tensors, str(path), metadata=meta)
+    result = run_cli("train", "--resume", run, "--set", "optim.epochs=2", "--force")
+    assert result.code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train_state.safetensors" in lines[0] and "damaged" in lines[0], result.stderr

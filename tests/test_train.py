@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import only_run_dir
+from helpers import only_run_dir
 
 RUN_FILES = {"recipe.toml", "metrics.csv", "best.safetensors", "last.safetensors", "train_state.safetensors",
              "val_scores.csv", "submission.csv"}
@@ -152,3 +152,15 @@ def test_command_list_shows_each_summary_as_flowing_text():
     # docstrings break lines at 100 columns; a 250-column terminal must not show those breaks
     assert "the gap between the train and val positive rate of every class" in out
     assert "row order of sample_submission.csv, or (--split val)" in out
+
+
+def test_submission_is_what_predict_writes_for_the_best_checkpoint(run_cli, demo_root, write_recipe, tmp_path):
+    """Training's test pass and `aicoss predict` run the same forward loop: the same file, byte for byte."""
+    assert run_cli("train", write_recipe(demo_root, epochs=2), "--out", tmp_path / "runs").code == 0
+    run = only_run_dir(tmp_path / "runs")
+    result = run_cli("predict", run / "best.safetensors", "--out", tmp_path / "predicted.csv")
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "predicted.csv").read_bytes() == (run / "submission.csv").read_bytes()
+    val = run_cli("predict", run / "best.safetensors", "--split", "val", "--out", tmp_path / "val.csv")
+    assert val.code == 0, val.stderr
+    assert (tmp_path / "val.csv").read_bytes() == (run / "val_scores.csv").read_bytes()

@@ -1,0 +1,98 @@
+"""Helpers shared by the tests: paths, a tiny recipe, random checkpoints, CSV reading, checks.
+
+Fixtures live in conftest.py; plain functions and constants live here, so tests import them from
+one module rather than from conftest or from one another.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+TINY_RECIPE = """\
+name = "tiny"
+description = "test recipe: a CPU-instant model"
+
+[model]
+arch = "{arch}"
+pretrained = false
+img_size = 32
+
+[loss]
+name = "{loss}"
+
+[optim]
+epochs = {epochs}
+batch_size = 32
+lr = 3e-3
+min_lr = 1e-4
+weight_decay = 0.0
+
+[augment]
+policy = "{policy}"
+
+[data]
+root = "{root}"
+val_fraction = 0.2
+split_seed = 78
+
+[runtime]
+seed = 3
+precision = "fp32"
+device = "cpu"
+num_workers = 0
+"""
+
+
+
+def only_run_dir(out: Path) -> Path:
+    """The one run folder a single `aicoss train --out OUT` created."""
+    runs = [p for p in out.glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def save_random_checkpoint(path: Path, root: Path, *, arch: str = "tiny_convnet", img_size: int = 32, seed: int = 0,
+                           classes: list[str] | None = None, split_seed: int = 78, val_fraction: float = 0.2) -> Path:
+    """A random-init checkpoint with the metadata `aicoss train` writes (split verified on `root`)."""
+    import torch
+
+    from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint
+    from aicoss_cli.data import read_train, split_fingerprint, split_indices
+    from aicoss_cli.models import build_model
+
+    table = read_train(root)
+    classes = classes or table.classes
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes), img_size=img_size)
+    _, val = split_indices(table.labels, "random", val_fraction, split_seed)
+    split = {"kind": "random", "val_fraction": val_fraction, "split_seed": split_seed, "n_rows": len(table),
+             "n_val": int(len(val)), "val_fingerprint": split_fingerprint(table.ids, val)}
+    meta = CheckpointMeta(arch=arch, img_size=img_size, classes=classes, recipe_toml=f'[data]\nroot = "{root}"\n',
+                          epoch=1, val_map=None, split=split)
+    save_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+def read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(header, ids, values) of a scores CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.code == 2, (result.stdout, result.stderr)
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message and "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".probe"))] if folder.is_dir() else []
