@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -24,8 +24,12 @@ demo: $(STAMP) $(DEMO_DATA)/train.csv
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 bench: $(STAMP)
 	$(PY) bench/inference_overhead.py
+	$(PY) bench/train_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

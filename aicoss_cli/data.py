@@ -435,6 +435,20 @@ class ImageDataset(torch.utils.data.Dataset):
                 image = self.transform(image)
         return image, target, index, ""
 
+    def __getitems__(self, keys: list) -> list:
+        """A batch of items (the DataLoader's batched fetch), made with one intra-op thread: on
+        tensors this small torch's thread pool costs far more than it gains — RandAugment ran 10×
+        slower with 2 threads than with 1 on 2 cores (bench/train_overhead.py) — and with
+        `num_workers = 0` that pool is the model's."""
+        threads = torch.get_num_threads()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            return [self[key] for key in keys]
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
+
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32) -> torch.Tensor:
     """uint8 (B, 3, H, W) → float, (x/255 − mean)/std, computed where the tensor lives (the device).

@@ -123,8 +123,10 @@ def measure(tmp: Path) -> None:
 
     from torch.utils.data import DataLoader, default_collate
 
-    from aicoss_cli.ensemble import MemberSource, forward, load_members, make_runtime, run_ensemble, run_predict
-    from aicoss_cli.inference import ImageBatches, decode_batch, member_probabilities
+    from aicoss_cli.ensemble import run_ensemble
+    from aicoss_cli.inference import MemberSource, decode_batch, forward, load_members
+    from aicoss_cli.predict import run_predict
+    from aicoss_cli.runtime import make_runtime
 
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     root = args.data
@@ -152,9 +154,7 @@ def measure(tmp: Path) -> None:
 
     def loop_step(ms):
         def step(i):
-            batches = ImageBatches(chunks[i], sorted({m.img_size for m in ms}), batch, workers=rt.workers,
-                                   background=rt.background)
-            member_probabilities(ms, batches, len(chunks[i]), cpu, rt.amp_dtype)
+            forward(ms, chunks[i], rt, batch)
         return step
 
     def naive_step(i):
@@ -190,11 +190,16 @@ def measure(tmp: Path) -> None:
         return whole(run)
 
     def loop_with(loader: str) -> float:
-        def run():
-            b = ImageBatches(test.paths, [args.size], batch, workers=int(loader) if loader.isdigit() else 0,
-                             background=loader == "thread")
-            member_probabilities(single, b, n, cpu, None)
-        return whole(run)
+        from aicoss_cli.runtime import Runtime
+
+        class ThreadRuntime(Runtime):  # a decode thread, as on CUDA, while the model runs on the CPU
+            background = True
+
+        if loader == "thread":
+            custom = ThreadRuntime(cpu, None, 0, False)
+        else:
+            custom = Runtime(cpu, None, int(loader), False)
+        return whole(lambda: forward(single, test.paths, custom, batch))
 
     wholes = {
         "predict end to end": lambda: whole(lambda: run_predict(ckpt, data=root, out=tmp / "pred.csv",

@@ -160,6 +160,7 @@ def test_recipes_lists_every_bundled_recipe(run_cli):
         assert path.stem in result.stdout
 
 
+@pytest.mark.slow  # builds every seed arch at full size
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.stem)
 def test_each_bundled_recipe_validates_and_its_arch_builds(path):
     from aicoss_cli.models import build_model

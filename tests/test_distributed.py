@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a multi-process run
+
 from helpers import ROOT, only_run_dir
 
 DDP = """

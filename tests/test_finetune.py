@@ -6,6 +6,8 @@ import csv
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fine-tuning from ImageNet weights
+
 from helpers import ROOT, only_run_dir
 
 

@@ -68,6 +68,7 @@ def aicoss(*args, **kw) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(demo_root, write_recipe, tmp_path):
     recipe = exact_recipe(write_recipe, demo_root)
     straight_proc = aicoss("train", recipe, "--out", tmp_path / "straight")
@@ -120,6 +121,7 @@ def test_resume_of_a_folder_that_is_not_a_run(run_cli, tmp_path):
     assert result.code == 2 and "not an aicoss run folder" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_state_and_exits_cleanly(demo_root, write_recipe, tmp_path):
     recipe = exact_recipe(write_recipe, demo_root, epochs=3)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
