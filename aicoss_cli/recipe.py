@@ -127,6 +127,18 @@ class RuntimeConfig(_Section):
     checkpoint_every: int | None = Field(None, ge=1, description="also save resumable state every N steps")
     sync_bn: bool = Field(False, description="synchronise batch-norm statistics across GPUs")
     eval_batch_size: int | None = Field(None, ge=1, description="batch size of validation/test passes")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description='experiment trackers: "tensorboard", "mlflow" (rank 0 logs)'
+    )
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _loggers(cls, value: Any) -> Any:
+        if isinstance(value, str):  # --set runtime.loggers=tensorboard,mlflow
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            value = list(dict.fromkeys(value))  # each tracker once
+        return value
 
     @field_validator("device")
     @classmethod
@@ -371,6 +383,8 @@ def recipe_to_toml(recipe: Recipe) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

@@ -1,0 +1,341 @@
+"""`aicoss report`: run summaries, the three pictures, and bad input, on two real tiny runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score
+
+from aicoss_cli.console import clock
+from conftest import TINY_RECIPE
+from test_inference import assert_one_line_error
+
+PICTURES = ("curves.png", "per_class_ap.png", "ensemble_tradeoff.png")
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    """The real entry point in-process, for module-scoped fixtures (capsys is per test)."""
+    import contextlib
+    import io
+
+    from aicoss_cli.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["aicoss", *map(str, args)])
+        code = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 0
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def two_runs(demo_root, tmp_path_factory) -> list[Path]:
+    """Two finished 2-epoch runs of tiny_convnet that differ in lr (read-only for the tests)."""
+    base = tmp_path_factory.mktemp("report_runs")
+    recipe = base / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy="none", root=demo_root))
+    for lr in ("3e-3", "1e-2"):
+        code, _, stderr = _cli("train", recipe, "--out", base / "runs", "--set", f"optim.lr={lr}")
+        assert code == 0, stderr
+    runs = sorted(p for p in (base / "runs" / "tiny").iterdir() if p.is_dir())
+    assert len(runs) == 2
+    return runs
+
+
+@pytest.fixture
+def runs(two_runs, tmp_path) -> list[Path]:
+    """Copies of the two runs that a test may change."""
+    copies = []
+    for run in two_runs:
+        copies.append(tmp_path / "runs" / "tiny" / run.name)
+        shutil.copytree(run, copies[-1])
+    return copies
+
+
+def _metrics(run: Path) -> list[dict[str, float]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _best(run: Path) -> dict[str, float]:
+    rows = _metrics(run)
+    return max(rows, key=lambda r: (r["val_map"], -r["epoch"]))  # the first of equal maxima
+
+
+def _sklearn_ap(run: Path, demo_root: Path) -> dict[str, float]:
+    """Per-class AP computed independently: val_scores.csv and train.csv read with the csv module."""
+    with open(demo_root / "train.csv", newline="") as f:
+        labels = {row["img_id"]: row for row in csv.DictReader(f)}
+    with open(run / "val_scores.csv", newline="") as f:
+        scores = list(csv.DictReader(f))
+    classes = [c for c in scores[0] if c != "img_id"]
+    out = {}
+    for c in classes:
+        y = [int(labels[r["img_id"]][c]) for r in scores]
+        s = [float(r[c]) for r in scores]
+        out[c] = average_precision_score(y, s) if any(y) else math.nan
+    return out
+
+
+def _ensemble_json(path: Path, run_dirs: list[Path], **changes) -> Path:
+    data = {
+        "format": "aicoss-ensemble-result/1", "submission": "ens.csv",
+        "members": [{"path": str(m / "best.safetensors"), "arch": "tiny_convnet", "img_size": 32, "weight": 0.5,
+                     "val_map": 0.3 + 0.01 * i} for i, m in enumerate(run_dirs)],
+        "val_map": 0.4321, "equal_val_map": 0.4210, "weighting": "auto", "n_val": 48, "n_test": 40,
+        "img_per_s": 812.5, "seconds": 3.25, "device": "cpu", "precision": "bf16",
+    }
+    data.update(changes)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _row(stdout: str, first_cell: str) -> list[str]:
+    """The cells of the table row that starts with `first_cell`."""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│┃").split("│")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{stdout}")
+
+
+def _label(run: Path) -> str:
+    return f"tiny {run.name}"
+
+
+def _assert_picture(path: Path) -> None:
+    with Image.open(path) as img:
+        img.load()  # decodes the whole image
+        assert img.format == "PNG" and img.width >= 800 and img.height >= 300, (path, img.size)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_report_draws_three_pictures_and_prints_the_numbers_of_metrics_csv_and_the_result_json(
+        run_cli, runs, demo_root, tmp_path):
+    ens = _ensemble_json(tmp_path / "ens.json", runs)
+    out = tmp_path / "report"
+    result = run_cli("report", *runs, "--ensemble", ens, "--out", out)
+    assert result.code == 0, result.stderr
+    for name in PICTURES:
+        _assert_picture(out / name)
+
+    for run in runs:
+        rows, best = _metrics(run), _best(run)
+        cells = _row(result.stdout, _label(run))
+        assert cells[1:5] == ["tiny", "tiny_convnet", "bce", "2/2"]
+        assert cells[5] == f"{best['val_map']:.4f}" and cells[6] == str(int(best["epoch"]))
+        assert cells[7] == clock(sum(r["seconds"] for r in rows))
+
+    expected = [_sklearn_ap(run, demo_root) for run in runs]
+    mean = {c: (expected[0][c] + expected[1][c]) / 2 for c in expected[0]}
+    weakest = sorted(mean, key=mean.get)[:5]
+    for rank, c in enumerate(sorted(mean, key=mean.get), start=1):
+        cells = _row(result.stdout, c)
+        assert cells[2:6] == [f"{expected[0][c]:.4f}", f"{expected[1][c]:.4f}", f"{mean[c]:.4f}", str(rank)], c
+    assert "weakest 5 in red" in result.stdout and len(weakest) == 5
+
+    cells = _row(result.stdout, str(ens))
+    assert cells[1:5] == ["2", "auto", "0.4321", "0.4210"]
+    assert cells[5] == clock(sum(sum(r["seconds"] for r in _metrics(run)) for run in runs))
+    assert cells[6:] == ["812.5", "3.2", "cpu", "bf16"]
+
+
+def test_report_json_holds_the_same_numbers_and_nothing_else_is_on_stdout(run_cli, runs, demo_root, tmp_path):
+    ens = _ensemble_json(tmp_path / "ens.json", runs, val_map=None)
+    result = run_cli("report", *runs, "--ensemble", ens, "--out", tmp_path / "r", "--json")
+    assert result.code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["format"] == "aicoss-report/1"
+    for run, got in zip(runs, data["runs"], strict=True):
+        rows, best = _metrics(run), _best(run)
+        assert got["metrics"] == [{**r, "epoch": int(r["epoch"])} for r in rows]
+        assert (got["best_val_map"], got["best_epoch"], got["epochs_done"]) == (best["val_map"], best["epoch"], 2)
+        assert got["train_seconds"] == pytest.approx(sum(r["seconds"] for r in rows), abs=1e-9)
+        expected = _sklearn_ap(run, demo_root)
+        ap = dict(zip(got["per_class_ap"]["classes"], got["per_class_ap"]["ap"]))
+        assert ap == pytest.approx(expected, abs=1e-12)
+        assert got["per_class_ap"]["weakest"] == sorted(expected, key=expected.get)[:5]
+    (e,) = data["ensembles"]
+    assert e["val_map"] is None and e["equal_val_map"] == 0.4210 and e["img_per_s"] == 812.5
+    assert [m["val_map"] for m in e["members"]] == [0.3, 0.31]
+    assert e["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in data["runs"]))
+    assert "no val mAP recorded" in result.stderr  # the note goes to stderr, stdout stays JSON
+
+
+def test_a_run_still_training_is_reported_from_its_partial_metrics_and_its_run_json(run_cli, runs, tmp_path):
+    run = runs[0]
+    lines = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(lines[:2]) + "\n")  # only epoch 1 done
+    first = _metrics(run)[0]
+    info = {"format": "aicoss-run/1", "name": "tiny", "arch": "tiny_convnet", "loss": "bce", "epochs": 2,
+            "epochs_done": 1, "best_epoch": 1, "best_val_map": first["val_map"], "train_seconds": 12.5,
+            "train_img_per_s": 345.6, "eval_img_per_s": 901.2, "device": "cpu", "precision": "fp32",
+            "status": "training"}
+    (run / "run.json").write_text(json.dumps(info))
+    result = run_cli("report", run, "--json")
+    assert result.code == 0, result.stderr
+    (got,) = json.loads(result.stdout)["runs"]
+    assert got["status"] == "training" and got["epochs_done"] == 1 and len(got["metrics"]) == 1
+    assert (got["train_seconds"], got["train_img_per_s"], got["eval_img_per_s"]) == (12.5, 345.6, 901.2)
+    for name in PICTURES:  # one run: the pictures go into its own folder
+        _assert_picture(run / name)
+    table = run_cli("report", run)
+    assert _row(table.stdout, _label(run))[7:11] == [clock(12.5), "345.6", "901.2", "training"]
+
+
+def test_draw_curves_is_what_the_trainer_calls_after_each_epoch(runs):
+    from aicoss_cli.report import draw_curves, is_report_picture
+
+    path = draw_curves([runs[0]], runs[0] / "curves.png")
+    assert path == runs[0] / "curves.png" and is_report_picture(path)
+    _assert_picture(path)
+    assert not [p for p in runs[0].iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ensemble_members_alone_name_the_runs(run_cli, runs, tmp_path):
+    ens = _ensemble_json(tmp_path / "ens.json", runs)
+    result = run_cli("report", "--ensemble", ens, "--out", tmp_path / "r", "--json")
+    assert result.code == 0, result.stderr
+    assert [r["run_dir"] for r in json.loads(result.stdout)["runs"]] == [str(r) for r in runs]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_a_folder_that_is_not_a_run_is_a_one_line_error(run_cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("report", tmp_path / "empty"), "not an aicoss run folder")
+    assert_one_line_error(run_cli("report", tmp_path / "missing"), "missing", "not an aicoss run folder")
+    assert not any((tmp_path / "empty").iterdir())
+
+
+def test_a_run_with_no_finished_epoch_is_a_one_line_error(run_cli, runs):
+    header = (runs[0] / "metrics.csv").read_text().splitlines()[0]
+    (runs[0] / "metrics.csv").write_text(header + "\n")
+    assert_one_line_error(run_cli("report", runs[0]), "no finished epoch")
+    (runs[0] / "metrics.csv").unlink()
+    assert_one_line_error(run_cli("report", runs[0]), "no finished epoch")
+    assert not (runs[0] / "curves.png").exists()
+
+
+def test_a_damaged_metrics_csv_names_the_row(run_cli, runs):
+    text = (runs[0] / "metrics.csv").read_text().splitlines()
+    cells = text[2].split(",")
+    cells[4] = "lots"
+    (runs[0] / "metrics.csv").write_text("\n".join([text[0], text[1], ",".join(cells)]) + "\n")
+    assert_one_line_error(run_cli("report", runs[0]), "metrics.csv: row 3, column 'val_map'", "not a number")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not valid JSON"),
+    ('{"format": "something-else/1"}', "not an aicoss ensemble result"),
+    ({"val_map": "NaN"}, "'val_map' must be null or a number in [0, 1]"),
+    ({"val_map": 1.5}, "'val_map' must be null or a number in [0, 1]"),
+    ({"img_per_s": "fast"}, "'img_per_s' must be a finite number > 0"),
+    ({"members": []}, "'members' must be a non-empty list"),
+    ({"members": [{"path": 3}]}, "'members[0].path' must be a string"),
+    ({"weighting": "best"}, "'weighting' must be"),
+], ids=["syntax", "format", "nan", "range", "type", "no-members", "member-path", "weighting"])
+def test_a_bad_ensemble_result_is_a_one_line_error_naming_the_file(run_cli, runs, tmp_path, content, needle):
+    path = tmp_path / "bad.json"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        _ensemble_json(path, runs, **content)
+        if content.get("val_map") == "NaN":
+            path.write_text(path.read_text().replace('"NaN"', "NaN"))  # JSON's NaN extension, as Python writes it
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("report", *runs, "--ensemble", path, "--out", out), "bad.json", needle)
+    assert not out.exists()
+
+
+def test_a_damaged_val_scores_csv_is_a_one_line_error(run_cli, runs):
+    lines = (runs[0] / "val_scores.csv").read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[3] = "inf"
+    (runs[0] / "val_scores.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    assert_one_line_error(run_cli("report", runs[0]), "val_scores.csv: row 2",
+                          "not a probability")
+
+
+def test_a_users_file_is_never_replaced(run_cli, runs, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "per_class_ap.png").write_bytes(b"my own picture")
+    assert_one_line_error(run_cli("report", *runs, "--out", out), "per_class_ap.png", "not written by aicoss report")
+    assert (out / "per_class_ap.png").read_bytes() == b"my own picture"
+    assert sorted(p.name for p in out.iterdir()) == ["per_class_ap.png"]
+    again = tmp_path / "again"
+    assert run_cli("report", *runs, "--out", again).code == 0
+    assert run_cli("report", *runs, "--out", again).code == 0  # its own pictures are redrawn
+
+
+def test_missing_data_skips_the_per_class_picture_with_a_note(run_cli, runs, tmp_path):
+    recipe = runs[0] / "recipe.toml"
+    lines = [('root = "/nonexistent/data"' if line.startswith("root = ") else line)
+             for line in recipe.read_text().splitlines()]
+    recipe.write_text("\n".join(lines) + "\n")
+    result = run_cli("report", runs[0], "--out", tmp_path / "r")
+    assert result.code == 0, result.stderr
+    assert "no per-class AP" in result.stdout and "--data" in result.stdout
+    assert not (tmp_path / "r" / "per_class_ap.png").exists() and (tmp_path / "r" / "curves.png").is_file()
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_class_names_with_quotes_commas_emoji_and_dollars_are_drawn(runs, tmp_path):
+    from aicoss_cli.report import ClassAP, draw_per_class_ap, load_run
+
+    names = ['say "hi"', "a,b", "rain 🌧", "$x$ cost", "$", "no positive"] + [f"c{i}" for i in range(70)]
+    ap = np.linspace(0.1, 0.9, len(names))
+    ap[5] = np.nan
+    a = ClassAP(classes=names, ap=ap, positives=np.ones(len(names), int), n_val=10)
+    path = draw_per_class_ap([load_run(runs[0])], [a], tmp_path / "p.png")
+    _assert_picture(path)
+
+
+def test_ap_table_sorts_weakest_first_and_marks_five():
+    from aicoss_cli.report import ClassAP, ap_table
+
+    a = ClassAP(["a", "b", "c", "d", "e", "f", "g"], np.array([0.9, 0.2, np.nan, 0.5, 0.1, 0.7, 0.35]),
+                np.ones(7, int), 10)
+    b = ClassAP(["b", "a", "h"], np.array([0.4, 0.7, 0.6]), np.ones(3, int), 10)
+    t = ap_table([a, b])
+    assert t.classes == ["a", "b", "c", "d", "e", "f", "g", "h"]
+    # means: a .8, b .3, c -, d .5, e .1, f .7, g .35, h .6 (by hand)
+    assert [t.classes[i] for i in t.order] == ["e", "b", "g", "d", "h", "f", "a", "c"]
+    assert {t.classes[i] for i in t.weak} == {"e", "b", "g", "d", "h"}
+    assert np.isnan(t.matrix[7, 0]) and t.matrix[7, 1] == 0.6
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    from aicoss_cli.report import pareto_front
+
+    points = [{"x": 10, "y": 0.5}, {"x": 20, "y": 0.7}, {"x": 30, "y": 0.6}, {"x": 5, "y": 0.3}, {"x": 40, "y": 0.8}]
+    assert [p["x"] for p in pareto_front(points, lower_x_is_better=True)] == [5, 10, 20, 40]
+    assert [p["x"] for p in pareto_front(points, lower_x_is_better=False)] == [40]
+
+
+def test_help_imports_neither_matplotlib_nor_torch():
+    code = ("import sys; sys.argv = ['aicoss', 'report', '--help']\n"
+            "from aicoss_cli.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules, 'heavy import'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--ensemble" in out.stdout
