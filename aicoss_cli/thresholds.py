@@ -102,7 +102,8 @@ def fit_thresholds(targets, probs, min_positives: int = MIN_POSITIVES) -> FitRes
         F1_j(t) = 2·TP_j(t) / (#{s ≥ t} + P_j)
     F1_j only changes at the class's distinct scores, so every one is tried; the best cut keeps
     the scores ≥ s_k and t_j is placed halfway to the next lower distinct score (same decisions
-    in sample, a margin out of sample). Among equal F1, the highest threshold wins.
+    in sample, a margin out of sample; rounded to the fewest decimals within a quarter of the gap
+    of the midpoint). Among equal F1, the highest threshold wins.
     Rule for rare classes: a class with P_j < min_positives (so also P_j = 0) takes the global
     threshold t* = argmax_t mean_{j: P_j ≥ 1} F1_j(t), one t for every class, tried at the
     distinct pooled scores (at most GLOBAL_CANDIDATES evenly spaced among them) and at 0.5, ties
@@ -139,11 +140,18 @@ def _fit_one(positive: np.ndarray, score: np.ndarray) -> float:
 
 
 def _halfway(kept: float, cut: float | None) -> float:
-    """A threshold between the lowest kept score and the highest cut one (kept if they are adjacent floats)."""
+    """A threshold in (cut, kept]: the midpoint, written with the fewest decimals that keep it in the
+    interval (0.348, not 0.34792544999999997), so the thresholds file reads well and decides the same."""
+    kept = float(kept)
     if cut is None:
-        return float(kept)
-    mid = (float(kept) + float(cut)) / 2.0
-    return mid if cut < mid <= kept else float(kept)
+        return kept
+    cut = float(cut)
+    mid = (kept + cut) / 2.0
+    for digits in range(1, 18):
+        short = round(mid, digits)
+        if cut < short <= kept and abs(short - mid) <= (kept - cut) / 4:
+            return short
+    return mid if cut < mid <= kept else kept
 
 
 def _fit_global(y: np.ndarray, s: np.ndarray) -> float:

@@ -358,6 +358,9 @@ def test_fitted_threshold_lies_halfway_and_ties_go_to_the_highest():
     # positives at 0.8 and 0.6, negatives at 0.4 and 0.2: the best cut is between 0.6 and 0.4
     fit = fit_thresholds(np.array([[1], [1], [0], [0]]), np.array([[0.8], [0.6], [0.4], [0.2]]), min_positives=1)
     assert fit.thresholds[0] == pytest.approx(0.5) and fit.f1[0] == 1.0
+    # the midpoint of 0.6957 and 0.6 is 0.64785; it is written with the fewest decimals near it: 0.65
+    fit = fit_thresholds(np.array([[1], [0]]), np.array([[0.6957], [0.6]]), min_positives=1)
+    assert fit.thresholds[0] == 0.65
     # scores 0.9 (pos), 0.8, 0.7 (neg), 0.6 (pos): F1 = 2·TP / (#predicted + 2) is 2/3 for {0.9}, 1/2, 2/5,
     # and 2/3 again for all four; the tie goes to the higher cut, halfway between 0.9 and 0.8
     fit = fit_thresholds(np.array([[1], [0], [0], [1]]), np.array([[0.9], [0.8], [0.7], [0.6]]), min_positives=1)
@@ -472,3 +475,28 @@ def test_per_class_rows_and_csv(tmp_path):
     assert list(back[0]) == ["class", "positives", "ap", "f1", "precision", "recall", "threshold", "rank"]
     assert back[1]["class"] == "se,cond" and float(back[1]["f1"]) == pytest.approx(0.5)
     assert back[2]["ap"] == "" and back[2]["rank"] == "" and back[2]["precision"] == "0.000000"
+
+
+def test_auto_thresholds_on_a_trained_run_label_its_submission(run_cli, demo_root, write_recipe, tmp_path):
+    """The pieces the lead wires into predict: fit on a run's val_scores.csv, label its submission, score it."""
+    from aicoss_cli.data import read_train
+    from aicoss_cli.thresholds import read_labels_csv, read_probabilities_csv
+    from conftest import only_run_dir
+
+    assert run_cli("train", write_recipe(demo_root, epochs=1), "--out", tmp_path / "runs").code == 0
+    run = only_run_dir(tmp_path / "runs")
+    val = read_probabilities_csv(run / "val_scores.csv")
+    table = read_train(demo_root)
+    row = {i: r for r, i in enumerate(table.ids)}
+    auto = resolve_thresholds("auto", val.classes, table.labels[[row[i] for i in val.ids]], val.values)
+    assert auto.held_out is not None and auto.held_out.n_fit == len(val.ids) // 2
+    sub = read_probabilities_csv(run / "submission.csv")
+    labels_path, thresholds_path = write_label_outputs(tmp_path / "sub.csv", sub.ids, sub.classes, sub.values, auto)
+    sample = list(csv.reader(open(demo_root / "sample_submission.csv", newline="")))
+    written = list(csv.reader(open(labels_path, newline="")))
+    assert written[0] == sample[0] and [r[0] for r in written] == [r[0] for r in sample]
+    assert {v for r in written[1:] for v in r[1:]} <= {"0", "1"}
+    report = _score_json(run_cli, run / "submission.csv", demo_root / "test_labels.csv", "--thresholds", thresholds_path)
+    truth = read_labels_csv(demo_root / "test_labels.csv")
+    expected = _sklearn_expected(truth.values, sub.values, auto.values)  # both files are in sample_submission order
+    assert report["macro"] == pytest.approx(expected["macro"], abs=1e-12)
