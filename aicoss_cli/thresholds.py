@@ -256,9 +256,9 @@ def resolve_thresholds(spec: str | ThresholdSpec, classes: Sequence[str], val_ta
             raise UserError(f"{option} auto fits per-class thresholds on a val split with known labels, and there is "
                             "none here; give a number in [0, 1] or a class,threshold CSV (e.g. the _thresholds.csv "
                             "that --labels auto wrote)")
+        if np.shape(val_probs)[1:] != (len(classes),):
+            raise ValueError(f"{len(classes)} classes but val probabilities of shape {np.shape(val_probs)}")
         fit = fit_thresholds(val_targets, val_probs, min_positives=min_positives)
-        if fit.thresholds.shape != (len(classes),):
-            raise ValueError(f"{len(classes)} classes but val data of shape {np.shape(val_probs)}")
         held = held_out_threshold_gain(val_targets, val_probs, seed=seed, min_positives=min_positives)
         source = f"auto (F1-optimal per class on {len(val_probs)} val images)"
         return Thresholds(fit.thresholds, classes, source, [classes[j] for j in fit.fallback], fit.global_threshold,
@@ -281,7 +281,8 @@ def label_output_paths(out_csv: Path) -> tuple[Path, Path]:
 def write_label_outputs(out_csv: Path, ids: Sequence[str], classes: Sequence[str], probs,
                         thresholds: Thresholds | Sequence[float] | float) -> tuple[Path, Path]:
     """Write the 0/1 decisions `probs ≥ threshold` (img_id + the classes, in the rows' order) and the
-    thresholds (`class,threshold`, full precision) beside `out_csv`; both or neither is written."""
+    thresholds (`class,threshold`, exact) beside `out_csv`, each to a temporary name renamed at the
+    end: an error while writing leaves neither (and no temporary file)."""
     from aicoss_cli.checkpoint import atomic_path
 
     p = np.asarray(probs, dtype=np.float64)
