@@ -14,7 +14,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from aicoss_cli import cli_inference, cli_models, cli_report, cli_train
+from aicoss_cli import cli_inference, cli_models, cli_report, cli_score, cli_train
 from aicoss_cli.console import err
 from aicoss_cli.errors import TrainingStopped, UserError
 
@@ -35,6 +35,7 @@ COMMANDS = [
     ("predict", cli_inference.predict),
     ("ensemble", cli_inference.ensemble),
     ("benchmark-fp16", cli_inference.benchmark_fp16),
+    ("score", cli_score.score),
     ("report", cli_report.report),
     ("count-params", cli_models.count_params),
     ("import-weights", cli_models.import_weights),

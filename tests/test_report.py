@@ -16,8 +16,8 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from aicoss_cli.console import clock
-from conftest import TINY_RECIPE
-from test_inference import assert_one_line_error
+from helpers import TINY_RECIPE
+from helpers import assert_one_line_error
 
 PICTURES = ("curves.png", "per_class_ap.png", "ensemble_tradeoff.png")
 
