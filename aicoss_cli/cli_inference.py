@@ -143,8 +143,8 @@ def ensemble(
         out.print(f"auto weights, held out: fit on {h.n_fit} val images, scored on the other {h.n_score}: "
                   f"equal {h.equal_map:.4f} → auto {h.auto_map:.4f} ([{colour}]gain {h.gain:+.4f}[/]); "
                   f"weights used: fit on all {result.n_val}", highlight=False)
-    out.print(f"submission: {escape(str(result.out))} ({result.n_test} test images; {result.seconds:.1f} s)",
-              highlight=False)
+    out.print(f"submission: {escape(str(result.out))} ({result.n_test} test images; {result.seconds:.1f} s); "
+              f"result: {escape(str(result.result_path))} (for `aicoss report --ensemble`)", highlight=False)
 
 
 # --------------------------------------------------------------------------- benchmark-fp16

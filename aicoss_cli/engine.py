@@ -55,6 +55,7 @@ from aicoss_cli.train_state import (
     save_train_state,
     set_rng_state,
 )
+from aicoss_cli.watch import RunWatch
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "seconds")
 SYNC_EVERY_S = 1.0  # the loop reads device values (running loss, the non-finite flag) at most this often
@@ -71,9 +72,14 @@ class RunResult:
 
 
 class Callback:
-    """Hooks into a run, called on rank 0 only; override what you need. `on_epoch_end` returning
-    True ends the run after that epoch (e.g. a tuner pruning a bad trial); the run then finishes
-    normally (submission from the best checkpoint)."""
+    """Hooks into a run, called on rank 0 only; override what you need.
+
+    - `on_run_start`: the run folder exists, nothing is trained yet (an error here stops the run);
+    - `on_log`: about once a second, {"step", "loss", "lr", "img_per_s"};
+    - `on_epoch_end`: the epoch's metrics.csv row; `trainer.val_probs` holds its val probabilities.
+      Returning True ends the run after this epoch (a tuner pruning a bad trial, early stopping);
+      it then finishes normally, with the submission of the best checkpoint;
+    - `on_run_end`: the result, or None when the run stopped (an error, Ctrl-C, a bad image)."""
 
     def on_run_start(self, trainer: Trainer) -> None: ...
 
@@ -81,7 +87,7 @@ class Callback:
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> bool | None: ...
 
-    def on_run_end(self, trainer: Trainer, result: RunResult) -> None: ...
+    def on_run_end(self, trainer: Trainer, result: RunResult | None) -> None: ...
 
 
 # --------------------------------------------------------------------------- free pieces
@@ -221,8 +227,10 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self.console = console
-        self.callbacks = list(callbacks)
+        self.callbacks = [RunWatch(self._warn), *callbacks]
         self.notes: list[str] = list(resume.notes) if resume is not None else []
+        self.eval_img_per_s: float | None = None  # of the last validation or test pass
+        self.val_probs: np.ndarray | None = None  # of the last epoch (rank 0)
 
     # -- the run
 
@@ -231,12 +239,14 @@ class Trainer:
         use_cuda = r.runtime.device != "cpu" and torch.cuda.is_available()
         self.info = distributed.setup(use_cuda)
         deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        result, started = None, False
         try:
             self.setup()
             for note in self.notes:
                 self._say(f"[yellow]note:[/] {escape(note)}")
             self._say(f"run folder: {escape(str(self.run_dir))}")
             self._each_callback("on_run_start", self)
+            started = True
             stopped_early = False
             with _StopFlag() as stop, self._progress() as bar:
                 while self.progress.epoch < r.optim.epochs and not stopped_early:
@@ -251,9 +261,10 @@ class Trainer:
                                   "val mAP averages the others")
             p = self.progress
             result = RunResult(self.run_dir, p.rows, p.best_epoch, p.best_map, skipped, self.notes)
-            self._each_callback("on_run_end", self, result)
             return result
         finally:
+            if started:
+                self._each_callback("on_run_end", self, result)
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # process-wide
             distributed.teardown(self.info)
 
@@ -558,6 +569,7 @@ class Trainer:
                 write_prior_csv(self.run_dir / "prior.csv", self.classes, self.prior.prior.tolist())
             self._say(f"epoch {epoch + 1}/{self.recipe.optim.epochs}  train_loss {train_loss:.4f}  "
                       f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}{'  (best)' if best else ''}  {seconds:.1f}s")
+            self.val_probs = val_probs.numpy()
             stop = any(self._each_callback("on_epoch_end", self, row))
         p.rows, p.best_map, p.best_epoch, stop = distributed.broadcast_object(
             info, (p.rows, p.best_map, p.best_epoch, stop))
@@ -570,8 +582,10 @@ class Trainer:
         """Validation logits of every rank's shard, gathered in val order (no padding duplicates)."""
         mine = shard(self.data.val_rows, self.info.rank, self.info.world)
         member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
+        t0 = time.perf_counter()
         logits = forward([member], [self.data.table.paths[i] for i in mine], self.rt, self.eval_batch, logits=True,
                          progress=bar, what="  validating")[0]
+        self.eval_img_per_s = len(mine) * self.info.world / max(time.perf_counter() - t0, 1e-9)
         return distributed.gather_rows(self.info, logits, self.rt.device)
 
     def _val_loss(self, logits: torch.Tensor) -> float:
@@ -607,8 +621,10 @@ class Trainer:
         test = self.data.test
         member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
         with progress_display(self.console, enabled=self.console is not None, transient=True) as bar:
+            t0 = time.perf_counter()
             probs = forward([member], test.paths, self.rt, self.eval_batch, progress=bar,
                             what="predicting the test set")[0]
+            self.eval_img_per_s = len(test.paths) / max(time.perf_counter() - t0, 1e-9)
         write_scores_csv(self.run_dir / "submission.csv", test.ids, test.classes, probs)
 
     # -- helpers
@@ -625,6 +641,9 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.info.main and self.console is not None:
             self.console.print(text)
+
+    def _warn(self, text: str) -> None:
+        self._say(f"[yellow]warning:[/] {escape(text)}")
 
     def _each_callback(self, hook: str, *args) -> list:
         if not self.info.main:

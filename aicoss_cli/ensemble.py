@@ -8,6 +8,7 @@ can be compared and combined. The output is the weighted mean of the members' si
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from aicoss_cli.checkpoint import CheckpointMeta, check_output, read_meta
+from aicoss_cli.checkpoint import CheckpointMeta, check_output, read_meta, write_text_atomic
 from aicoss_cli.data import data_inputs, describe_split, read_test, read_train, split_from_record
 from aicoss_cli.errors import UserError
 from aicoss_cli.inference import MemberSource, combine, forward, load_members, write_scores_csv
@@ -87,7 +88,8 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
                         "B.safetensors), give --spec ENSEMBLE.toml, or point --runs at the folder `aicoss train` wrote")
     skipped: list[tuple[Path, str]] = []
     readable: list[tuple[Path, CheckpointMeta]] = []
-    for run in sorted(p for p in runs_dir.glob("*/*") if p.is_dir()):
+    # run folders only (a tracker's folders can live under runs/ too)
+    for run in sorted(p for p in runs_dir.glob("*/*") if (p / "recipe.toml").is_file() or (p / "best.safetensors").is_file()):
         ckpt = run / "best.safetensors"
         if not ckpt.is_file():
             skipped.append((run, "no best.safetensors (no epoch finished)"))
@@ -237,6 +239,30 @@ class EnsembleResult:
     held_out: HeldOut | None = None
     discovery: Discovery | None = None
     notes: list[str] = field(default_factory=list)
+    result_path: Path | None = None
+    img_per_s: float = 0.0
+    device: str = ""
+    precision: str = "fp32"
+
+    def to_json(self) -> dict:
+        """The result file `aicoss report --ensemble` reads (`<out stem>.json` beside the submission)."""
+        finite = lambda v: None if v is None or not np.isfinite(v) else float(v)  # noqa: E731
+        return {
+            "format": RESULT_FORMAT, "submission": str(self.out),
+            "members": [{"path": m.path, "arch": m.arch, "img_size": m.img_size, "weight": m.weight,
+                         "val_map": finite(m.val_map)} for m in self.members],
+            "val_map": finite(self.val_map), "equal_val_map": finite(self.equal_val_map),
+            "weighting": self.weighting, "n_val": self.n_val, "n_test": self.n_test,
+            "img_per_s": round(self.img_per_s, 3), "seconds": round(self.seconds, 3), "device": self.device,
+            "precision": self.precision,
+        }
+
+
+RESULT_FORMAT = "aicoss-ensemble-result/1"
+
+
+def result_path_for(out: Path) -> Path:
+    return Path(out).with_suffix(".json")
 
 
 def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, fp16: bool = False,
@@ -276,7 +302,11 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
         if weights == "auto":
             raise UserError(f"{ref_src}: --weights auto fits on the val split, and these members record none")
     out = Path(out) if out is not None else Path("ensemble_submission.csv")
-    check_output(out, [s.path for s in sources] + ([Path(spec)] if spec else []) + data_inputs(root))
+    inputs = [s.path for s in sources] + ([Path(spec)] if spec else []) + data_inputs(root)
+    check_output(out, inputs)
+    if result_path_for(out) == out:
+        raise UserError(f"{out}: the result is written to {result_path_for(out)} beside it; give --out a .csv name")
+    check_output(result_path_for(out), inputs)
 
     rt = make_runtime(device, "fp16" if fp16 else "fp32", num_workers)
     notes = rt.notes + notes
@@ -309,10 +339,15 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     result.weighting = weighting
     for report, w in zip(reports, final):
         report.weight = float(w)
+    t_test = time.perf_counter()
     test_probs = forward(members, test.paths, rt, batch_size, progress=progress,
                          what=f"test: {len(test)} images × {len(members)} members")
+    result.img_per_s = len(test) / max(time.perf_counter() - t_test, 1e-9)
     write_scores_csv(out, test.ids, test.classes, combine(test_probs, final))
     result.seconds = time.perf_counter() - t0
+    result.device, result.precision = rt.describe().split(", ")[0], rt.precision
+    result.result_path = result_path_for(out)
+    write_text_atomic(result.result_path, json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
 

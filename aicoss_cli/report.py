@@ -159,10 +159,9 @@ def load_run(run_dir: str | Path) -> Run:
         status="finished" if int(rows[-1]["epoch"]) >= recipe.optim.epochs else "incomplete",
         source="metrics.csv", data_root=recipe.data.root, val_fraction=recipe.data.val_fraction, rows=rows,
     )
-    if info is not None:
+    if info is not None:  # what metrics.csv cannot say; its numbers stay the ones metrics.csv holds
         run.source = "run.json"
-        for key in ("arch", "loss", "epochs", "epochs_done", "best_epoch", "best_val_map", "train_seconds",
-                    "train_img_per_s", "eval_img_per_s", "device", "precision", "status"):
+        for key in ("train_img_per_s", "eval_img_per_s", "device", "precision", "status"):
             if key in info:
                 setattr(run, key, info[key])
     return run

@@ -255,7 +255,8 @@ def resolve_resume(run_dir: Path, recipe_path: Path | None = None, overrides: li
     if recipe_path is not None or overrides:
         given = resolve_recipe(load_recipe(recipe_path or run_dir / "recipe.toml", overrides or []), data_root=root)
         plain = stored.model_copy(deep=True)
-        plain.data.root = root
+        plain.data.root = root  # where the data lives and where the run is logged do not change the training
+        plain.runtime.loggers = list(given.runtime.loggers)
         changes = recipe_diff(plain, given)
         if changes and not force:
             shown = "; ".join(changes[:4]) + (f" (and {len(changes) - 4} more)" if len(changes) > 4 else "")

@@ -52,7 +52,7 @@ num_workers = 0
 
 def only_run_dir(out: Path) -> Path:
     """The one run folder a single `aicoss train --out OUT` created."""
-    runs = [p for p in out.glob("*/*") if p.is_dir()]
+    runs = [p for p in out.glob("*/*") if (p / "recipe.toml").is_file()]
     assert len(runs) == 1, runs
     return runs[0]
 

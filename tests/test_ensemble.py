@@ -122,7 +122,9 @@ def test_no_member_named_takes_every_run_under_runs(run_cli, runs, demo_root, tm
 
     folder = tmp_path / "runs"
     shutil.copytree(runs["runs"], folder)
-    (folder / "crashed" / "20240101T000000Z").mkdir(parents=True)  # a run that never finished an epoch
+    crashed = folder / "crashed" / "20240101T000000Z"  # a run that never finished an epoch
+    crashed.mkdir(parents=True)
+    (crashed / "recipe.toml").write_text((runs["a32"].parent / "recipe.toml").read_text())
     other = folder / "other_split" / "20240101T000000Z"
     save_random_checkpoint(other / "best.safetensors", demo_root, split_seed=5)
     monkeypatch.chdir(tmp_path)
@@ -230,3 +232,36 @@ def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, runs, demo_root, tmp
     blocker.write_text("")
     assert_one_line_error(run_cli("ensemble", runs["a32"], "--out", blocker / "x.csv"), "cannot be written")
     assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_ensemble_writes_a_result_file_that_report_reads(run_cli, runs, demo_root, tmp_path):
+    import json
+
+    from aicoss_cli.metrics import mean_average_precision
+
+    out = tmp_path / "sub.csv"
+    result = run_cli("ensemble", runs["a32"], runs["b48"], "--out", out)
+    assert result.code == 0, result.stderr
+    saved = json.loads((tmp_path / "sub.json").read_text())
+    assert saved["format"] == "aicoss-ensemble-result/1" and saved["submission"] == str(out)
+    assert [m["path"] for m in saved["members"]] == [str(runs["a32"]), str(runs["b48"])]
+    assert [m["weight"] for m in saved["members"]] == [0.5, 0.5] and saved["weighting"] == "equal"
+    assert saved["n_test"] == 40 and saved["img_per_s"] > 0 and saved["precision"] == "fp32"
+    # the ensemble's val mAP, recomputed from the members' own val predictions
+    preds = [read_csv(_predict_val(run_cli, runs[k], tmp_path / f"{k}.csv"))[2] for k in ("a32", "b48")]
+    ids = read_csv(tmp_path / "a32.csv")[1]
+    from aicoss_cli.data import read_train
+
+    table = read_train(demo_root)
+    targets = np.stack([table.labels[table.ids.index(i)] for i in ids])
+    assert saved["val_map"] == pytest.approx(mean_average_precision(targets, (preds[0] + preds[1]) / 2), abs=1e-6)
+    report = run_cli("report", "--ensemble", tmp_path / "sub.json", "--out", tmp_path / "report", "--json")
+    assert report.code == 0, report.stderr
+    (got,) = json.loads(report.stdout)["ensembles"]
+    assert got["val_map"] == saved["val_map"] and got["img_per_s"] == saved["img_per_s"]
+
+
+def _predict_val(run_cli, ckpt: Path, out: Path) -> Path:
+    result = run_cli("predict", ckpt, "--split", "val", "--out", out)
+    assert result.code == 0, result.stderr
+    return out

@@ -17,8 +17,7 @@ from aicoss_cli.metrics import threshold_scores
 from aicoss_cli.thresholds import (fit_thresholds, held_out_threshold_gain, label_output_paths, parse_threshold_spec,
                                    per_class_rows, read_thresholds_csv, resolve_thresholds, write_label_outputs,
                                    write_per_class_csv)
-from helpers import ROOT
-from helpers import assert_one_line_error, leftovers
+from helpers import ROOT, assert_one_line_error, leftovers
 
 CLASSES = [f"digit_{d}" for d in range(10)]
 

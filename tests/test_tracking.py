@@ -203,3 +203,46 @@ def test_recipe_params_are_the_flattened_resolved_recipe():
     assert len(params) == 2 + sum(
         sum(v is not None for v in section.values()) for key, section in recipe.model_dump().items()
         if isinstance(section, dict))
+
+
+def test_training_with_both_loggers_logs_what_metrics_csv_holds_and_a_resume_continues_one_mlflow_run(
+        run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
+    """The Trainer end to end: every epoch's val mAP in TensorBoard and MLflow equals metrics.csv,
+    also across a stop and a resume (one MLflow run, every epoch once)."""
+    import csv
+    import signal
+
+    import aicoss_cli.engine as engine
+    from helpers import only_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = write_recipe(demo_root, epochs=3, extra="")
+    text = recipe.read_text().replace("[runtime]\n", '[runtime]\nloggers = ["tensorboard", "mlflow"]\n')
+    recipe.write_text(text)
+    real = engine.Trainer._end_epoch
+
+    def stop_after_epoch_2(self, bar):
+        stop = real(self, bar)
+        if self.progress.epoch == 2:
+            signal.raise_signal(signal.SIGINT)  # the next step boundary saves and stops
+        return stop
+
+    monkeypatch.setattr(engine.Trainer, "_end_epoch", stop_after_epoch_2)
+    stopped = run_cli("train", recipe, "--out", tmp_path / "runs")
+    assert stopped.code == 130, stopped.stderr
+    monkeypatch.setattr(engine.Trainer, "_end_epoch", real)
+    run = only_run_dir(tmp_path / "runs")
+    resumed = run_cli("train", "--resume", run)
+    assert resumed.code == 0, resumed.stderr
+
+    with open(run / "metrics.csv", newline="") as f:
+        val_map = [float(row["val_map"]) for row in csv.DictReader(f)]
+    assert len(val_map) == 3
+    scalars, _ = _scalars(run)
+    assert [pytest.approx(v, rel=1e-5) for _, v in scalars["val/mAP"]] == val_map
+    client, runs = _mlflow(run)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _history(client, runs[0].info.run_id, "val_mAP") == [(e + 1, pytest.approx(v, rel=1e-5))
+                                                                 for e, v in enumerate(val_map)]
+    assert (run / "curves.png").is_file() and (run / "run.json").is_file()
