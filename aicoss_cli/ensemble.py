@@ -89,7 +89,8 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
     skipped: list[tuple[Path, str]] = []
     readable: list[tuple[Path, CheckpointMeta]] = []
     # run folders only (a tracker's folders can live under runs/ too)
-    for run in sorted(p for p in runs_dir.glob("*/*") if (p / "recipe.toml").is_file() or (p / "best.safetensors").is_file()):
+    folders = (p for p in runs_dir.glob("*/*") if (p / "recipe.toml").is_file() or (p / "best.safetensors").is_file())
+    for run in sorted(folders):
         ckpt = run / "best.safetensors"
         if not ckpt.is_file():
             skipped.append((run, "no best.safetensors (no epoch finished)"))
