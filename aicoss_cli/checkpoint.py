@@ -41,8 +41,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def check_output(path: str | Path, inputs: Sequence[str | Path] = (), option: str = "--out") -> None:
-    """`path` must be a writable file path that is none of the inputs (checked before any compute)."""
+def check_output(path: str | Path, inputs: Sequence[str | Path] = (), option: str = "--out",
+                 overwrite: bool = True) -> None:
+    """`path` must be a writable file path that is none of the inputs and, unless `overwrite`, no
+    existing file (checked before any compute)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder; {option} takes the path of a file")
@@ -50,6 +52,8 @@ def check_output(path: str | Path, inputs: Sequence[str | Path] = (), option: st
     for item in inputs:
         if Path(item).exists() and target == Path(item).resolve():
             raise UserError(f"{path}: is an input of this command ({item}); choose another {option}")
+    if not overwrite and path.exists():
+        raise UserError(f"{path}: already exists; choose another {option}, or add --overwrite to replace it")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -259,3 +263,14 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise UserError(f"{source}: weights do not fit {what}: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+
+
+def check_outputs(outputs: Sequence[Path], inputs: Sequence[str | Path], overwrite: bool) -> None:
+    """Every file a job will write: writable, none of its inputs, no two the same, and not an
+    existing file unless `overwrite`. Checked before any compute."""
+    seen: set[Path] = set()
+    for path in map(Path, outputs):
+        if path.resolve() in seen:
+            raise UserError(f"{path}: two outputs of this command would share this name; give --out another name")
+        seen.add(path.resolve())
+        check_output(path, inputs, overwrite=overwrite)

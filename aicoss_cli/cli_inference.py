@@ -20,6 +20,9 @@ from aicoss_cli.console import err, note, out, progress_display
 WORKERS_HELP = ("Loader processes (default: none on the CPU, where decoding inline costs least as processes "
                 "would compete with the model for the cores; min(8, cores-1) on CUDA). 0 on CUDA: one decode thread.")
 DEVICE_HELP = "auto (CUDA when present) | cpu | cuda | cuda:N."
+LABELS_HELP = ("Also write 0/1 labels (<out stem>_labels.csv) and the thresholds used (<out stem>_thresholds.csv): "
+               "T (one threshold for every class), a class,threshold CSV, or auto (per class, F1-optimal on the val "
+               "split, with the gain measured on a held-out half).")
 
 
 def _progress():
@@ -37,53 +40,95 @@ def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint written by `aicoss train`.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (default: \\[data] root of the checkpoint's recipe).")] = None,
     split: Annotated[str, typer.Option("--split", help="test: the submission; val: the checkpoint's own val split, with val mAP and per-class AP.")] = "test",
-    out_path: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: predictions_<checkpoint name>_<split>.csv beside the checkpoint; an input file is never overwritten). With --split val, per_class_ap.csv goes beside it.")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: predictions_<checkpoint name>_<split>.csv beside the checkpoint). With --split val, <out stem>_per_class.csv goes beside it.")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 (fp16 needs CUDA: bf16 on the CPU).")] = "fp32",
     tta: Annotated[str, typer.Option("--tta", help="none | hflip | flips: average the sigmoid outputs of the flipped views.")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help=WORKERS_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    labels: Annotated[Optional[str], typer.Option("--labels", help=LABELS_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist (default: refuse).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
 ) -> None:
     """Predict with one checkpoint: a submission with the exact columns and row order of
-    sample_submission.csv, or (--split val) the val mAP and a per-class AP table.
+    sample_submission.csv, or (--split val) the val mAP and a per-class AP / F1 table; with
+    --labels also the 0/1 labels.
 
     Example: [bold]aicoss predict runs/demo/<timestamp>/best.safetensors --split val --tta hflip[/]
     """
     from aicoss_cli.predict import run_predict
 
     with _progress() as progress:
+        progress.disable = as_json
         result = run_predict(checkpoint, data=data, split=split, out=out_path, precision=precision, tta=tta,
-                             batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+                             batch_size=batch_size, num_workers=num_workers, device=device, labels=labels,
+                             overwrite=overwrite, progress=progress)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
     for text in result.notes:
         note(text)
-    speed = result.n_images / result.loop_seconds if result.loop_seconds > 0 else float("nan")
     if result.val_map is not None:
-        _print_per_class(result)
+        _print_per_class(result.per_class, f"the val split of {result.checkpoint}")
+        _print_val_map(result.val_map, result.n_images, result.per_class)
+        out.print(f"per-class table: {escape(str(result.per_class_path))}", highlight=False)
+    _print_labels(result.thresholds, result.labels_path, result.thresholds_path)
+    speed = result.img_per_s or float("nan")
     what = "val predictions" if result.split == "val" else "submission"
     out.print(f"{what}: {escape(str(result.out))} ({result.n_images} images × {len(result.classes)} classes; "
               f"{escape(result.runtime)}, tta {result.tta}; {result.seconds:.1f} s in all, {speed:.0f} img/s)", highlight=False)
 
 
-def _print_per_class(result) -> None:
-    rows = result.per_class
+def _print_per_class(rows: list[dict], where: str) -> None:
+    """Per-class AP, F1, precision and recall at the thresholds, in class order; the weakest APs in red."""
     ranked = [r for r in rows if r["rank"] is not None]
     n_weak = min(5, max(1, len(ranked) // 5))
-    out.print(f"per-class AP on the val split of {escape(str(result.checkpoint))} (weakest {n_weak} in red)",
+    same = len({r["threshold"] for r in rows}) == 1
+    at = f"at threshold {rows[0]['threshold']:g}" if same and rows else "at per-class thresholds"
+    out.print(f"per class on {escape(where)}: AP, and F1 / precision / recall {at} (weakest {n_weak} AP in red)",
               highlight=False)
     table = Table()
-    for col in ("class", "positives", "AP", "rank"):
+    columns = ("class", "positives", "AP", "F1", "precision", "recall", *(() if same else ("threshold",)), "rank")
+    for col in columns:
         table.add_column(col, justify="left" if col == "class" else "right")
     for r in rows:
         weak = r["rank"] is not None and r["rank"] <= n_weak
-        table.add_row(escape(r["class"]), str(r["positives"]), _fmt_map(r["ap"]),
-                      "-" if r["rank"] is None else str(r["rank"]), style="bold red" if weak else None)
+        cells = [escape(r["class"]), str(r["positives"]), _fmt_map(r["ap"]), f"{r['f1']:.4f}", f"{r['precision']:.4f}",
+                 f"{r['recall']:.4f}", *(() if same else (f"{r['threshold']:.3g}",)),
+                 "-" if r["rank"] is None else str(r["rank"])]
+        table.add_row(*cells, style="bold red" if weak else None)
     out.print(table)
+
+
+def _print_val_map(val_map: float, n_images: int, rows: list[dict]) -> None:
+    ranked = [r for r in rows if r["rank"] is not None]
+    n_weak = min(5, max(1, len(ranked) // 5))
     skipped = len(rows) - len(ranked)
     extra = f"; {skipped} classes without a positive are left out" if skipped else ""
     weakest = ", ".join(f"{r['class']} {r['ap']:.4f}" for r in sorted(ranked, key=lambda r: r["rank"])[:n_weak])
-    out.print(f"val mAP [bold]{result.val_map:.4f}[/] on {result.n_images} images ({len(ranked)} classes{extra}); "
+    out.print(f"val mAP [bold]{val_map:.4f}[/] on {n_images} images ({len(ranked)} classes{extra}); "
               f"weakest: {escape(weakest)}", highlight=False)
-    out.print(f"per-class AP: {escape(str(result.per_class_path))}", highlight=False)
+
+
+def _print_labels(th, labels_path, thresholds_path) -> None:
+    """Where the 0/1 labels went, the thresholds' source, the fallback classes and the held-out gain."""
+    if th is None:
+        return
+    if th.fallback:
+        note(f"{len(th.fallback)} classes have too few val positives for a threshold of their own and take the "
+             f"best single threshold {th.global_threshold:.3g}: {', '.join(th.fallback[:8])}"
+             f"{' ...' if len(th.fallback) > 8 else ''}")
+    h = th.held_out
+    if h is not None:
+        colour = "green" if h.gain > 0 else "yellow"
+        out.print(f"per-class thresholds, held out: fit on {h.n_fit} val images, scored on the other {h.n_score}: "
+                  f"macro F1 {h.global_f1:.4f} at the best single threshold {h.global_threshold:.3g} → "
+                  f"{h.auto_f1:.4f} per class ([{colour}]gain {h.gain:+.4f}[/])", highlight=False)
+        if h.gain < 0:
+            note("per-class thresholds score below one global threshold on the held-out half: they fit noise of "
+                 "this val split; prefer --labels with the global threshold here")
+    out.print(f"labels ({escape(th.source)}): {escape(str(labels_path))}; thresholds: {escape(str(thresholds_path))}",
+              highlight=False)
 
 
 # --------------------------------------------------------------------------- ensemble
@@ -95,12 +140,15 @@ def ensemble(
     fp16: Annotated[bool, typer.Option("--fp16", help="Half precision: fp16 on CUDA, bf16 on the CPU.")] = False,
     weights: Annotated[Optional[str], typer.Option("--weights", help="equal | auto (fit non-negative weights on val, report the gain on a held-out half). Default: the spec's weights, else equal.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (default: the spec's `data`, else the first member's \\[data] root).")] = None,
-    out_path: Annotated[Path, typer.Option("--out", help="Submission CSV to write (an input file is never overwritten).")] = Path("ensemble_submission.csv"),
+    out_path: Annotated[Path, typer.Option("--out", help="Submission CSV to write; <out stem>.json (the result, for `aicoss report --ensemble`) and, with a val split, <out stem>_per_class.csv go beside it.")] = Path("ensemble_submission.csv"),
     runs_dir: Annotated[Path, typer.Option("--runs", help="Where to look for runs when no member is named.")] = Path("runs"),
     tta: Annotated[str, typer.Option("--tta", help="none | hflip | flips for members whose spec entry sets none.")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass (all members run on each batch).")] = 64,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help=WORKERS_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    labels: Annotated[Optional[str], typer.Option("--labels", help=LABELS_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist (default: refuse).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
 ) -> None:
     """Average the sigmoid outputs of several checkpoints (any archs and input sizes: each image is
     decoded once per batch and resized per member), report each member's and the ensemble's val mAP
@@ -112,9 +160,13 @@ def ensemble(
     from aicoss_cli.ensemble import run_ensemble
 
     with _progress() as progress:
+        progress.disable = as_json
         result = run_ensemble(checkpoints or [], spec=spec, fp16=fp16, weights=weights, data=data, out=out_path,
                               runs_dir=runs_dir, tta=tta, batch_size=batch_size, num_workers=num_workers,
-                              device=device, progress=progress)
+                              device=device, labels=labels, overwrite=overwrite, progress=progress)
+    if as_json:
+        print(json.dumps({**result.to_json(), "notes": result.notes}, indent=2))
+        return
     if result.discovery is not None:
         d = result.discovery
         out.print(f"members from {escape(str(runs_dir))}: took {len(d.taken)} run(s) matching {escape(str(d.data_root))}",
@@ -137,6 +189,10 @@ def ensemble(
         out.print(f"ensemble val mAP ({result.weighting} weights): [bold]{result.val_map:.4f}[/] on {result.n_val} "
                   f"val images (best member {best:.4f}, equal weights {result.equal_val_map:.4f}{in_sample})",
                   highlight=False)
+    if result.per_class:
+        _print_per_class(result.per_class, f"the members' val split, the ensemble ({result.weighting} weights)")
+        out.print(f"per-class table: {escape(str(result.per_class_path))}", highlight=False)
+    _print_labels(result.thresholds, result.labels_path, result.thresholds_path)
     if result.held_out is not None:
         h = result.held_out
         colour = "green" if h.gain > 0 else "yellow"

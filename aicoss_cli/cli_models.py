@@ -65,9 +65,10 @@ def import_weights(
     weights: Annotated[Path, typer.Argument(help="A seed .pt/.pth state dict (or .safetensors).")],
     arch: Annotated[str, typer.Option("--arch", help="The arch the weights were trained as (a seed --model_name).")],
     classes: Annotated[Path, typer.Option("--classes", help="Class names: a .txt (one per line) or a CSV with the header.")],
-    out_file: Annotated[Path, typer.Option("--out", help="The checkpoint to write (.safetensors); never overwritten.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The checkpoint to write (.safetensors).")],
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=16, help="Input size (default: the arch's).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root the weights were trained on (records its val split).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (default: refuse).")] = False,
 ) -> None:
     """Turn a seed state dict into an aicoss checkpoint with metadata, for predict and ensemble.
 
@@ -76,12 +77,11 @@ def import_weights(
 
     Example: [bold]aicoss import-weights tresnet_xl_pasl.pt --arch tresnet_xl_mldecoder --classes data/aicoss/train.csv --out tresnet_xl_pasl.safetensors[/]
     """
-    from aicoss_cli.checkpoint import CheckpointMeta, load_weights, save_checkpoint
+    from aicoss_cli.checkpoint import CheckpointMeta, check_outputs, load_weights, save_checkpoint
     from aicoss_cli.models import ARCHS, build_model, default_img_size, load_state_dict_file
     from aicoss_cli.recipe import Recipe, recipe_to_toml
 
-    if out_file.exists():
-        raise UserError(f"{out_file}: already exists; choose another --out (nothing is overwritten)")
+    check_outputs([out_file], [weights, classes], overwrite)
     if arch not in ARCHS:
         import difflib
 
@@ -114,9 +114,10 @@ def import_weights(
 def prior(
     checkpoint: Annotated[Path, typer.Argument(help="A trained checkpoint (.safetensors).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (default: the checkpoint's recipe's).")] = None,
-    out_file: Annotated[Path, typer.Option("--out", help="Where to write Classes,avg_pred; never overwritten.")] = Path("prior.csv"),
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write Classes,avg_pred.")] = Path("prior.csv"),
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (default: refuse).")] = False,
 ) -> None:
     """Mean sigmoid prediction of a model over the training split: the class prior for P-ASL.
 
@@ -129,7 +130,7 @@ def prior(
 
     with progress_display(err, transient=True) as progress:
         result = run_prior(checkpoint, data=data, out=out_file, batch_size=batch_size, device=device,
-                           progress=progress)
+                           overwrite=overwrite, progress=progress)
     table_out = Table(title=f"class prior ({result.n_images} training images) → {out_file}", title_justify="left")
     table_out.add_column("class")
     table_out.add_column("avg_pred", justify="right")

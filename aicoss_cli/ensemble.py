@@ -16,13 +16,26 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from aicoss_cli.checkpoint import CheckpointMeta, check_output, read_meta, write_text_atomic
+from aicoss_cli.checkpoint import CheckpointMeta, check_outputs, read_meta, write_text_atomic
 from aicoss_cli.data import data_inputs, describe_split, read_test, read_train, split_from_record
 from aicoss_cli.errors import UserError
 from aicoss_cli.inference import MemberSource, combine, forward, load_members, write_scores_csv
 from aicoss_cli.metrics import mean_average_precision
 from aicoss_cli.recipe import read_toml
 from aicoss_cli.runtime import half_dtype, make_runtime
+from aicoss_cli.thresholds import (
+    DEFAULT_THRESHOLD,
+    Thresholds,
+    json_ready,
+    label_output_paths,
+    parse_threshold_spec,
+    per_class_path_for,
+    per_class_rows,
+    read_thresholds_csv,
+    resolve_thresholds,
+    write_label_outputs,
+    write_per_class_csv,
+)
 
 
 # --------------------------------------------------------------------------- where members come from
@@ -244,6 +257,11 @@ class EnsembleResult:
     img_per_s: float = 0.0
     device: str = ""
     precision: str = "fp32"
+    per_class: list[dict] = field(default_factory=list)  # of the ensemble on the val split
+    per_class_path: Path | None = None
+    thresholds: Thresholds | None = None  # with --labels
+    labels_path: Path | None = None
+    thresholds_path: Path | None = None
 
     def to_json(self) -> dict:
         """The result file `aicoss report --ensemble` reads (`<out stem>.json` beside the submission)."""
@@ -256,6 +274,10 @@ class EnsembleResult:
             "weighting": self.weighting, "n_val": self.n_val, "n_test": self.n_test,
             "img_per_s": round(self.img_per_s, 3), "seconds": round(self.seconds, 3), "device": self.device,
             "precision": self.precision,
+            "per_class": json_ready(self.per_class) or None,
+            "per_class_csv": None if self.per_class_path is None else str(self.per_class_path),
+            "labels": None if self.thresholds is None else self.thresholds.to_json(self.labels_path,
+                                                                                   self.thresholds_path),
         }
 
 
@@ -269,11 +291,14 @@ def result_path_for(out: Path) -> Path:
 def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, fp16: bool = False,
                  weights: str | None = None, data: Path | None = None, out: Path | None = None,
                  runs_dir: Path = Path("runs"), tta: str = "none", batch_size: int = 64,
-                 num_workers: int | None = None, device: str = "auto", progress=None) -> EnsembleResult:
+                 num_workers: int | None = None, device: str = "auto", labels: str | None = None,
+                 overwrite: bool = False, progress=None) -> EnsembleResult:
     """Weighted mean of the members' sigmoid outputs on the test set; every member's and the
-    ensemble's val mAP on their shared val split."""
+    ensemble's val mAP on their shared val split, and the ensemble's per-class AP / F1 there; with
+    `labels` (a threshold, a class,threshold CSV or "auto") also the 0/1 labels of the test set."""
     if weights not in (None, "equal", "auto"):
         raise UserError(f"--weights must be equal or auto (got {weights!r})")
+    spec_labels = parse_threshold_spec(labels) if labels is not None else None
     sources: list[MemberSource] = []
     spec_data = None
     if spec is not None:
@@ -302,12 +327,15 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
         notes.append("the members have no val split in their metadata: no val mAP, equal or spec weights only")
         if weights == "auto":
             raise UserError(f"{ref_src}: --weights auto fits on the val split, and these members record none")
+        if spec_labels == "auto":
+            raise UserError(f"{ref_src}: --labels auto fits on the val split, and these members record none")
     out = Path(out) if out is not None else Path("ensemble_submission.csv")
     inputs = [s.path for s in sources] + ([Path(spec)] if spec else []) + data_inputs(root)
-    check_output(out, inputs)
-    if result_path_for(out) == out:
-        raise UserError(f"{out}: the result is written to {result_path_for(out)} beside it; give --out a .csv name")
-    check_output(result_path_for(out), inputs)
+    outputs = [out, result_path_for(out), *([per_class_path_for(out)] if has_split else []),
+               *(label_output_paths(out) if spec_labels is not None else [])]
+    check_outputs(outputs, inputs, overwrite)
+    if isinstance(spec_labels, Path):
+        read_thresholds_csv(spec_labels, ref.classes)  # a bad thresholds file fails before any compute
 
     rt = make_runtime(device, "fp16" if fp16 else "fp32", num_workers)
     notes = rt.notes + notes
@@ -336,7 +364,15 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
                              "held-out half: they fit noise of this val split; prefer --weights equal here")
         elif weights == "auto":
             notes.append("one member: --weights auto has nothing to weigh")
-        result.val_map = mean_average_precision(targets, np.tensordot(final, val_probs, axes=1))
+        combined_val = np.tensordot(final, val_probs, axes=1)
+        result.val_map = mean_average_precision(targets, combined_val)
+    if spec_labels is not None:
+        result.thresholds = resolve_thresholds(spec_labels, ref.classes, targets, combined_val if has_split else None)
+    if has_split:
+        threshold = result.thresholds if result.thresholds is not None else DEFAULT_THRESHOLD
+        result.per_class = per_class_rows(ref.classes, targets, combined_val, threshold)
+        result.per_class_path = per_class_path_for(out)
+        write_per_class_csv(result.per_class_path, result.per_class)
     result.weighting = weighting
     for report, w in zip(reports, final):
         report.weight = float(w)
@@ -344,7 +380,11 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     test_probs = forward(members, test.paths, rt, batch_size, progress=progress,
                          what=f"test: {len(test)} images × {len(members)} members")
     result.img_per_s = len(test) / max(time.perf_counter() - t_test, 1e-9)
-    write_scores_csv(out, test.ids, test.classes, combine(test_probs, final))
+    combined = combine(test_probs, final)
+    write_scores_csv(out, test.ids, test.classes, combined)
+    if result.thresholds is not None:
+        result.labels_path, result.thresholds_path = write_label_outputs(out, test.ids, test.classes,
+                                                                         combined.numpy(), result.thresholds)
     result.seconds = time.perf_counter() - t0
     result.device, result.precision = rt.describe().split(", ")[0], rt.precision
     result.result_path = result_path_for(out)

@@ -10,15 +10,26 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
-from aicoss_cli.checkpoint import check_output, read_meta
+from aicoss_cli.checkpoint import check_outputs, read_meta
 from aicoss_cli.data import data_inputs, read_test, read_train, split_from_record, split_indices
 from aicoss_cli.errors import UserError
 from aicoss_cli.inference import TTA_MODES, MemberSource, forward, load_members, write_scores_csv
-from aicoss_cli.metrics import average_precision_per_class, mean_average_precision
+from aicoss_cli.metrics import mean_average_precision
+from aicoss_cli.thresholds import (
+    DEFAULT_THRESHOLD,
+    Thresholds,
+    json_ready,
+    label_output_paths,
+    parse_threshold_spec,
+    per_class_path_for,
+    per_class_rows,
+    read_thresholds_csv,
+    resolve_thresholds,
+    write_label_outputs,
+    write_per_class_csv,
+)
 from aicoss_cli.runtime import make_runtime
 
 @dataclass
@@ -34,8 +45,25 @@ class PredictResult:
     loop_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     val_map: float | None = None
-    per_class: list[dict] = field(default_factory=list)
+    per_class: list[dict] = field(default_factory=list)  # thresholds.per_class_rows, with --split val
     per_class_path: Path | None = None
+    thresholds: Thresholds | None = None  # with --labels
+    labels_path: Path | None = None
+    thresholds_path: Path | None = None
+
+    @property
+    def img_per_s(self) -> float | None:
+        return self.n_images / self.loop_seconds if self.loop_seconds > 0 else None
+
+    def to_json(self) -> dict:
+        """What `--json` prints: the files written, the run, and the scores (NaN as null)."""
+        return json_ready({
+            "checkpoint": str(self.checkpoint), "out": str(self.out), "split": self.split, "n_images": self.n_images,
+            "classes": self.classes, "runtime": self.runtime, "tta": self.tta, "seconds": self.seconds,
+            "img_per_s": self.img_per_s, "val_map": self.val_map, "per_class": self.per_class or None,
+            "per_class_csv": None if self.per_class_path is None else str(self.per_class_path),
+            "labels": None if self.thresholds is None else self.thresholds.to_json(self.labels_path, self.thresholds_path), "notes": self.notes,
+        })
 
 
 def default_predict_out(checkpoint: Path, split: str) -> Path:
@@ -44,33 +72,37 @@ def default_predict_out(checkpoint: Path, split: str) -> Path:
 
 def run_predict(checkpoint: Path, *, data: Path | None = None, split: str = "test", out: Path | None = None,
                 precision: str = "fp32", tta: str = "none", batch_size: int = 64, num_workers: int | None = None,
-                device: str = "auto", progress=None) -> PredictResult:
+                device: str = "auto", labels: str | None = None, overwrite: bool = False,
+                progress=None) -> PredictResult:
     """One checkpoint → probabilities of the test set (in sample_submission.csv's row order) or of its
-    own val split (with val mAP and per-class AP)."""
+    own val split (with val mAP and per-class AP, F1, precision, recall); with `labels` (a threshold,
+    a class,threshold CSV or "auto": F1-optimal per class on the val split) also the 0/1 labels."""
     if split not in ("test", "val"):
         raise UserError(f"--split must be test or val (got {split!r})")
     if tta not in TTA_MODES:
         raise UserError(f"--tta must be one of {', '.join(TTA_MODES)} (got {tta!r})")
+    spec = parse_threshold_spec(labels) if labels is not None else None
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     root = meta.resolve_data_root(data, str(checkpoint))
-    targets = None
+    val_paths, val_targets = None, None
+    if split == "val" or spec == "auto":
+        table = read_train(root)
+        meta.check_classes(table.classes, str(checkpoint), root / "train.csv")
+        _, rows = split_from_record(meta.split, table, str(checkpoint))
+        val_ids, val_paths, val_targets = [table.ids[i] for i in rows], [table.paths[i] for i in rows], table.labels[rows]
     if split == "test":
         test = read_test(root, meta.classes)
         ids, paths = test.ids, test.paths
     else:
-        table = read_train(root)
-        meta.check_classes(table.classes, str(checkpoint), root / "train.csv")
-        _, rows = split_from_record(meta.split, table, str(checkpoint))
-        ids, paths, targets = [table.ids[i] for i in rows], [table.paths[i] for i in rows], table.labels[rows]
+        ids, paths = val_ids, val_paths
     out = Path(out) if out is not None else default_predict_out(checkpoint, split)
-    per_class_path = out.parent / "per_class_ap.csv" if split == "val" else None
-    inputs = [checkpoint, *data_inputs(root)]
-    check_output(out, inputs)
-    if per_class_path is not None:
-        if per_class_path.resolve() == out.resolve():
-            raise UserError(f"{out}: per_class_ap.csv is written beside --out; give --out another name")
-        check_output(per_class_path, inputs)
+    per_class_path = per_class_path_for(out) if split == "val" else None
+    label_paths = label_output_paths(out) if spec is not None else (None, None)
+    outputs = [out, *(p for p in (per_class_path, *label_paths) if p is not None)]
+    check_outputs(outputs, [checkpoint, *data_inputs(root)], overwrite)
+    if isinstance(spec, Path):
+        read_thresholds_csv(spec, meta.classes)  # a bad thresholds file fails before any compute
 
     rt = make_runtime(device, precision, num_workers)
     t0 = time.perf_counter()
@@ -79,37 +111,24 @@ def run_predict(checkpoint: Path, *, data: Path | None = None, split: str = "tes
     probs = forward(members, paths, rt, batch_size, progress=progress, what=f"predicting {len(paths)} {split} images")[0]
     result = PredictResult(checkpoint, out, split, len(paths), meta.classes, rt.describe(), tta, 0.0,
                            time.perf_counter() - t1, rt.notes)
-    if targets is not None:
-        result.per_class, result.val_map = per_class_table(meta.classes, targets, probs.numpy())
-        write_per_class(per_class_path, result.per_class)
+    val_probs = probs.numpy() if split == "val" else None
+    if spec == "auto" and val_probs is None:
+        val_probs = forward(members, val_paths, rt, batch_size, progress=progress,
+                            what=f"predicting {len(val_paths)} val images (for --labels auto)")[0].numpy()
+    if spec is not None:
+        result.thresholds = resolve_thresholds(spec, meta.classes, val_targets, val_probs)
+    if split == "val":
+        threshold = result.thresholds if result.thresholds is not None else DEFAULT_THRESHOLD
+        result.per_class = per_class_rows(meta.classes, val_targets, val_probs, threshold)
+        result.val_map = mean_average_precision(val_targets, val_probs)
+        write_per_class_csv(per_class_path, result.per_class)
         result.per_class_path = per_class_path
     write_scores_csv(out, ids, meta.classes, probs)
+    if result.thresholds is not None:
+        result.labels_path, result.thresholds_path = write_label_outputs(out, ids, meta.classes, probs.numpy(),
+                                                                         result.thresholds)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def per_class_table(classes: Sequence[str], targets: np.ndarray, scores: np.ndarray) -> tuple[list[dict], float]:
-    """Per-class AP rows (class, positives, ap, rank: 1 = weakest) and the macro mAP."""
-    aps = average_precision_per_class(targets, scores)
-    order = [int(i) for i in np.argsort(np.where(np.isnan(aps), np.inf, aps), kind="stable")]
-    rank = {j: r + 1 for r, j in enumerate(order) if not np.isnan(aps[j])}
-    rows = [{"class": c, "positives": int((targets[:, j] > 0).sum()), "ap": float(aps[j]), "rank": rank.get(j)}
-            for j, c in enumerate(classes)]
-    return rows, mean_average_precision(targets, scores)
-
-
-def write_per_class(path: Path, rows: list[dict]) -> None:
-    from aicoss_cli.checkpoint import write_text_atomic
-
-    lines = ["class,positives,ap,rank"]
-    for r in rows:
-        ap = "" if np.isnan(r["ap"]) else f"{r['ap']:.6f}"
-        name = f'"{r["class"]}"' if "," in r["class"] or '"' in r["class"] else r["class"]
-        lines.append(f"{name},{r['positives']},{ap},{'' if r['rank'] is None else r['rank']}")
-    try:
-        write_text_atomic(path, "\n".join(lines) + "\n")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be written ({exc.strerror or exc}); choose another --out") from None
 
 
 # --------------------------------------------------------------------------- prior
@@ -135,15 +154,14 @@ def training_rows(meta, table, source: str) -> np.ndarray:
 
 
 def run_prior(checkpoint: Path, *, data: Path | None = None, out: Path = Path("prior.csv"), batch_size: int = 64,
-              device: str = "auto", progress=None) -> PriorResult:
+              device: str = "auto", overwrite: bool = False, progress=None) -> PriorResult:
     """The seed's "avg_pred": the mean sigmoid output of a checkpoint over its training split,
     written as a `Classes,avg_pred` CSV (the class prior of P-ASL)."""
     from aicoss_cli.data import check_images
     from aicoss_cli.prior import write_prior_csv
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists():
-        raise UserError(f"{out}: already exists; choose another --out (nothing is overwritten)")
+    check_outputs([out], [checkpoint], overwrite)
     meta = read_meta(checkpoint)
     root = meta.resolve_data_root(data, str(checkpoint))
     table = read_train(root)
@@ -152,7 +170,7 @@ def run_prior(checkpoint: Path, *, data: Path | None = None, out: Path = Path("p
     rows = training_rows(meta, table, str(checkpoint))
     paths = [table.paths[i] for i in rows]
     check_images(paths, Path(root) / "train.csv")
-    check_output(out, [checkpoint, *data_inputs(root)])
+    check_outputs([out], [checkpoint, *data_inputs(root)], overwrite)
     rt = make_runtime(device, "fp32", 0)
     members = load_members([MemberSource(checkpoint)], rt)
     probs = forward(members, paths, rt, batch_size, progress=progress, what="predicting the training split")[0]

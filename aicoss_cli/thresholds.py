@@ -241,6 +241,19 @@ class Thresholds:
     held_out: HeldOutThresholds | None = None  # auto: the gain on a held-out half of val
     fit: FitResult | None = None
 
+    def to_json(self, labels_path: Path | None = None, thresholds_path: Path | None = None) -> dict:
+        held = self.held_out
+        return json_ready({
+            "labels_csv": None if labels_path is None else str(labels_path),
+            "thresholds_csv": None if thresholds_path is None else str(thresholds_path),
+            "source": self.source, "thresholds": dict(zip(self.classes, map(float, self.values))),
+            "fallback": self.fallback, "global_threshold": self.global_threshold,
+            "held_out": None if held is None else {"n_fit": held.n_fit, "n_score": held.n_score,
+                                                    "global_threshold": held.global_threshold,
+                                                    "global_f1": held.global_f1, "auto_f1": held.auto_f1,
+                                                    "gain": held.gain},
+        })
+
 
 def resolve_thresholds(spec: str | ThresholdSpec, classes: Sequence[str], val_targets=None, val_probs=None, *,
                        option: str = "--labels", min_positives: int = MIN_POSITIVES, seed: int = 0) -> Thresholds:
@@ -270,6 +283,11 @@ def resolve_thresholds(spec: str | ThresholdSpec, classes: Sequence[str], val_ta
 
 
 # --------------------------------------------------------------------------- what it writes
+
+
+def per_class_path_for(out: Path) -> Path:
+    """`<out stem>_per_class.csv` beside --out: two predictions in one folder keep their own tables."""
+    return Path(out).with_name(f"{Path(out).stem}_per_class.csv")
 
 
 def label_output_paths(out_csv: Path) -> tuple[Path, Path]:
@@ -359,14 +377,15 @@ def score_report(classes: Sequence[str], targets, probs, thresholds) -> dict:
         "macro": {"f1": decided.macro_f1, "precision": decided.macro_precision, "recall": decided.macro_recall},
         "per_class": rows,
     }
-    return _json_ready(report)
+    return json_ready(report)
 
 
-def _json_ready(value):
+def json_ready(value):
+    """`value` with NaN floats as None, for JSON."""
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value

@@ -219,13 +219,35 @@ def test_predict_val_reports_the_map_of_its_own_probabilities(run_cli, demo_root
     expected = mean_average_precision(targets, probs)
     assert f"val mAP {expected:.4f}" in result.stdout
 
-    per_class = list(csv.DictReader(open(out.parent / "per_class_ap.csv")))
+    per_class = list(csv.DictReader(open(out.parent / "val_scores_per_class.csv")))
     assert [r["class"] for r in per_class] == header[1:]
     aps = average_precision_per_class(targets, probs)
     assert [float(r["ap"]) for r in per_class] == pytest.approx(list(aps), abs=2e-6)
     weakest = header[1:][int(np.argmin(aps))]
     assert next(r for r in per_class if r["rank"] == "1")["class"] == weakest
-    assert "per-class AP" in result.stdout and weakest in result.stdout
+    assert "per class on the val split" in result.stdout and weakest in result.stdout
+    # F1 / precision / recall at the default threshold 0.5, as scikit-learn computes them
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, _ = precision_recall_fscore_support(targets, (probs >= 0.5).astype(int), average=None, zero_division=0)
+    assert [float(row["f1"]) for row in per_class] == pytest.approx(list(f), abs=2e-6)
+    assert [float(row["precision"]) for row in per_class] == pytest.approx(list(p), abs=2e-6)
+    assert [float(row["recall"]) for row in per_class] == pytest.approx(list(r), abs=2e-6)
+
+
+def test_two_val_predictions_in_one_folder_keep_their_own_tables_and_nothing_is_replaced(run_cli, demo_root,
+                                                                                         tmp_path):
+    ckpt = save_random_checkpoint(tmp_path / "m.safetensors", demo_root, seed=3)
+    assert run_cli("predict", ckpt, "--split", "val", "--out", tmp_path / "a.csv").code == 0
+    assert run_cli("predict", ckpt, "--split", "val", "--out", tmp_path / "b.csv", "--tta", "flips").code == 0
+    a, b = (tmp_path / "a_per_class.csv").read_text(), (tmp_path / "b_per_class.csv").read_text()
+    assert a != b
+    again = run_cli("predict", ckpt, "--split", "val", "--out", tmp_path / "a.csv", "--tta", "flips")
+    assert_one_line_error(again, "a.csv: already exists", "--overwrite")
+    assert (tmp_path / "a_per_class.csv").read_text() == a
+    assert run_cli("predict", ckpt, "--split", "val", "--out", tmp_path / "a.csv", "--tta", "flips",
+                   "--overwrite").code == 0
+    assert (tmp_path / "a_per_class.csv").read_text() == b
 
 
 def test_tta_hflip_is_the_mean_of_the_two_views_predicted_independently(run_cli, demo_root, checkpoint, tmp_path):
