@@ -166,14 +166,35 @@ class CheckpointMeta:
             raise UserError(f"{source}: checkpoint metadata is damaged ({type(exc).__name__}: {exc})") from None
 
 
-def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
-    """Write weights and metadata to `path` atomically (a crash leaves the previous file intact)."""
+class WriteFailed(UserError):
+    """A file could not be written (a full disk, a folder gone read-only); the previous file, if
+    any, is intact. `needed` is the size of what was being written, in bytes."""
+
+    def __init__(self, path: Path, reason: str, needed: int):
+        super().__init__(f"{path}: cannot be written ({reason}; it needs {needed / 2**20:.1f} MiB)")
+        self.path, self.reason, self.needed = path, reason, needed
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a .safetensors file atomically (a crash leaves the previous file intact); WriteFailed
+    when the disk or the folder refuses it."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except Exception as exc:  # OSError, or safetensors' own error wrapping one
+        if not isinstance(exc, OSError) and "SafetensorError" not in type(exc).__name__:
+            raise
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise WriteFailed(path, reason, sum(t.numel() * t.element_size() for t in tensors.values())) from None
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
+    """Write weights and metadata to `path` atomically (a crash leaves the previous file intact)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tensors = _unshare(tensors)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta.to_strings())
+    write_safetensors(path, _unshare(tensors), meta.to_strings())
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -263,6 +284,26 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise UserError(f"{source}: weights do not fit {what}: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+
+
+def check_writable_folder(folder: str | Path, option: str = "--out") -> None:
+    """`folder` must be a folder that exists or can be made, where files can be written: probed in
+    its nearest existing ancestor with a temporary file that is removed at once (nothing is left)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder}: is a file, not a folder; give a folder")
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{option} {folder}: cannot be made ({ancestor} is not a folder); give another folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".aicoss-probe.", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{option} {folder}: cannot be written ({exc.strerror or exc} in {ancestor}); "
+                        "give a folder you can write to") from None
 
 
 def check_outputs(outputs: Sequence[Path], inputs: Sequence[str | Path], overwrite: bool) -> None:

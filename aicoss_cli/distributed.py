@@ -57,6 +57,13 @@ def broadcast_object(info: DistInfo, value: Any) -> Any:
     return box[0]
 
 
+def broadcast_tensors(info: DistInfo, tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values into these tensors on every rank (in place)."""
+    if info.active:
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
 def all_gather_objects(info: DistInfo, value: Any) -> list[Any]:
     if not info.active:
         return [value]

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from aicoss_cli import distributed
-from aicoss_cli.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, write_text_atomic
+from aicoss_cli import distributed, keep
+from aicoss_cli.checkpoint import (CheckpointMeta, WriteFailed, check_writable_folder, load_checkpoint,
+                                  read_safetensors, save_checkpoint, write_text_atomic)
 from aicoss_cli.console import LogLines, clock, progress_display
 from aicoss_cli.data import (
     ImageDataset,
@@ -45,7 +46,7 @@ from aicoss_cli.inference import Member, Normalizer, forward, write_scores_csv
 from aicoss_cli.metrics import mean_average_precision, skipped_classes
 from aicoss_cli.prior import PriorTracker, write_prior_csv
 from aicoss_cli.recipe import Recipe, recipe_to_toml
-from aicoss_cli.runtime import Runtime, configure_kernels, make_runtime, seed_everything
+from aicoss_cli.runtime import Runtime, configure_kernels, make_runtime, precision_dtype, seed_everything
 from aicoss_cli.train_state import (
     STATE_FILE,
     Resume,
@@ -57,7 +58,6 @@ from aicoss_cli.train_state import (
 )
 from aicoss_cli.watch import RunWatch
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "seconds")
 SYNC_EVERY_S = 1.0  # the loop reads device values (running loss, the non-finite flag) at most this often
 
 
@@ -248,12 +248,12 @@ class Trainer:
             self._each_callback("on_run_start", self)
             started = True
             stopped_early = False
-            with _StopFlag() as stop, self._progress() as bar:
-                while self.progress.epoch < r.optim.epochs and not stopped_early:
+            with _StopFlag() as stop, self._progress() as bar, self._stop_when_writes_fail():
+                while self.progress.epoch < r.optim.epochs and not stopped_early and not self.progress.stopped_early:
                     self._train_epoch(bar, stop)
                     stopped_early = self._end_epoch(bar)
-            if self.info.main:
-                self._write_submission()
+                if self.info.main:
+                    self._write_submission()
             distributed.barrier(self.info)
             skipped = skipped_classes(self.val_targets)
             if skipped:
@@ -271,6 +271,10 @@ class Trainer:
     def setup(self) -> None:
         """Build everything the loop holds; each `_setup_*` returns what it builds."""
         r, state = self.recipe, self.resume.state if self.resume else None
+        if self.resume is not None and self.resume.out is None:
+            check_writable_folder(self.resume.source, "--resume")
+        else:
+            check_writable_folder(self.resume.out if self.resume else self.out)
         self.rt = self._setup_runtime()
         self.micro_batch = micro_batch_size(r.optim.batch_size, r.optim.grad_accumulation, self.info.world)
         self.data = self._setup_data()
@@ -279,6 +283,7 @@ class Trainer:
         self.raw_model, self.model = self._setup_model(pretrained=r.model.pretrained if state is None else False)
         self.loss_fn, self.prior = self._setup_loss()
         self.optimizer, self.scaler = self._setup_optimizer(self.raw_model)
+        self.ema = self._setup_ema(self.raw_model)
         self.progress = TrainProgress(split=self.data.split)
         if state is not None:
             self._restore(state)
@@ -296,11 +301,13 @@ class Trainer:
         self.micro_scale = self.info.world if self.loss_fn.reduction == "sum" else 1.0 / r.optim.grad_accumulation
 
     def _setup_runtime(self) -> Runtime:
+        """The training runtime; `self.eval_rt` is the same in `[runtime] eval_precision`."""
         rt_cfg = self.recipe.runtime
         local_rank = self.info.local_rank if self.info.active else None
         rt = make_runtime(rt_cfg.device, rt_cfg.precision, rt_cfg.num_workers, channels_last=rt_cfg.channels_last,
                           local_rank=local_rank, where="[runtime] device")
-        self.notes += rt.notes
+        self.eval_rt = rt.with_precision(precision_dtype(rt_cfg.eval_precision, rt.device, rt.notes))
+        self.notes += dict.fromkeys(rt.notes)
         configure_kernels(rt.device, rt_cfg.deterministic)
         return rt
 
@@ -309,6 +316,11 @@ class Trainer:
         with progress_display(self.console, enabled=self.info.main and self.console is not None,
                               transient=True) as progress:
             data = prepare_data(r, progress if self.info.main else None)
+        if not (data.table.labels[data.val_rows] > 0).any():
+            raise UserError(
+                f"{data.table.root / 'train.csv'}: the val split ({len(data.val_rows)} images) has no positive label "
+                "for any class, so val mAP is undefined and no checkpoint could be judged; raise [data] "
+                "val_fraction, try another split_seed, or use split = \"stratified\"")
         if len(data.train_rows) < r.optim.batch_size:
             raise UserError(
                 f"[optim] batch_size {r.optim.batch_size} is larger than the training split "
@@ -362,9 +374,27 @@ class Trainer:
                                       growth_interval=2000 if fp16 else 2**31 - 1)
         return optimizer, scaler
 
+    def _setup_ema(self, model: torch.nn.Module):
+        """timm's ModelEmaV3 of the weights (`[optim] ema_decay`), updated after every optimizer step
+        with timm's step count (the first update copies the weights); None when off."""
+        optim = self.recipe.optim
+        if optim.ema_decay is None:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(model, decay=optim.ema_decay, use_warmup=optim.ema_warmup)
+
     def _restore(self, state) -> None:
         info = self.info
         self.raw_model.load_state_dict(state.model)
+        if self.ema is not None:
+            saved = {k[len("ema."):]: v for k, v in state.extra.items() if k.startswith("ema.")}
+            if saved:
+                self.ema.module.load_state_dict(saved)
+            else:
+                self.ema.set(self.raw_model)
+                self.notes.append("the saved state holds no EMA (it was switched on when resuming): "
+                                  "the EMA starts from the current weights")
         self.optimizer.load_state_dict(state.optimizer)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
@@ -448,6 +478,8 @@ class Trainer:
             self._optimizer_step()
             step += 1
             p.global_step += 1
+            if self.ema is not None:
+                self.ema.update(self.raw_model, step=p.global_step)
             now = time.perf_counter()
             boundary = self._boundary(loss_sum, loss_count, base_seconds + now - t0)
             save_now = bool(r.runtime.checkpoint_every) and p.global_step % r.runtime.checkpoint_every == 0 \
@@ -533,58 +565,86 @@ class Trainer:
     # -- the end of an epoch
 
     def _end_epoch(self, bar) -> bool:
-        """Reduce the loss over ranks, validate, write metrics and checkpoints, save the resumable
-        state; True when a callback ends the run here."""
-        info, p, data = self.info, self.progress, self.data
+        """Reduce the loss over ranks, validate (raw and EMA weights), write metrics and checkpoints,
+        save the resumable state; True when the run ends here (early stopping, a callback)."""
+        info, p = self.info, self.progress
         epoch = p.epoch
         totals = distributed.all_reduce_sum(
             info, torch.tensor([p.loss_sum, float(p.loss_count)], device=self.rt.device)).cpu()
         train_loss = float(totals[0] / max(float(totals[1]), 1.0))
         t_val = time.perf_counter()
-        val_logits = self._validate(bar)
+        val_logits = self._validate(bar, self.raw_model)
+        ema_logits = None
+        if self.ema is not None:
+            distributed.broadcast_tensors(info, list(self.ema.module.buffers()))  # one EMA on every rank
+            ema_logits = self._validate(bar, self.ema.module)
         used_prior = None if self.prior is None or self.prior.prior is None else self.prior.prior.tolist()
         if self.prior is not None:
             self.prior.end_epoch(lambda t: distributed.all_reduce_sum(info, t), self.loss_fn)
         seconds = p.seconds + (time.perf_counter() - t_val)
         stop = False
         if info.main:
-            val_probs = torch.sigmoid(val_logits)
-            val_map = mean_average_precision(self.val_targets, val_probs.numpy())
-            val_loss = self._val_loss(val_logits)
-            row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_map": val_map, "seconds": round(seconds, 3)}
+            row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": train_loss, "val_loss": self._val_loss(val_logits),
+                   "val_map": mean_average_precision(self.val_targets, torch.sigmoid(val_logits).numpy()),
+                   "seconds": round(seconds, 3)}
+            if ema_logits is not None:
+                row[keep.EMA_COLUMN] = mean_average_precision(self.val_targets, torch.sigmoid(ema_logits).numpy())
             p.rows.append(row)
-            self._write_metrics(p.rows)
-            meta = CheckpointMeta(arch=self.recipe.model.arch, img_size=self.recipe.model.img_size,
-                                  classes=self.classes, recipe_toml=recipe_to_toml(self.recipe), epoch=epoch + 1,
-                                  val_map=val_map, split=data.split, prior=used_prior)
-            save_checkpoint(self.run_dir / "last.safetensors", self.raw_model.state_dict(), meta)
-            best = val_map > p.best_map
-            if best:
-                p.best_map, p.best_epoch = val_map, epoch + 1
-                save_checkpoint(self.run_dir / "best.safetensors", self.raw_model.state_dict(), meta)
-                write_scores_csv(self.run_dir / "val_scores.csv", [data.table.ids[i] for i in data.val_rows],
-                                 self.classes, val_probs)
-            if self.prior is not None and self.prior.prior is not None:
-                write_prior_csv(self.run_dir / "prior.csv", self.classes, self.prior.prior.tolist())
-            self._say(f"epoch {epoch + 1}/{self.recipe.optim.epochs}  train_loss {train_loss:.4f}  "
-                      f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}{'  (best)' if best else ''}  {seconds:.1f}s")
-            self.val_probs = val_probs.numpy()
-            stop = any(self._each_callback("on_epoch_end", self, row))
+            stop = self._keep(row, ema_logits if keep.uses_ema(row) else val_logits, used_prior)
+            stop = any(self._each_callback("on_epoch_end", self, row)) or stop
         p.rows, p.best_map, p.best_epoch, stop = distributed.broadcast_object(
             info, (p.rows, p.best_map, p.best_epoch, stop))
         p.epoch, p.step, p.loss_sum, p.loss_count, p.seconds, p.prior_sums = epoch + 1, 0, 0.0, 0, 0.0, None
         p.prior = None if self.prior is None or self.prior.prior is None else self.prior.prior.tolist()
+        p.stopped_early = p.stopped_early or stop
         self._save_state()
         return stop
 
-    def _validate(self, bar) -> torch.Tensor:
-        """Validation logits of every rank's shard, gathered in val order (no padding duplicates)."""
+    def _keep(self, row: dict, logits: torch.Tensor, used_prior: list[float] | None) -> bool:
+        """Write what the epoch keeps (rank 0): metrics.csv, last / best / top-k checkpoints of the
+        better of the raw and EMA weights, val_scores.csv of the kept checkpoint, prior.csv.
+        True when early stopping ends the run here."""
+        r, p, data, run = self.recipe, self.progress, self.data, self.run_dir
+        epoch, ema = row["epoch"], keep.uses_ema(row)
+        keep.write_metrics(run / "metrics.csv", p.rows, ema=self.ema is not None)
+        weights = (self.ema.module if ema else self.raw_model).state_dict()
+        meta = CheckpointMeta(arch=r.model.arch, img_size=r.model.img_size, classes=self.classes,
+                              recipe_toml=recipe_to_toml(r), epoch=epoch, val_map=keep.score(row), split=data.split,
+                              prior=used_prior, extra={"weights": "ema" if ema else "raw"})
+        save_checkpoint(run / "last.safetensors", weights, meta)
+        best = keep.is_better(row, p.best_epoch, p.best_map)
+        if best:
+            p.best_map, p.best_epoch = keep.score(row), epoch
+            save_checkpoint(run / "best.safetensors", weights, meta)
+        self.val_probs = torch.sigmoid(logits).numpy()
+        if best or r.runtime.keep == "last":
+            write_scores_csv(run / "val_scores.csv", [data.table.ids[i] for i in data.val_rows], self.classes,
+                             self.val_probs)
+        if r.runtime.keep_top:
+            top = keep.top_epochs(p.rows, r.runtime.keep_top)
+            if epoch in top:
+                save_checkpoint(run / keep.epoch_file(epoch, r.optim.epochs), weights, meta)
+            keep.prune_epoch_files(run, top, r.optim.epochs)
+        if self.prior is not None and self.prior.prior is not None:
+            write_prior_csv(run / "prior.csv", self.classes, self.prior.prior.tolist())
+        ema_text = f"  val_mAP_ema {row[keep.EMA_COLUMN]:.4f}" if self.ema is not None else ""
+        self._say(f"epoch {epoch}/{r.optim.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+                  f"val_mAP {row['val_map']:.4f}{ema_text}{'  (best)' if best else ''}  {row['seconds']:.1f}s")
+        if epoch < r.optim.epochs and keep.stop_early(p.rows, p.best_epoch, r.optim.early_stop_patience):
+            self.notes.append(f"early stop after epoch {epoch}: no better val mAP for {r.optim.early_stop_patience} "
+                              f"epochs (best {p.best_map:.4f} at epoch {p.best_epoch})")
+            self._say(f"[yellow]early stop:[/] {escape(self.notes[-1])}")
+            return True
+        return False
+
+    def _validate(self, bar, model: torch.nn.Module) -> torch.Tensor:
+        """Validation logits of every rank's shard, gathered in val order (no padding duplicates), in
+        `[runtime] eval_precision`."""
         mine = shard(self.data.val_rows, self.info.rank, self.info.world)
-        member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
+        member = Member(path="", model=model, img_size=self.recipe.model.img_size, classes=self.classes)
         t0 = time.perf_counter()
-        logits = forward([member], [self.data.table.paths[i] for i in mine], self.rt, self.eval_batch, logits=True,
-                         progress=bar, what="  validating")[0]
+        logits = forward([member], [self.data.table.paths[i] for i in mine], self.eval_rt, self.eval_batch,
+                         logits=True, progress=bar, what="  validating")[0]
         self.eval_img_per_s = len(mine) * self.info.world / max(time.perf_counter() - t0, 1e-9)
         return distributed.gather_rows(self.info, logits, self.rt.device)
 
@@ -605,29 +665,50 @@ class Trainer:
         """Resumable state as of the last step boundary (a collective: every rank calls it)."""
         states = distributed.all_gather_objects(self.info, rng if rng is not None else rng_state())
         if self.info.main:
+            extra = {} if self.ema is None else {f"ema.{k}": v for k, v in self.ema.module.state_dict().items()}
             save_train_state(self.run_dir / STATE_FILE, model=self.raw_model.state_dict(),
                              optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=states,
-                             progress=self.progress, recipe_toml=recipe_to_toml(self.recipe))
-
-    def _write_metrics(self, rows: list[dict]) -> None:
-        lines = [",".join(METRIC_COLUMNS)]
-        lines += [",".join(_fmt(row[c]) for c in METRIC_COLUMNS) for row in rows]
-        write_text_atomic(self.run_dir / "metrics.csv", "\n".join(lines) + "\n")
+                             progress=self.progress, recipe_toml=recipe_to_toml(self.recipe), extra=extra)
 
     def _write_submission(self) -> None:
-        """submission.csv of the best checkpoint, in the row order of sample_submission.csv."""
-        state, _ = load_checkpoint(self.run_dir / "best.safetensors")
+        """submission.csv of the kept checkpoint (`[runtime] keep`), in the row order of
+        sample_submission.csv."""
+        state, _ = load_checkpoint(keep.kept_file(self.run_dir, self.recipe.runtime.keep))
         self.raw_model.load_state_dict(state)
         test = self.data.test
         member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
         with progress_display(self.console, enabled=self.console is not None, transient=True) as bar:
             t0 = time.perf_counter()
-            probs = forward([member], test.paths, self.rt, self.eval_batch, progress=bar,
+            probs = forward([member], test.paths, self.eval_rt, self.eval_batch, progress=bar,
                             what="predicting the test set")[0]
             self.eval_img_per_s = len(test.paths) / max(time.perf_counter() - t0, 1e-9)
         write_scores_csv(self.run_dir / "submission.csv", test.ids, test.classes, probs)
 
     # -- helpers
+
+    @contextlib.contextmanager
+    def _stop_when_writes_fail(self):
+        """A full disk (or a folder gone read-only) stops the run with what is kept and what is needed."""
+        try:
+            yield
+        except (WriteFailed, OSError) as exc:
+            if isinstance(exc, WriteFailed):
+                what, needed = f"{exc.path}: {exc.reason}", f"; free at least {exc.needed / 2**20:.0f} MiB there"
+            else:
+                what, needed = f"{exc.filename or self.run_dir}: {exc.strerror or exc}", ""
+            state = self.run_dir / STATE_FILE
+            kept = (f"the last saved state ({state}, epoch {self._saved_epoch()}) is intact"
+                    if state.is_file() else "no resumable state was saved yet")
+            raise TrainingStopped(f"writing to {self.run_dir} failed ({what}){needed}; {kept}: continue with "
+                                  f"`aicoss train --resume {self.run_dir}`", exit_code=1) from None
+
+    def _saved_epoch(self) -> str:
+        """The epoch of the state file on disk (its header only)."""
+        path = self.run_dir / STATE_FILE
+        try:
+            return str(TrainProgress.from_json(read_safetensors(path, tensors=False)[1]["progress"], str(path)).epoch)
+        except (UserError, KeyError):
+            return "?"
 
     @property
     def _terminal(self) -> bool:
@@ -656,8 +737,3 @@ def train(recipe: Recipe, out: Path | str = "runs", *, resume: Resume | None = N
     """Train `recipe` (already resolved) into a new run folder under `out`, or continue `resume`."""
     return Trainer(recipe, out, resume=resume, console=console, callbacks=callbacks).run()
 
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}" if value == value else "nan"
-    return str(value)

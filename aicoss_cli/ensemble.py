@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -20,6 +21,7 @@ from aicoss_cli.checkpoint import CheckpointMeta, check_outputs, read_meta, writ
 from aicoss_cli.data import data_inputs, describe_split, read_test, read_train, split_from_record
 from aicoss_cli.errors import UserError
 from aicoss_cli.inference import MemberSource, combine, forward, load_members, write_scores_csv
+from aicoss_cli.keep import kept_file
 from aicoss_cli.metrics import mean_average_precision
 from aicoss_cli.recipe import read_toml
 from aicoss_cli.runtime import half_dtype, make_runtime
@@ -104,9 +106,9 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
     # run folders only (a tracker's folders can live under runs/ too)
     folders = (p for p in runs_dir.glob("*/*") if (p / "recipe.toml").is_file() or (p / "best.safetensors").is_file())
     for run in sorted(folders):
-        ckpt = run / "best.safetensors"
+        ckpt = kept_file(run, run_keep(run))
         if not ckpt.is_file():
-            skipped.append((run, "no best.safetensors (no epoch finished)"))
+            skipped.append((run, f"no {ckpt.name} (no epoch finished)"))
             continue
         try:
             readable.append((ckpt, read_meta(ckpt)))
@@ -144,6 +146,15 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
             for ckpt in group:
                 skipped.append((ckpt, f"validated on another split than the {len(best)} runs taken"))
     return Discovery(taken=best, skipped=skipped, data_root=data)
+
+
+def run_keep(run: Path) -> str:
+    """The run's `[runtime] keep` ("best" when its recipe.toml does not say or cannot be read)."""
+    try:
+        keep = tomllib.loads((run / "recipe.toml").read_text(encoding="utf-8")).get("runtime", {}).get("keep")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return "best"
+    return keep if keep in ("best", "last") else "best"
 
 
 # --------------------------------------------------------------------------- checks

@@ -82,6 +82,12 @@ class OptimConfig(_Section):
     warmup_epochs: int = Field(0, ge=0, description="epochs of linear warm-up (per step) before the cosine")
     grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip_grad_norm: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights with this decay "
+                                    "(e.g. 0.9997; timm's ModelEmaV3), evaluated beside the raw weights; unset = off")
+    ema_warmup: bool = Field(False, description="ramp the EMA decay up from 0 (timm's warm-up: "
+                             "1 - (1 + step)^(-2/3), capped at ema_decay)")
+    early_stop_patience: int | None = Field(None, ge=1, description="stop after N epochs without a better val mAP; "
+                                            "unset = off")
 
     @model_validator(mode="after")
     def _consistent(self) -> OptimConfig:
@@ -89,6 +95,8 @@ class OptimConfig(_Section):
             raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g})")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        if self.ema_warmup and self.ema_decay is None:
+            raise ValueError("ema_warmup needs an EMA: set ema_decay (e.g. 0.9997), or ema_warmup = false")
         if self.batch_size % self.grad_accumulation:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accumulation ({self.grad_accumulation})"
@@ -127,6 +135,13 @@ class RuntimeConfig(_Section):
     checkpoint_every: int | None = Field(None, ge=1, description="also save resumable state every N steps")
     sync_bn: bool = Field(False, description="synchronise batch-norm statistics across GPUs")
     eval_batch_size: int | None = Field(None, ge=1, description="batch size of validation/test passes")
+    eval_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="precision of validation and the test pass, whatever the training precision (fp32: "
+        "exact ranks for mAP)")
+    keep: Literal["best", "last"] = Field("best", description="which checkpoint writes submission.csv and "
+                                          "val_scores.csv, and which one `aicoss ensemble` takes from the run")
+    keep_top: int | None = Field(None, ge=1, description="also keep the k best epochs' checkpoints "
+                                 "(epoch03.safetensors, ...); unset = none")
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description='experiment trackers: "tensorboard", "mlflow" (rank 0 logs)'
     )

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aicoss_cli.checkpoint import atomic_path, read_safetensors
+from aicoss_cli.checkpoint import atomic_path, read_safetensors, write_safetensors
 from aicoss_cli.errors import UserError
 from aicoss_cli.recipe import Recipe, load_recipe, recipe_diff, recipe_from_toml, resolve_recipe
 
@@ -48,6 +48,7 @@ class TrainProgress:
     split: dict[str, Any] = field(default_factory=dict)  # the split record of the data the run trains on
     train_seconds: float = 0.0  # training-loop seconds of the finished epochs (validation not included)
     train_images: int = 0  # images trained on in the finished epochs, all processes
+    stopped_early: bool = False  # the run ended before its last epoch (early stopping, a tuner): it is done
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -78,6 +79,8 @@ class TrainProgress:
                 if value is not None and not (isinstance(value, list) and all(
                         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
                     raise ValueError(f"{name} must be a list of numbers")
+            if not isinstance(progress.stopped_early, bool):
+                raise ValueError(f"stopped_early must be true or false (got {progress.stopped_early!r})")
             if not isinstance(progress.split, dict):
                 raise ValueError("split must be a table")
         except (ValueError, TypeError) as exc:
@@ -156,8 +159,6 @@ def save_train_state(path: Path, *, model: dict[str, torch.Tensor], optimizer: d
                      rng: list[dict], progress: TrainProgress, recipe_toml: str,
                      extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write the state atomically (a crash leaves the previous state file intact)."""
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v for k, v in model.items()}
     optim_tensors, optim_info = _flatten_optimizer(optimizer)
     tensors.update(optim_tensors)
@@ -178,8 +179,7 @@ def save_train_state(path: Path, *, model: dict[str, torch.Tensor], optimizer: d
         "scaler": json.dumps(scaler),
         "rng": json.dumps(python_rng),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 def load_train_state(run_dir: Path) -> TrainState:
@@ -236,7 +236,8 @@ class Resume:
     @property
     def complete(self) -> bool:
         """Every epoch done and the submission written: nothing is left to do."""
-        return (self.out is None and self.state.progress.epoch >= self.recipe.optim.epochs
+        p = self.state.progress
+        return (self.out is None and (p.stopped_early or p.epoch >= self.recipe.optim.epochs)
                 and (self.source / "submission.csv").is_file())
 
 
@@ -264,6 +265,7 @@ def resolve_resume(run_dir: Path, recipe_path: Path | None = None, overrides: li
                             "resume without a recipe, or add --force")
         if changes:
             notes.append("resuming with a changed recipe (--force): " + "; ".join(changes))
+            state.progress.stopped_early = False  # the changed recipe decides again when to stop
         recipe = given
     recipe.data.root = root
     if data is not None and str(data) != stored.data.root:

@@ -7,6 +7,8 @@ one module rather than from conftest or from one another.
 from __future__ import annotations
 
 import csv
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +98,15 @@ def assert_one_line_error(result, *needles: str) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".probe"))] if folder.is_dir() else []
+
+
+def state_progress(run: Path) -> dict | None:
+    """Progress stored in train_state.safetensors (read from its header, no tensors)."""
+    path = run / "train_state.safetensors"
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    return json.loads(header["__metadata__"]["progress"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, only_run_dir
+from helpers import ROOT, only_run_dir, state_progress
 
 EXACT = """
 [runtime]
@@ -34,18 +34,6 @@ def exact_recipe(write_recipe, root, epochs=2):
     text = path.read_text()
     path.write_text(text[: text.index("[runtime]")] + EXACT.lstrip())
     return path
-
-
-def state_progress(run: Path) -> dict | None:
-    """Progress stored in train_state.safetensors (read from its header, no tensors)."""
-    path = run / "train_state.safetensors"
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error):
-        return None
-    return json.loads(header["__metadata__"]["progress"])
 
 
 def metrics_without_seconds(run: Path) -> list[list[str]]:

@@ -1,0 +1,85 @@
+"""What a run keeps after each epoch: metrics.csv, which weights (raw or EMA) an epoch's checkpoint
+holds, which epoch is the best, the k best epochs' files, and when to stop early.
+
+An epoch's score is the better val mAP of its raw and EMA weights; a NaN score (no class with a
+positive, a model gone wrong) never beats a number, so it never decides what is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from aicoss_cli.checkpoint import write_text_atomic
+
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "seconds")
+EMA_COLUMN = "val_map_ema"
+KEEP_FILES = {"best": "best.safetensors", "last": "last.safetensors"}
+
+
+def score(row: dict[str, Any]) -> float:
+    """The epoch's val mAP: the better of the raw and the EMA weights'; -inf for NaN."""
+    values = [row.get("val_map"), row.get(EMA_COLUMN)]
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return max(finite) if finite else -math.inf
+
+
+def uses_ema(row: dict[str, Any]) -> bool:
+    """Whether the epoch's checkpoint holds the EMA weights (they scored strictly better)."""
+    ema = row.get(EMA_COLUMN)
+    return ema is not None and _finite(ema) > _finite(row["val_map"])
+
+
+def _finite(value: float) -> float:
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def is_better(row: dict[str, Any], best_epoch: int, best_map: float) -> bool:
+    """A new best: the first epoch always (so a run always has a best checkpoint), then only a
+    strictly higher score."""
+    return best_epoch == 0 or score(row) > best_map
+
+
+def top_epochs(rows: Sequence[dict[str, Any]], k: int) -> list[int]:
+    """The k epochs with the highest scores (the earlier epoch first on a tie)."""
+    ranked = sorted(rows, key=lambda r: (-score(r), r["epoch"]))
+    return sorted(int(r["epoch"]) for r in ranked[:k])
+
+
+def epoch_file(epoch: int, epochs: int) -> str:
+    """epoch03.safetensors (at least two digits, as many as the last epoch needs)."""
+    return f"epoch{epoch:0{max(2, len(str(epochs)))}d}.safetensors"
+
+
+def prune_epoch_files(run_dir: Path, keep: Sequence[int], epochs: int) -> None:
+    """Remove the epoch checkpoints that fell out of the top k."""
+    wanted = {epoch_file(e, epochs) for e in keep}
+    for path in run_dir.glob("epoch*.safetensors"):
+        if path.name not in wanted:
+            path.unlink(missing_ok=True)
+
+
+def stop_early(rows: Sequence[dict[str, Any]], best_epoch: int, patience: int | None) -> bool:
+    """`patience` epochs in a row without a better score than the best epoch's."""
+    return patience is not None and bool(rows) and int(rows[-1]["epoch"]) - best_epoch >= patience
+
+
+def kept_file(run_dir: Path, keep: str) -> Path:
+    """The checkpoint that wrote the run's submission: best.safetensors or last.safetensors."""
+    return Path(run_dir) / KEEP_FILES[keep]
+
+
+def write_metrics(path: Path, rows: Sequence[dict[str, Any]], ema: bool) -> None:
+    """metrics.csv: one row per epoch; with an EMA, a val_map_ema column after val_map."""
+    columns = list(METRIC_COLUMNS)
+    if ema:
+        columns.insert(columns.index("val_map") + 1, EMA_COLUMN)
+    lines = [",".join(columns)] + [",".join(_fmt(row.get(c)) for c in columns) for row in rows]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}" if value == value else "nan"
+    return "" if value is None else str(value)
