@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -460,72 +460,37 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=
     return (images.to(dtype) - shift) / scale
 
 
-# --------------------------------------------------------------------------- samplers
+# --------------------------------------------------------------------------- everything a run trains on
 
 
-def micro_batch_size(global_batch: int, accumulation: int, world: int) -> int:
-    """Images per forward pass on one process: the global batch split into accumulation × processes
-    equal micro-batches."""
-    if global_batch % (accumulation * world):
+@dataclass
+class PreparedData:
+    table: LabeledTable
+    test: TestTable
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    split: dict[str, Any]
+
+
+def prepare_data(recipe, progress=None) -> PreparedData:
+    """Read and check every input before any compute: CSVs, labels, split, every image file."""
+    table = read_train(recipe.data.root)
+    test = read_test(recipe.data.root, table.classes)
+    if len(test) == 0:
+        raise UserError(f"{test.root / 'test.csv'}: no test images")
+    for paths, csv in ((table.paths, table.root / "train.csv"), (test.paths, test.root / "test.csv")):
+        task = progress.add_task(f"checking {csv.name} images", total=len(paths)) if progress else None
+        check_images(paths, csv, (lambda n, t=task: progress.advance(t, n)) if progress else None)
+        if progress:
+            progress.remove_task(task)
+    train_rows, val_rows, split = split_record(table, recipe.data.split, recipe.data.val_fraction,
+                                               recipe.data.split_seed)
+    if not (table.labels[val_rows] > 0).any():
         raise UserError(
-            f"[optim] batch_size {global_batch} must be divisible by grad_accumulation × processes = "
-            f"{accumulation} × {world}"
-        )
-    return global_batch // (accumulation * world)
-
-
-class TrainBatches(torch.utils.data.Sampler):
-    """The micro-batches one rank trains on in one epoch.
-
-    The epoch's order is a seeded permutation of the training rows; optimizer step t takes rows
-    [t·B, (t+1)·B) of it (B = the global batch), split into `accumulation` × `world` micro-batches,
-    so the same recipe sees the same images per step on 1 GPU or N, and a resumed run (start_step)
-    continues exactly where it stopped. Rows that do not fill a last step are dropped.
-    """
-
-    def __init__(self, rows: np.ndarray, global_batch: int, accumulation: int, rank: int, world: int,
-                 seed: int, epoch: int, start_step: int = 0, augment: bool = True):
-        self.micro = micro_batch_size(global_batch, accumulation, world)
-        self.rows, self.batch, self.k = np.asarray(rows), global_batch, accumulation
-        self.rank, self.world, self.seed, self.epoch = rank, world, seed, epoch
-        self.start_step, self.augment = start_step, augment
-
-    @property
-    def steps(self) -> int:
-        return len(self.rows) // self.batch
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start_step) * self.k
-
-    def __iter__(self) -> Iterator[list]:
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        order = self.rows[torch.randperm(len(self.rows), generator=g).numpy()]
-        for step in range(self.start_step, self.steps):
-            chunk = order[step * self.batch:(step + 1) * self.batch]
-            for m in range(self.k):
-                lo = (m * self.world + self.rank) * self.micro
-                part = chunk[lo:lo + self.micro]
-                if self.augment:
-                    yield [(int(i), sample_seed(self.seed, self.epoch, int(i))) for i in part]
-                else:
-                    yield [int(i) for i in part]
-
-
-def shard(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's contiguous share of `rows` (no padding, so no duplicates to remove later)."""
-    bounds = np.linspace(0, len(rows), world + 1).round().astype(int)
-    return np.asarray(rows)[bounds[rank]:bounds[rank + 1]]
-
-
-def make_loader(dataset, batch_sampler, num_workers: int, pin_memory: bool, worker_init_fn=None):
-    """A DataLoader over explicit batches. Its own generator keeps it from drawing on the global
-    torch RNG, so creating a loader does not shift dropout noise (exact resume relies on it)."""
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        worker_init_fn=worker_init_fn,
-        generator=torch.Generator().manual_seed(0),
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+            f"{table.root / 'train.csv'}: the val split ({len(val_rows)} images) has no positive label for any class, "
+            "so val mAP is undefined and no checkpoint could be judged; raise [data] val_fraction, try another "
+            "split_seed, or use split = \"stratified\"")
+    if len(train_rows) < recipe.optim.batch_size:
+        raise UserError(f"[optim] batch_size {recipe.optim.batch_size} is larger than the training split "
+                        f"({len(train_rows)} images); lower it with --set optim.batch_size=N")
+    return PreparedData(table, test, train_rows, val_rows, split)

@@ -11,11 +11,8 @@ functions beside it.
 from __future__ import annotations
 
 import contextlib
-import math
-import signal
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,37 +21,26 @@ import torch
 from rich.markup import escape
 
 from aicoss_cli import distributed, keep
-from aicoss_cli.checkpoint import (CheckpointMeta, WriteFailed, check_writable_folder, load_checkpoint,
-                                  read_safetensors, save_checkpoint, write_text_atomic)
+from aicoss_cli.checkpoint import CheckpointMeta, WriteFailed, check_writable_folder, load_checkpoint, write_text_atomic
 from aicoss_cli.console import LogLines, clock, progress_display
-from aicoss_cli.data import (
-    ImageDataset,
-    LabeledTable,
-    TestTable,
-    TrainBatches,
-    build_train_transform,
-    check_images,
-    make_loader,
-    micro_batch_size,
-    read_test,
-    read_train,
-    shard,
-    split_record,
-)
+from aicoss_cli.data import ImageDataset, PreparedData, build_train_transform, prepare_data
 from aicoss_cli.errors import TrainingStopped, UserError
 from aicoss_cli.inference import Member, Normalizer, forward, write_scores_csv
+from aicoss_cli.losses import per_image_loss
 from aicoss_cli.metrics import mean_average_precision, skipped_classes
 from aicoss_cli.prior import PriorTracker, write_prior_csv
 from aicoss_cli.recipe import Recipe, recipe_to_toml
+from aicoss_cli.run_folder import RunLock, StopFlag, ignore_sigint, nonfinite_loss, open_run_dir, write_failed
 from aicoss_cli.runtime import Runtime, configure_kernels, make_runtime, precision_dtype, seed_everything
+from aicoss_cli.samplers import TrainBatches, make_loader, micro_batch_size, shard
+from aicoss_cli.step import TrainStep, build_ema, build_optimizer, learning_rate
 from aicoss_cli.train_state import (
     STATE_FILE,
     Resume,
     TrainProgress,
-    fork_run,
     rng_state,
+    restore,
     save_train_state,
-    set_rng_state,
 )
 from aicoss_cli.watch import RunWatch
 
@@ -91,88 +77,6 @@ class Callback:
 
 
 # --------------------------------------------------------------------------- free pieces
-
-
-def learning_rate(optim, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up per step over `warmup_epochs`, then cosine annealing from lr to min_lr,
-    stepped per epoch as the seed's CosineAnnealingLR(T_max=epochs) was:
-    lr_e = min_lr + (lr − min_lr)·(1 + cos(π·e/E))/2, e counted from the end of the warm-up."""
-    if epoch < optim.warmup_epochs:
-        done = epoch * steps_per_epoch + step + 1
-        return optim.lr * done / (optim.warmup_epochs * steps_per_epoch)
-    e, total = epoch - optim.warmup_epochs, optim.epochs - optim.warmup_epochs
-    return optim.min_lr + (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * e / total)) / 2
-
-
-@dataclass
-class PreparedData:
-    table: LabeledTable
-    test: TestTable
-    train_rows: np.ndarray
-    val_rows: np.ndarray
-    split: dict[str, Any]
-
-
-def prepare_data(recipe: Recipe, progress=None) -> PreparedData:
-    """Read and check every input before any compute: CSVs, labels, split, every image file."""
-    table = read_train(recipe.data.root)
-    test = read_test(recipe.data.root, table.classes)
-    if len(test) == 0:
-        raise UserError(f"{test.root / 'test.csv'}: no test images")
-    for paths, csv in ((table.paths, table.root / "train.csv"), (test.paths, test.root / "test.csv")):
-        task = progress.add_task(f"checking {csv.name} images", total=len(paths)) if progress else None
-        check_images(paths, csv, (lambda n, t=task: progress.advance(t, n)) if progress else None)
-        if progress:
-            progress.remove_task(task)
-    train_rows, val_rows, split = split_record(table, recipe.data.split, recipe.data.val_fraction,
-                                               recipe.data.split_seed)
-    return PreparedData(table, test, train_rows, val_rows, split)
-
-
-def new_run_dir(out: Path, name: str) -> Path:
-    """OUT/<name>/<UTC timestamp>/, never an existing folder."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = Path(out) / name
-    base.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        candidate = base / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise UserError(f"{base}: could not create a new run folder")
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to stop at the next step boundary; a second Ctrl-C is immediate."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _ignore_sigint(_worker_id: int) -> None:
-    # loader workers must survive Ctrl-C so the main process can save a clean checkpoint
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -231,6 +135,7 @@ class Trainer:
         self.notes: list[str] = list(resume.notes) if resume is not None else []
         self.eval_img_per_s: float | None = None  # of the last validation or test pass
         self.val_probs: np.ndarray | None = None  # of the last epoch (rank 0)
+        self.lock: RunLock | None = None  # the run folder's, held by rank 0 while it trains
 
     # -- the run
 
@@ -248,7 +153,7 @@ class Trainer:
             self._each_callback("on_run_start", self)
             started = True
             stopped_early = False
-            with _StopFlag() as stop, self._progress() as bar, self._stop_when_writes_fail():
+            with StopFlag() as stop, self._progress() as bar, self._stop_when_writes_fail():
                 while self.progress.epoch < r.optim.epochs and not stopped_early and not self.progress.stopped_early:
                     self._train_epoch(bar, stop)
                     stopped_early = self._end_epoch(bar)
@@ -265,6 +170,8 @@ class Trainer:
         finally:
             if started:
                 self._each_callback("on_run_end", self, result)
+            if self.lock is not None:
+                self.lock.release()
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # process-wide
             distributed.teardown(self.info)
 
@@ -282,8 +189,8 @@ class Trainer:
         self.val_targets = self.data.table.labels[self.data.val_rows]
         self.raw_model, self.model = self._setup_model(pretrained=r.model.pretrained if state is None else False)
         self.loss_fn, self.prior = self._setup_loss()
-        self.optimizer, self.scaler = self._setup_optimizer(self.raw_model)
-        self.ema = self._setup_ema(self.raw_model)
+        self.optimizer, self.scaler = build_optimizer(self.raw_model, r.optim, self.rt)
+        self.ema = build_ema(self.raw_model, r.optim)
         self.progress = TrainProgress(split=self.data.split)
         if state is not None:
             self._restore(state)
@@ -298,7 +205,9 @@ class Trainer:
         self.eval_batch = r.runtime.eval_batch_size or self.micro_batch
         # DDP averages gradients over ranks and accumulation sums them: scale so that one optimizer step
         # follows the gradient of the recipe's loss on the whole global batch
-        self.micro_scale = self.info.world if self.loss_fn.reduction == "sum" else 1.0 / r.optim.grad_accumulation
+        micro_scale = self.info.world if self.loss_fn.reduction == "sum" else 1.0 / r.optim.grad_accumulation
+        self.step = TrainStep(self.model, self.raw_model, self.loss_fn, self.optimizer, self.scaler, self.ema, self.rt,
+                              micro_scale, r.optim.clip_grad_norm, self.info.active)
 
     def _setup_runtime(self) -> Runtime:
         """The training runtime; `self.eval_rt` is the same in `[runtime] eval_precision`."""
@@ -316,16 +225,6 @@ class Trainer:
         with progress_display(self.console, enabled=self.info.main and self.console is not None,
                               transient=True) as progress:
             data = prepare_data(r, progress if self.info.main else None)
-        if not (data.table.labels[data.val_rows] > 0).any():
-            raise UserError(
-                f"{data.table.root / 'train.csv'}: the val split ({len(data.val_rows)} images) has no positive label "
-                "for any class, so val mAP is undefined and no checkpoint could be judged; raise [data] "
-                "val_fraction, try another split_seed, or use split = \"stratified\"")
-        if len(data.train_rows) < r.optim.batch_size:
-            raise UserError(
-                f"[optim] batch_size {r.optim.batch_size} is larger than the training split "
-                f"({len(data.train_rows)} images); lower it with --set optim.batch_size=N"
-            )
         if self.resume is not None:
             saved = self.resume.state.progress.split
             if saved.get("val_fingerprint") and saved["val_fingerprint"] != data.split["val_fingerprint"]:
@@ -363,74 +262,29 @@ class Trainer:
                                          self.rt.device, self.notes)
         return loss_fn, prior
 
-    def _setup_optimizer(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
-        """AdamW (fused: it reads the scaler's inf flag on the device) and the grad scaler: dynamic
-        loss scaling in fp16; a fixed scale of 1 otherwise, where it only skips non-finite steps."""
-        r = self.recipe
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=r.optim.lr, weight_decay=r.optim.weight_decay, fused=True)
-        fp16 = self.rt.amp_dtype is torch.float16
-        scaler = torch.amp.GradScaler(self.rt.device.type, init_scale=2.0**16 if fp16 else 1.0,
-                                      growth_interval=2000 if fp16 else 2**31 - 1)
-        return optimizer, scaler
-
-    def _setup_ema(self, model: torch.nn.Module):
-        """timm's ModelEmaV3 of the weights (`[optim] ema_decay`), updated after every optimizer step
-        with timm's step count (the first update copies the weights); None when off."""
-        optim = self.recipe.optim
-        if optim.ema_decay is None:
-            return None
-        from timm.utils import ModelEmaV3
-
-        return ModelEmaV3(model, decay=optim.ema_decay, use_warmup=optim.ema_warmup)
-
     def _restore(self, state) -> None:
-        info = self.info
-        self.raw_model.load_state_dict(state.model)
-        if self.ema is not None:
-            saved = {k[len("ema."):]: v for k, v in state.extra.items() if k.startswith("ema.")}
-            if saved:
-                self.ema.module.load_state_dict(saved)
-            else:
-                self.ema.set(self.raw_model)
-                self.notes.append("the saved state holds no EMA (it was switched on when resuming): "
-                                  "the EMA starts from the current weights")
-        self.optimizer.load_state_dict(state.optimizer)
-        if state.scaler:
-            self.scaler.load_state_dict(state.scaler)
-        self.progress = state.progress
+        self.progress = restore(state, self.raw_model, self.optimizer, self.scaler, self.ema, self.info, self.notes)
         if self.progress.prior is not None and self.prior is not None:
             self.prior.prior = torch.tensor(self.progress.prior)
-        if len(state.rng) != info.world:
-            self.notes.append(f"resuming on {info.world} processes, saved on {len(state.rng)}: the data order is "
-                              "the same, random augmentation and dropout are not bit-identical")
-        set_rng_state(state.rng[min(info.rank, len(state.rng) - 1)])
 
     def _setup_run_dir(self) -> Path:
-        info = self.info
-        resume = self.resume
-        if resume is not None and resume.out is None:
-            run_dir = resume.source
-        else:
-            run_dir = new_run_dir(resume.out if resume else self.out, self.recipe.name) if info.main else None
-            run_dir = Path(distributed.broadcast_object(info, str(run_dir) if run_dir else None))
-            if resume is not None and info.main:
-                fork_run(resume.source, run_dir)
-                self.notes.append(f"continuing {resume.source} in a new folder; the original is left as it was")
-        if info.main:
+        """The run folder (a new one, the resumed one, or a fork of it), locked by rank 0."""
+        run_dir = open_run_dir(self.info, self.out, self.recipe, self.resume, self.notes)
+        if self.info.main:
+            self.lock = RunLock(run_dir).acquire()
             write_text_atomic(run_dir / "recipe.toml", recipe_to_toml(self.recipe))
         return run_dir
 
     # -- one epoch
 
-    def _train_epoch(self, bar, stop: _StopFlag) -> None:
+    def _train_epoch(self, bar, stop: StopFlag) -> None:
         r, info, rt, p = self.recipe, self.info, self.rt, self.progress
         epoch, start_step = p.epoch, p.step
         sampler = TrainBatches(self.data.train_rows, r.optim.batch_size, r.optim.grad_accumulation, info.rank,
                                info.world, r.runtime.seed, epoch, start_step=start_step,
                                augment=r.augment.policy != "none")
         loader = make_loader(self.train_set, sampler, rt.workers, rt.pin,
-                             worker_init_fn=_ignore_sigint if rt.workers else None)
+                             worker_init_fn=ignore_sigint if rt.workers else None)
         steps, accumulation = sampler.steps, r.optim.grad_accumulation
         normalize = Normalizer(rt.device, torch.channels_last if rt.channels_last else torch.contiguous_format)
         if self.prior is not None:
@@ -450,12 +304,7 @@ class Trainer:
             x = normalize(images.to(rt.device, non_blocking=rt.pin))
             y = targets.to(rt.device, non_blocking=rt.pin)
             last_micro = micro == accumulation - 1
-            with (self.model.no_sync() if info.active and not last_micro else contextlib.nullcontext()):
-                with rt.autocast():
-                    logits = self.model(x)
-                loss = self.loss_fn(logits.float(), y)
-                self.scaler.scale(loss * self.micro_scale).backward()
-            detached = loss.detach()
+            logits, detached = self.step.backward(x, y, last_micro)
             step_finite &= torch.isfinite(detached)
             loss_sum += detached.double() / len(images) if self.loss_fn.reduction == "sum" else detached.double()
             loss_count += 1
@@ -475,11 +324,9 @@ class Trainer:
                 self._check_finite(first_bad, epoch, p.global_step - step)
             step_finite.fill_(True)
             self.lr = learning_rate(r.optim, epoch, step, steps)
-            self._optimizer_step()
             step += 1
             p.global_step += 1
-            if self.ema is not None:
-                self.ema.update(self.raw_model, step=p.global_step)
+            self.step.optimize(self.lr, p.global_step)
             now = time.perf_counter()
             boundary = self._boundary(loss_sum, loss_count, base_seconds + now - t0)
             save_now = bool(r.runtime.checkpoint_every) and p.global_step % r.runtime.checkpoint_every == 0 \
@@ -535,14 +382,8 @@ class Trainer:
         """Stop if a step had a non-finite loss (its update was skipped on the device; nothing after it is
         saved). Reads one device value: called at the loop's syncs."""
         step = int(first_bad)
-        if step < 0:
-            return
-        last = self.run_dir / "last.safetensors"
-        kept = [str(f) for f in (last, self.run_dir / STATE_FILE) if f.is_file()]
-        what = f"the last good checkpoint ({', '.join(kept)}) is kept" if kept else "no checkpoint had been written yet"
-        raise TrainingStopped(
-            f"non-finite loss at epoch {epoch + 1}, step {step} (global step {epoch_start_global + step}); the "
-            f"weights were not updated and {what}; lower [optim] lr or use precision = \"fp32\"")
+        if step >= 0:
+            raise nonfinite_loss(self.run_dir, epoch, step, epoch_start_global + step)
 
     def _stop_for_bad_image(self, bad: str, boundary: _Boundary, epoch: int, step: int) -> None:
         message = next(m for m in distributed.all_gather_objects(self.info, bad) if m)
@@ -551,16 +392,6 @@ class Trainer:
         raise TrainingStopped(
             f"{message}. Training stopped at epoch {epoch + 1}, step {step}; fix or remove the file and "
             f"continue with `aicoss train --resume {self.run_dir}`", exit_code=2)
-
-    def _optimizer_step(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        self.scaler.unscale_(self.optimizer)
-        if self.recipe.optim.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.clip_grad_norm)
-        self.scaler.step(self.optimizer)  # skipped on the device when a gradient is not finite
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
 
     # -- the end of an epoch
 
@@ -584,7 +415,8 @@ class Trainer:
         seconds = p.seconds + (time.perf_counter() - t_val)
         stop = False
         if info.main:
-            row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": train_loss, "val_loss": self._val_loss(val_logits),
+            row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": train_loss, "val_loss": per_image_loss(
+                       self.loss_fn, val_logits, self.val_targets, self.micro_batch * info.world, self.rt.device),
                    "val_map": mean_average_precision(self.val_targets, torch.sigmoid(val_logits).numpy()),
                    "seconds": round(seconds, 3)}
             if ema_logits is not None:
@@ -601,38 +433,26 @@ class Trainer:
         return stop
 
     def _keep(self, row: dict, logits: torch.Tensor, used_prior: list[float] | None) -> bool:
-        """Write what the epoch keeps (rank 0): metrics.csv, last / best / top-k checkpoints of the
-        better of the raw and EMA weights, val_scores.csv of the kept checkpoint, prior.csv.
-        True when early stopping ends the run here."""
-        r, p, data, run = self.recipe, self.progress, self.data, self.run_dir
-        epoch, ema = row["epoch"], keep.uses_ema(row)
-        keep.write_metrics(run / "metrics.csv", p.rows, ema=self.ema is not None)
-        weights = (self.ema.module if ema else self.raw_model).state_dict()
+        """Write what the epoch keeps (rank 0; see `keep.keep_epoch`) and say so; True when early
+        stopping ends the run here."""
+        r, p = self.recipe, self.progress
+        weights = (self.ema.module if keep.uses_ema(row) else self.raw_model).state_dict()
         meta = CheckpointMeta(arch=r.model.arch, img_size=r.model.img_size, classes=self.classes,
-                              recipe_toml=recipe_to_toml(r), epoch=epoch, val_map=keep.score(row), split=data.split,
-                              prior=used_prior, extra={"weights": "ema" if ema else "raw"})
-        save_checkpoint(run / "last.safetensors", weights, meta)
-        best = keep.is_better(row, p.best_epoch, p.best_map)
-        if best:
-            p.best_map, p.best_epoch = keep.score(row), epoch
-            save_checkpoint(run / "best.safetensors", weights, meta)
+                              recipe_toml=recipe_to_toml(r), epoch=row["epoch"], val_map=keep.score(row),
+                              split=self.data.split, prior=used_prior,
+                              extra={"weights": "ema" if keep.uses_ema(row) else "raw"})
         self.val_probs = torch.sigmoid(logits).numpy()
-        if best or r.runtime.keep == "last":
-            write_scores_csv(run / "val_scores.csv", [data.table.ids[i] for i in data.val_rows], self.classes,
-                             self.val_probs)
-        if r.runtime.keep_top:
-            top = keep.top_epochs(p.rows, r.runtime.keep_top)
-            if epoch in top:
-                save_checkpoint(run / keep.epoch_file(epoch, r.optim.epochs), weights, meta)
-            keep.prune_epoch_files(run, top, r.optim.epochs)
+        val_ids = [self.data.table.ids[i] for i in self.data.val_rows]
+        best = keep.keep_epoch(self.run_dir, r, p, weights, meta, val_ids, self.val_probs, ema=self.ema is not None)
         if self.prior is not None and self.prior.prior is not None:
-            write_prior_csv(run / "prior.csv", self.classes, self.prior.prior.tolist())
+            write_prior_csv(self.run_dir / "prior.csv", self.classes, self.prior.prior.tolist())
         ema_text = f"  val_mAP_ema {row[keep.EMA_COLUMN]:.4f}" if self.ema is not None else ""
-        self._say(f"epoch {epoch}/{r.optim.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-                  f"val_mAP {row['val_map']:.4f}{ema_text}{'  (best)' if best else ''}  {row['seconds']:.1f}s")
-        if epoch < r.optim.epochs and keep.stop_early(p.rows, p.best_epoch, r.optim.early_stop_patience):
-            self.notes.append(f"early stop after epoch {epoch}: no better val mAP for {r.optim.early_stop_patience} "
-                              f"epochs (best {p.best_map:.4f} at epoch {p.best_epoch})")
+        self._say(f"epoch {row['epoch']}/{r.optim.epochs}  train_loss {row['train_loss']:.4f}  val_loss "
+                  f"{row['val_loss']:.4f}  val_mAP {row['val_map']:.4f}{ema_text}{'  (best)' if best else ''}  "
+                  f"{row['seconds']:.1f}s")
+        if row["epoch"] < r.optim.epochs and keep.stop_early(p.rows, p.best_epoch, r.optim.early_stop_patience):
+            self.notes.append(f"early stop after epoch {row['epoch']}: no better val mAP for "
+                              f"{r.optim.early_stop_patience} epochs (best {p.best_map:.4f} at epoch {p.best_epoch})")
             self._say(f"[yellow]early stop:[/] {escape(self.notes[-1])}")
             return True
         return False
@@ -647,19 +467,6 @@ class Trainer:
                          logits=True, progress=bar, what="  validating")[0]
         self.eval_img_per_s = len(mine) * self.info.world / max(time.perf_counter() - t0, 1e-9)
         return distributed.gather_rows(self.info, logits, self.rt.device)
-
-    def _val_loss(self, logits: torch.Tensor) -> float:
-        """Per-image validation loss over chunks of one micro-batch (independent of the process count)."""
-        chunk = self.micro_batch * self.info.world
-        targets = torch.from_numpy(self.val_targets.astype(np.float32))
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(logits), chunk):
-                part = logits[i:i + chunk].to(self.rt.device)
-                value = self.loss_fn(part, targets[i:i + chunk].to(self.rt.device)).item()
-                total += value / len(part) if self.loss_fn.reduction == "sum" else value
-                count += 1
-        return total / max(count, 1)
 
     def _save_state(self, rng: dict | None = None) -> None:
         """Resumable state as of the last step boundary (a collective: every rank calls it)."""
@@ -692,23 +499,7 @@ class Trainer:
         try:
             yield
         except (WriteFailed, OSError) as exc:
-            if isinstance(exc, WriteFailed):
-                what, needed = f"{exc.path}: {exc.reason}", f"; free at least {exc.needed / 2**20:.0f} MiB there"
-            else:
-                what, needed = f"{exc.filename or self.run_dir}: {exc.strerror or exc}", ""
-            state = self.run_dir / STATE_FILE
-            kept = (f"the last saved state ({state}, epoch {self._saved_epoch()}) is intact"
-                    if state.is_file() else "no resumable state was saved yet")
-            raise TrainingStopped(f"writing to {self.run_dir} failed ({what}){needed}; {kept}: continue with "
-                                  f"`aicoss train --resume {self.run_dir}`", exit_code=1) from None
-
-    def _saved_epoch(self) -> str:
-        """The epoch of the state file on disk (its header only)."""
-        path = self.run_dir / STATE_FILE
-        try:
-            return str(TrainProgress.from_json(read_safetensors(path, tensors=False)[1]["progress"], str(path)).epoch)
-        except (UserError, KeyError):
-            return "?"
+            raise write_failed(self.run_dir, exc) from None
 
     @property
     def _terminal(self) -> bool:

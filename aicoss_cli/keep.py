@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from aicoss_cli.checkpoint import write_text_atomic
+from aicoss_cli.checkpoint import save_checkpoint, write_text_atomic
+from aicoss_cli.inference import write_scores_csv
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "seconds")
 EMA_COLUMN = "val_map_ema"
@@ -68,6 +69,29 @@ def stop_early(rows: Sequence[dict[str, Any]], best_epoch: int, patience: int | 
 def kept_file(run_dir: Path, keep: str) -> Path:
     """The checkpoint that wrote the run's submission: best.safetensors or last.safetensors."""
     return Path(run_dir) / KEEP_FILES[keep]
+
+
+def keep_epoch(run_dir: Path, recipe, progress, weights: dict, meta, val_ids: Sequence[str], val_probs,
+               ema: bool) -> bool:
+    """The files of the epoch `progress.rows[-1]`: metrics.csv, last.safetensors, best.safetensors (and
+    the best in `progress`) on a better score, val_scores.csv of the kept checkpoint (`[runtime]
+    keep`), and the top-k epoch checkpoints (`keep_top`). `weights` are the better of the epoch's raw
+    and EMA weights. True when the epoch is the new best."""
+    row, r = progress.rows[-1], recipe
+    write_metrics(run_dir / "metrics.csv", progress.rows, ema=ema)
+    save_checkpoint(run_dir / "last.safetensors", weights, meta)
+    best = is_better(row, progress.best_epoch, progress.best_map)
+    if best:
+        progress.best_map, progress.best_epoch = score(row), row["epoch"]
+        save_checkpoint(run_dir / "best.safetensors", weights, meta)
+    if best or r.runtime.keep == "last":
+        write_scores_csv(run_dir / "val_scores.csv", val_ids, meta.classes, val_probs)
+    if r.runtime.keep_top:
+        top = top_epochs(progress.rows, r.runtime.keep_top)
+        if row["epoch"] in top:
+            save_checkpoint(run_dir / epoch_file(row["epoch"], r.optim.epochs), weights, meta)
+        prune_epoch_files(run_dir, top, r.optim.epochs)
+    return best
 
 
 def write_metrics(path: Path, rows: Sequence[dict[str, Any]], ema: bool) -> None:

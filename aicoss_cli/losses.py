@@ -486,6 +486,21 @@ def loss_param_fields() -> dict[str, object]:
     return fields
 
 
+def per_image_loss(loss_fn: nn.Module, logits: Tensor, targets, chunk: int, device: torch.device) -> float:
+    """A loss over many images as reported: the mean over chunks of `chunk` images (one micro-batch
+    of the whole run, so independent of the process count), sum-reduced losses divided by the
+    chunk's image count, so that every loss is per image."""
+    targets = torch.as_tensor(targets, dtype=torch.float32)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(logits), chunk):
+            part = logits[i:i + chunk].to(device)
+            value = loss_fn(part, targets[i:i + chunk].to(device)).item()
+            total += value / len(part) if loss_fn.reduction == "sum" else value
+            count += 1
+    return total / max(count, 1)
+
+
 def build_loss(name: str, **params: object) -> nn.Module:
     """The loss module ``name`` (any accepted spelling); params set to None take the default."""
     canonical = resolve_loss_name(name)

@@ -219,6 +219,28 @@ def load_train_state(run_dir: Path) -> TrainState:
     )
 
 
+def restore(state: TrainState, model, optimizer, scaler, ema, info, notes: list[str]) -> TrainProgress:
+    """Put a loaded state back into a freshly built model, optimizer, scaler and EMA, and this
+    process's RNGs; its progress is returned."""
+    model.load_state_dict(state.model)
+    if ema is not None:
+        saved = {k[len("ema."):]: v for k, v in state.extra.items() if k.startswith("ema.")}
+        if saved:
+            ema.module.load_state_dict(saved)
+        else:
+            ema.set(model)
+            notes.append("the saved state holds no EMA (it was switched on when resuming): the EMA starts from "
+                         "the current weights")
+    optimizer.load_state_dict(state.optimizer)
+    if state.scaler:
+        scaler.load_state_dict(state.scaler)
+    if len(state.rng) != info.world:
+        notes.append(f"resuming on {info.world} processes, saved on {len(state.rng)}: the data order is the same, "
+                     "random augmentation and dropout are not bit-identical")
+    set_rng_state(state.rng[min(info.rank, len(state.rng) - 1)])
+    return state.progress
+
+
 # --------------------------------------------------------------------------- --resume
 
 

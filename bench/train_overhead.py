@@ -81,11 +81,11 @@ def make_trainer(root: Path, out: Path, args, policy: str, workers: int):
 def engine_epoch(trainer) -> tuple[float, int]:
     """(seconds, images) of one epoch of the engine's loop, from step 0."""
     from aicoss_cli.console import progress_display
-    from aicoss_cli.engine import _StopFlag
+    from aicoss_cli.run_folder import StopFlag
 
     p = trainer.progress
     p.epoch, p.step, p.loss_sum, p.loss_count, p.seconds = 0, 0, 0.0, 0, 0.0
-    with _StopFlag() as stop, progress_display(None, enabled=False) as bar:
+    with StopFlag() as stop, progress_display(None, enabled=False) as bar:
         t0 = time.perf_counter()
         trainer._train_epoch(bar, stop)
         seconds = time.perf_counter() - t0
@@ -109,7 +109,7 @@ def pure_steps(trainer, batches) -> tuple[float, int]:
 
 def loader_img_per_s(trainer, workers: int, steps: int) -> float:
     """The training loader alone (decode, resize, augment, collate), no model."""
-    from aicoss_cli.data import TrainBatches, make_loader
+    from aicoss_cli.samplers import TrainBatches, make_loader
 
     r = trainer.recipe
     sampler = TrainBatches(trainer.data.train_rows, r.optim.batch_size, 1, 0, 1, r.runtime.seed, 0,
@@ -178,9 +178,10 @@ def measure(tmp: Path, args) -> dict:
     base = engines["none"]
     for other in engines.values():  # every loop trains the very same model object from the same state
         other.raw_model, other.model, other.optimizer, other.scaler = base.raw_model, base.model, base.optimizer, base.scaler
+        other.step = base.step
 
     normalize = Normalizer(base.rt.device)
-    from aicoss_cli.data import TrainBatches, make_loader
+    from aicoss_cli.samplers import TrainBatches, make_loader
 
     sampler = TrainBatches(base.data.train_rows, args.batch_size, 1, 0, 1, 41, 0, augment=False)
     batches = [(normalize(images), targets) for images, targets, _, _ in make_loader(base.train_set, sampler, 0, False)]

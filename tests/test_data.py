@@ -12,17 +12,16 @@ import torch
 from aicoss_cli.data import (
     Cutout,
     ImageDataset,
-    TrainBatches,
     build_train_transform,
     check_images,
     class_ratio_gap,
     read_test,
     read_train,
     sample_seed,
-    shard,
     split_indices,
 )
 from aicoss_cli.errors import UserError
+from aicoss_cli.samplers import TrainBatches, shard
 
 
 @pytest.fixture

@@ -212,18 +212,18 @@ def test_an_image_that_breaks_during_training_stops_cleanly_and_resumes(
 
 def _interrupted_run(run_cli, recipe, out, monkeypatch) -> Path:
     """A run stopped (as by Ctrl-C) after its first optimizer step of epoch 1."""
-    import aicoss_cli.engine as engine
+    from aicoss_cli.step import TrainStep
 
-    real = engine.Trainer._optimizer_step
+    real = TrainStep.optimize
 
-    def stop_after_first_step(self):
-        real(self)
-        if self.progress.global_step == 0:
+    def stop_after_first_step(self, lr, global_step):
+        real(self, lr, global_step)
+        if global_step == 1:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(engine.Trainer, "_optimizer_step", stop_after_first_step)
+    monkeypatch.setattr(TrainStep, "optimize", stop_after_first_step)
     result = run_cli("train", recipe, "--out", out)
-    monkeypatch.setattr(engine.Trainer, "_optimizer_step", real)
+    monkeypatch.setattr(TrainStep, "optimize", real)
     assert result.code == 130, result.stderr
     return only_run_dir(out)
 

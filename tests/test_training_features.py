@@ -32,16 +32,16 @@ def state_tensors(run: Path) -> dict[str, torch.Tensor]:
 def test_ema_is_timms_update_computed_by_hand(run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
     """Two optimizer steps with decay d: the first update copies the weights (timm counts steps from
     1), the second gives ema = d·w1 + (1 − d)·w2, w_t the raw weights after step t."""
-    import aicoss_cli.engine as engine
+    from timm.utils import ModelEmaV3
 
     raw_after: list[dict[str, torch.Tensor]] = []
-    real = engine.Trainer._optimizer_step
+    real = ModelEmaV3.update
 
-    def record(self):
-        real(self)
-        raw_after.append({k: v.detach().clone().double() for k, v in self.raw_model.state_dict().items()})
+    def record(self, model, step=None):  # the raw weights after each optimizer step, as the EMA is given them
+        raw_after.append({k: v.detach().clone().double() for k, v in model.state_dict().items()})
+        real(self, model, step=step)
 
-    monkeypatch.setattr(engine.Trainer, "_optimizer_step", record)
+    monkeypatch.setattr(ModelEmaV3, "update", record)
     # 192 train rows and a batch of 96: two steps in the one epoch
     recipe = write_recipe(demo_root, epochs=1, extra="")
     recipe.write_text(recipe.read_text().replace("batch_size = 32", "batch_size = 96")
