@@ -1,4 +1,4 @@
-"""The `score` command: parse, call `aicoss_cli.thresholds.score_files`, print.
+"""The `score` command: parse, call `aicoss_cli.scoring.score_files`, print.
 
 A plain function with annotated parameters, registered on the app by `cli.py`. It imports no
 torch at all: scoring two CSVs needs numpy and the csv module only.
@@ -34,7 +34,7 @@ def score(
 
     Example: [bold]aicoss score submission.csv data/demo/test_labels.csv --thresholds 0.4[/]
     """
-    from aicoss_cli.thresholds import score_files
+    from aicoss_cli.scoring import score_files
 
     report = score_files(predictions, labels, thresholds)
     if as_json:

@@ -14,9 +14,9 @@ from typing import Any
 from aicoss_cli.checkpoint import write_text_atomic
 from aicoss_cli.metrics import average_precision_per_class
 from aicoss_cli.recipe import recipe_to_toml
+from aicoss_cli.runs import RUN_FORMAT
 
 RUN_FILE = "run.json"
-RUN_FORMAT = "aicoss-run/1"
 
 
 def run_summary(trainer, status: str) -> dict[str, Any]:

@@ -301,7 +301,8 @@ def test_missing_data_skips_the_per_class_picture_with_a_note(run_cli, runs, tmp
 
 
 def test_class_names_with_quotes_commas_emoji_and_dollars_are_drawn(runs, tmp_path):
-    from aicoss_cli.report import ClassAP, draw_per_class_ap, load_run
+    from aicoss_cli.report import draw_per_class_ap
+    from aicoss_cli.runs import ClassAP, load_run
 
     names = ['say "hi"', "a,b", "rain 🌧", "$x$ cost", "$", "no positive"] + [f"c{i}" for i in range(70)]
     ap = np.linspace(0.1, 0.9, len(names))
@@ -312,7 +313,8 @@ def test_class_names_with_quotes_commas_emoji_and_dollars_are_drawn(runs, tmp_pa
 
 
 def test_ap_table_sorts_weakest_first_and_marks_five():
-    from aicoss_cli.report import ClassAP, ap_table
+    from aicoss_cli.report import ap_table
+    from aicoss_cli.runs import ClassAP
 
     a = ClassAP(["a", "b", "c", "d", "e", "f", "g"], np.array([0.9, 0.2, np.nan, 0.5, 0.1, 0.7, 0.35]),
                 np.ones(7, int), 10)

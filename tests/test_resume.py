@@ -305,3 +305,22 @@ def test_a_damaged_training_state_is_a_one_line_error(run_cli, demo_root, write_
     assert result.code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train_state.safetensors" in lines[0] and "damaged" in lines[0], result.stderr
+
+
+def test_a_second_train_on_the_same_run_folder_is_refused_and_a_stale_lock_is_taken_over(
+        run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
+    run = _interrupted_run(run_cli, write_recipe(demo_root, epochs=2), tmp_path / "runs", monkeypatch)
+    assert not (run / ".aicoss.lock").exists()  # released when the run stopped
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".aicoss.lock").write_text(json.dumps({"pid": other.pid}))
+        before = (run / "train_state.safetensors").read_bytes()
+        busy = run_cli("train", "--resume", run)
+        assert busy.code == 2 and f"pid {other.pid}" in busy.stderr, busy.stderr
+        assert (run / "train_state.safetensors").read_bytes() == before
+    finally:
+        other.kill()
+        other.wait()
+    resumed = run_cli("train", "--resume", run)  # the process that held it is gone: the lock is stale
+    assert resumed.code == 0, resumed.stderr
+    assert not (run / ".aicoss.lock").exists()

@@ -479,7 +479,7 @@ def test_per_class_rows_and_csv(tmp_path):
 def test_auto_thresholds_on_a_trained_run_label_its_submission(run_cli, demo_root, write_recipe, tmp_path):
     """The pieces the lead wires into predict: fit on a run's val_scores.csv, label its submission, score it."""
     from aicoss_cli.data import read_train
-    from aicoss_cli.thresholds import read_labels_csv, read_probabilities_csv
+    from aicoss_cli.scoring import read_labels_csv, read_probabilities_csv
     from helpers import only_run_dir
 
     assert run_cli("train", write_recipe(demo_root, epochs=1), "--out", tmp_path / "runs").code == 0
