@@ -59,7 +59,7 @@ val_fraction = 0.1
 [runtime]
 seed = 41
 precision = "{precision}"
-device = "cpu"
+device = "{device}"
 num_workers = {workers}
 """
 
@@ -71,7 +71,7 @@ def make_trainer(root: Path, out: Path, args, policy: str, workers: int):
     from aicoss_cli.recipe import recipe_from_toml, resolve_recipe
 
     text = RECIPE.format(arch=args.arch, size=args.size, batch=args.batch_size, policy=policy, root=root,
-                         precision=args.precision, workers=workers)
+                         precision=args.precision, workers=workers, device=args.device)
     trainer = Trainer(resolve_recipe(recipe_from_toml(text, "bench")), out)
     trainer.info = distributed.setup(False)
     trainer.setup()
@@ -88,6 +88,7 @@ def engine_epoch(trainer) -> tuple[float, int]:
     with StopFlag() as stop, progress_display(None, enabled=False) as bar:
         t0 = time.perf_counter()
         trainer._train_epoch(bar, stop)
+        trainer.rt.synchronize()
         seconds = time.perf_counter() - t0
     return seconds, p.step * trainer.recipe.optim.batch_size
 
@@ -104,6 +105,7 @@ def pure_steps(trainer, batches) -> tuple[float, int]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    rt.synchronize()
     return time.perf_counter() - t0, sum(len(x) for x, _ in batches)
 
 
@@ -136,7 +138,9 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18_mldecoder")
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--workers", type=int, default=0, help="loader processes of the engine's epochs")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed epoch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON only")
@@ -149,7 +153,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{report['arch']} @ {report['size']} px, batch {report['batch_size']}, {report['precision']}, "
+    print(f"{report['arch']} @ {report['size']} px, batch {report['batch_size']}, {report['precision']} on "
+          f"{report['device']}, "
           f"{report['steps']} steps × {report['rounds']} rounds, {report['torch_threads']} torch threads on "
           f"{report['cpus']} CPUs; load average {report['load_average'][0]} before, {report['load_average'][1]} after")
     for k, v in report["img_per_s"].items():
@@ -174,17 +179,19 @@ def measure(tmp: Path, args) -> dict:
     say(f"building {n_train} demo images of 64 px in {tmp}")
     root = build_demo_data(tmp / "demo", n_train=n_train, n_test=16, size=64, seed=0)
     load_before = os.getloadavg()[0]
-    engines = {policy: make_trainer(root, tmp / "runs", args, policy, 0) for policy in ("none", "weak", "strong")}
+    engines = {policy: make_trainer(root, tmp / "runs", args, policy, args.workers)
+               for policy in ("none", "weak", "strong")}
     base = engines["none"]
     for other in engines.values():  # every loop trains the very same model object from the same state
         other.raw_model, other.model, other.optimizer, other.scaler = base.raw_model, base.model, base.optimizer, base.scaler
         other.step = base.step
 
-    normalize = Normalizer(base.rt.device)
+    normalize = Normalizer(base.rt.device, torch.channels_last if base.rt.channels_last else torch.contiguous_format)
     from aicoss_cli.samplers import TrainBatches, make_loader
 
     sampler = TrainBatches(base.data.train_rows, args.batch_size, 1, 0, 1, 41, 0, augment=False)
-    batches = [(normalize(images), targets) for images, targets, _, _ in make_loader(base.train_set, sampler, 0, False)]
+    batches = [(normalize(images.to(base.rt.device)), targets.to(base.rt.device))
+               for images, targets, _, _ in make_loader(base.train_set, sampler, 0, False)]
 
     say("warm-up")
     sec, n = engine_epoch(base)  # a cold first epoch, as in a fresh `aicoss train`
@@ -210,7 +217,7 @@ def measure(tmp: Path, args) -> dict:
               for policy in ("none", "weak", "strong") for w in (0, 1)}
     images = batches[0][0]
     raw = (images * 0).to(torch.uint8)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=base.rt.device)
     costs = {
         "decode + resize + collate, inline (1 / loader img/s, none, 0 workers)":
             args.batch_size / loader["none, 0 workers"] / step_s,
@@ -223,6 +230,7 @@ def measure(tmp: Path, args) -> dict:
     }
     return {
         "arch": args.arch, "size": args.size, "batch_size": args.batch_size, "precision": args.precision,
+        "device": base.rt.describe(),
         "steps": args.steps, "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "img_per_s": {{"a": "a: pure train step", "b": "b: engine, no augmentation", "c weak": "c: engine, weak",
