@@ -15,26 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, only_run_dir, state_progress
-
-EXACT = """
-[runtime]
-seed = 3
-precision = "fp32"
-device = "cpu"
-num_workers = 0
-deterministic = true
-checkpoint_every = 1
-"""
-
-
-def exact_recipe(write_recipe, root, epochs=2):
-    # resnet18_mldecoder: batch norm and dropout, so RNG and buffers must come back exactly
-    path = write_recipe(root, arch="resnet18_mldecoder", epochs=epochs)
-    text = path.read_text()
-    path.write_text(text[: text.index("[runtime]")] + EXACT.lstrip())
-    return path
-
+from helpers import ROOT, exact_recipe, only_run_dir, state_progress
 
 def metrics_without_seconds(run: Path) -> list[list[str]]:
     with open(run / "metrics.csv", newline="") as f:

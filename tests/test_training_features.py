@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, only_run_dir, read_csv, state_progress
+from helpers import ROOT, exact_recipe, only_run_dir, read_csv, state_progress
 
 
 def metrics(run: Path) -> list[dict[str, str]]:
@@ -66,23 +66,10 @@ def test_ema_is_timms_update_computed_by_hand(run_cli, demo_root, write_recipe, 
     assert meta.val_map == pytest.approx(max(float(rows[0]["val_map"]), float(rows[0]["val_map_ema"])), rel=1e-5)
 
 
-EXACT_EMA = """
-[runtime]
-seed = 3
-precision = "fp32"
-device = "cpu"
-num_workers = 0
-deterministic = true
-checkpoint_every = 1
-"""
-
-
 @pytest.mark.slow
 def test_an_ema_run_stopped_and_resumed_is_bit_identical(demo_root, write_recipe, tmp_path):
-    path = write_recipe(demo_root, arch="resnet18_mldecoder", epochs=2)
-    text = path.read_text()
-    text = text[: text.index("[runtime]")] + EXACT_EMA.lstrip()
-    path.write_text(text.replace("weight_decay = 0.0", "weight_decay = 0.0\nema_decay = 0.9\nema_warmup = true"))
+    path = exact_recipe(write_recipe, demo_root)
+    path.write_text(path.read_text().replace("weight_decay = 0.0", "weight_decay = 0.0\nema_decay = 0.9\nema_warmup = true"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
     def aicoss(*args, **kw):
