@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +24,50 @@ FORMAT = "aicoss/1"
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path beside `path`; on success it is flushed to disk and replaces `path`,
+    on error it is removed. The file gets the mode any new file gets (0644 under umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temporary(path)
+    new_file_mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
-        yield Path(tmp)
+        yield tmp
+        if stat.S_IMODE(tmp.stat().st_mode) != new_file_mode:  # a writer that made its own file (safetensors)
+            os.chmod(tmp, new_file_mode)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync(path.parent)  # the rename itself survives a power cut
+
+
+def _new_temporary(path: Path) -> Path:
+    """An empty new file `.<name>.<random>.tmp` beside `path`, created with mode 0666 so the umask
+    decides its permissions (mkstemp's files stay 0600 after the rename)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; a file system that cannot is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

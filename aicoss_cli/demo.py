@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,7 @@ def build_demo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, si
     pools = {"train": order[:n_source_train], "test": order[n_source_train:]}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = _new_folder(out)
     try:
         tables = {}
         for split, count in (("train", n_train), ("test", n_test)):
@@ -95,6 +95,18 @@ def build_demo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, si
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _new_folder(out: Path) -> Path:
+    """An empty new folder `.<name>.<random>` beside `out`, created with mode 0777 so the umask
+    decides its permissions (mkdtemp's folders stay 0700 after the rename)."""
+    while True:
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir(mode=0o777)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _write_tables(root: Path, tables, rng: np.random.Generator, unannotated: float) -> None:

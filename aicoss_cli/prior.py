@@ -6,17 +6,16 @@ data's classes by name, never by row order.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from aicoss_cli.checkpoint import atomic_path
 from aicoss_cli.errors import UserError
 
 CLASS_COLUMN = "Classes"
@@ -95,25 +94,15 @@ def read_prior_csv(path: str | os.PathLike, classes: Sequence[str]) -> Tensor:
 def write_prior_csv(
     path: str | os.PathLike, classes: Sequence[str], values: Sequence[float] | Tensor
 ) -> None:
-    """Write ``Classes,avg_pred`` atomically: a temporary file beside ``path``, then os.replace."""
+    """Write ``Classes,avg_pred`` atomically (`checkpoint.atomic_path`)."""
     path = Path(path)
     values = torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist()
     if len(values) != len(classes):
         raise ValueError(f"{len(classes)} classes but {len(values)} prior values")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow([CLASS_COLUMN, VALUE_COLUMN])
-            writer.writerows([name, repr(float(v))] for name, v in zip(classes, values))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([CLASS_COLUMN, VALUE_COLUMN])
+        writer.writerows([name, repr(float(v))] for name, v in zip(classes, values))
 
 
 def label_prior(targets: Tensor | Sequence[Sequence[float]]) -> Tensor:
