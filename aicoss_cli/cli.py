@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -23,10 +24,47 @@ app = typer.Typer(
     help="Train, predict, ensemble and benchmark multi-label image classifiers "
     "(the 2023 AICOSS winning recipe as a tool).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from aicoss_cli import __version__
+
+        print(f"aicoss {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Train, predict, ensemble and benchmark multi-label image classifiers (the 2023 AICOSS winning
+    recipe as a tool)."""
+
+
+def _flags_take_no_value() -> None:
+    """Typer's help shows a flag as `--json <bool>`, as if it took a value (`--json true` is then
+    read as an argument): show flags without a type."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_take_no_value", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.flags_take_no_value = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 
 COMMANDS = [
     ("train", cli_train.train),
@@ -61,15 +99,33 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# Typer's (or click's) base class of command-line errors, without importing a private module
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _one_line(kind: str, text: str) -> None:
+    if _is_main_process():
+        text = " ".join(text.split())  # a message is one line, whatever it quotes
+        err.print(f"[bold {'red' if kind == 'error' else 'yellow'}]{kind}:[/] {escape(text)}", highlight=False,
+                  soft_wrap=True)
+
+
 def main() -> None:
-    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: bad input — a recipe, a file, or the command line itself — is one line on
+    stderr and exit code 2, never a traceback or a framed panel."""
     try:
-        app()
+        code = app(prog_name="aicoss", standalone_mode=False)
     except UserError as exc:
-        if _is_main_process():
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _one_line("error", str(exc))
         sys.exit(2)
     except TrainingStopped as exc:
-        if _is_main_process():
-            err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _one_line("stopped", str(exc))
         sys.exit(exc.exit_code)
+    except _USAGE_ERROR as exc:
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            ctx = getattr(exc, "ctx", None)
+            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            _one_line("error", exc.format_message().replace("Value error, ", "").rstrip(". ") + hint)
+        sys.exit(exc.exit_code)
+    if isinstance(code, int) and code:  # typer.Exit(code), or 130 after Ctrl-C
+        sys.exit(code)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.markup import escape
@@ -25,8 +25,8 @@ LABELS_HELP = ("Also write 0/1 labels (<out stem>_labels.csv) and the thresholds
                "split, with the gain measured on a held-out half).")
 
 
-def _progress():
-    return progress_display(err, transient=True)
+def _progress(enabled: bool = True):
+    return progress_display(err, enabled=enabled, transient=True)
 
 
 def _fmt_map(value: float | None) -> str:
@@ -39,10 +39,10 @@ def _fmt_map(value: float | None) -> str:
 def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint written by `aicoss train`.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (default: \\[data] root of the checkpoint's recipe).")] = None,
-    split: Annotated[str, typer.Option("--split", help="test: the submission; val: the checkpoint's own val split, with val mAP and per-class AP.")] = "test",
+    split: Annotated[Literal["test", "val"], typer.Option("--split", help="test: the submission; val: the checkpoint's own val split, with val mAP and per-class AP.")] = "test",
     out_path: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: predictions_<checkpoint name>_<split>.csv beside the checkpoint). With --split val, <out stem>_per_class.csv goes beside it.")] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 (fp16 needs CUDA: bf16 on the CPU).")] = "fp32",
-    tta: Annotated[str, typer.Option("--tta", help="none | hflip | flips: average the sigmoid outputs of the flipped views.")] = "none",
+    precision: Annotated[Literal["fp32", "fp16", "bf16"], typer.Option("--precision", help="fp16 needs CUDA: bf16 on the CPU.")] = "fp32",
+    tta: Annotated[Literal["none", "hflip", "flips"], typer.Option("--tta", help="Average the sigmoid outputs of the flipped views (hflip: 2, flips: 4).")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help=WORKERS_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
@@ -58,8 +58,7 @@ def predict(
     """
     from aicoss_cli.predict import run_predict
 
-    with _progress() as progress:
-        progress.disable = as_json
+    with _progress(enabled=not as_json) as progress:
         result = run_predict(checkpoint, data=data, split=split, out=out_path, precision=precision, tta=tta,
                              batch_size=batch_size, num_workers=num_workers, device=device, labels=labels,
                              overwrite=overwrite, progress=progress)
@@ -138,11 +137,11 @@ def ensemble(
     checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Member checkpoints (default: best.safetensors of every run under --runs).", show_default=False)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="ENSEMBLE.toml: `data = DIR` (optional) and \\[\\[member]] tables with path, weight, tta (paths relative to the spec's folder).")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Half precision: fp16 on CUDA, bf16 on the CPU.")] = False,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="equal | auto (fit non-negative weights on val, report the gain on a held-out half). Default: the spec's weights, else equal.")] = None,
+    weights: Annotated[Optional[Literal["equal", "auto"]], typer.Option("--weights", help="auto: fit non-negative weights on val, report the gain on a held-out half. Default: the spec's weights, else equal.", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (default: the spec's `data`, else the first member's \\[data] root).")] = None,
     out_path: Annotated[Path, typer.Option("--out", help="Submission CSV to write; <out stem>.json (the result, for `aicoss report --ensemble`) and, with a val split, <out stem>_per_class.csv go beside it.")] = Path("ensemble_submission.csv"),
     runs_dir: Annotated[Path, typer.Option("--runs", help="Where to look for runs when no member is named.")] = Path("runs"),
-    tta: Annotated[str, typer.Option("--tta", help="none | hflip | flips for members whose spec entry sets none.")] = "none",
+    tta: Annotated[Literal["none", "hflip", "flips"], typer.Option("--tta", help="TTA of the members whose spec entry sets none.")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass (all members run on each batch).")] = 64,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help=WORKERS_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
@@ -159,8 +158,7 @@ def ensemble(
     """
     from aicoss_cli.ensemble import run_ensemble
 
-    with _progress() as progress:
-        progress.disable = as_json
+    with _progress(enabled=not as_json) as progress:
         result = run_ensemble(checkpoints or [], spec=spec, fp16=fp16, weights=weights, data=data, out=out_path,
                               runs_dir=runs_dir, tta=tta, batch_size=batch_size, num_workers=num_workers,
                               device=device, labels=labels, overwrite=overwrite, progress=progress)
@@ -223,9 +221,7 @@ def benchmark_fp16(
     """
     from aicoss_cli.ensemble import run_benchmark
 
-    with _progress() as progress:
-        if as_json:
-            progress.disable = True
+    with _progress(enabled=not as_json) as progress:
         r = run_benchmark(checkpoints, data=data, limit=limit, batch_size=batch_size, num_workers=num_workers,
                           device=device, progress=progress)
     if as_json:

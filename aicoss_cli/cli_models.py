@@ -121,7 +121,7 @@ def prior(
 ) -> None:
     """Mean sigmoid prediction of a model over the training split: the class prior for P-ASL.
 
-    Use the CSV with [loss] prior = "prior.csv" (partial_selective, partial_mode = "selective").
+    Use the CSV with \\[loss] prior = "prior.csv" (partial_selective, partial_mode = "selective").
 
     Example: [bold]aicoss prior runs/demo/20260101T000000Z/best.safetensors --data data/demo --out prior.csv[/]
     """

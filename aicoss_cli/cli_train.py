@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.console import err, out
+from aicoss_cli.console import err, out, progress_display
 from aicoss_cli.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -27,7 +27,7 @@ def _is_main_process() -> bool:
 
 def train(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file (optional with --resume: the run's own).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Data root (overrides [data] root).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data root (overrides \\[data] root).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder that receives <name>/<timestamp>/ (default runs/). With --resume: continue in a new run folder there, leaving the original as it was.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
@@ -123,11 +123,9 @@ def validate(
 
     resolved = resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)
     if data is not None:
-        from rich.progress import Progress
-
         from aicoss_cli.engine import prepare_data
 
-        with Progress(console=err, transient=True) as progress:
+        with progress_display(err, transient=True) as progress:
             prepared = prepare_data(resolved, progress)
         out.print(f"data: {len(prepared.table)} labelled images ({len(prepared.train_rows)} train, "
                   f"{len(prepared.val_rows)} val), {len(prepared.test)} test images, "
@@ -173,20 +171,18 @@ def demo_data(
     folder: Annotated[Path, typer.Argument(help="Where to write the demo set (a new or empty folder).")],
     n_train: Annotated[int, typer.Option("--n-train", min=10, help="Training images.")] = 3000,
     n_test: Annotated[int, typer.Option("--n-test", min=1, help="Test images.")] = 1000,
-    size: Annotated[int, typer.Option("--size", min=16, help="Image side in pixels.")] = 64,
+    size: Annotated[int, typer.Option("--size", min=16, help="Image side in pixels: an even number.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same files.")] = 0,
-    unannotated: Annotated[float, typer.Option("--unannotated", help="Fraction of train labels marked -1 (not annotated).")] = 0.0,
+    unannotated: Annotated[float, typer.Option("--unannotated", help="Fraction of train labels marked -1 (not annotated), 0 ≤ x < 1.")] = 0.0,
 ) -> None:
     """Build the embedded demo data set: 2×2 mosaics of real handwritten digit scans
     (scikit-learn's `load_digits`), 10 classes, in the DACON layout, with test_labels.csv for scoring.
 
     Example: [bold]aicoss demo-data data/demo[/]
     """
-    from rich.progress import Progress
-
     from aicoss_cli.demo import build_demo_data
 
-    with Progress(console=err, transient=True) as progress:
+    with progress_display(err, transient=True) as progress:
         task = progress.add_task("writing demo images", total=n_train + n_test)
         path = build_demo_data(folder, n_train=n_train, n_test=n_test, size=size, seed=seed, unannotated=unannotated,
                                on_progress=lambda n: progress.advance(task, n))
@@ -197,8 +193,8 @@ def demo_data(
 def split(
     data: Annotated[Path, typer.Argument(help="Data root with train.csv.")],
     search: Annotated[int, typer.Option("--search", min=1, help="Random states to try (0..N-1).")] = 100,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=1.0, help="Validation fraction.")] = 0.1,
-    kind: Annotated[str, typer.Option("--kind", help="random | stratified")] = "random",
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Validation fraction, 0 < x < 1.")] = 0.1,
+    kind: Annotated[Literal["random", "stratified"], typer.Option("--kind", help="The split to search: the seed's random one, or multi-label stratified.")] = "random",
     top: Annotated[int, typer.Option("--top", min=1, help="Rows to show.")] = 10,
 ) -> None:
     """Repeat the seed's split-seed search: for each random state, the gap between the train and
@@ -206,17 +202,13 @@ def split(
 
     Example: [bold]aicoss split data/demo --search 200[/]
     """
-    from rich.progress import Progress
-
     from aicoss_cli.data import read_train, split_search
 
-    if kind not in ("random", "stratified"):
-        raise UserError(f"--kind must be random or stratified (got {kind!r})")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
     table_data = read_train(data)
     rows = []
-    with Progress(console=err, transient=True) as progress:
+    with progress_display(err, transient=True) as progress:
         task = progress.add_task("searching split seeds", total=search)
         for state in range(search):
             rows += split_search(table_data.labels, val_fraction, [state], kind)
@@ -229,4 +221,6 @@ def split(
     for i, r in enumerate(rows[:top], 1):
         table.add_row(str(i), str(r["split_seed"]), f"{r['mean']:.5f}", f"{r['std']:.5f}")
     out.print(table)
-    out.print(f"use it with --set data.split_seed={rows[0]['split_seed']}", highlight=False)
+    # the whole split, so a recipe with another [data] split or val_fraction gets this one
+    out.print(f"use it with --set data.split={kind} --set data.val_fraction={val_fraction:g} "
+              f"--set data.split_seed={rows[0]['split_seed']}", highlight=False)

@@ -1,9 +1,10 @@
 """What a person reads: the two consoles, progress displays, and plain log lines for log files.
 
 Results go to `out` (stdout), progress and messages to `err` (stderr). When a stream is not a
-terminal (a pipe, a log file, a cluster job), tables are laid out wide instead of at Rich's
-80-column default (COLUMNS still wins), and a live bar, which would only show its last state,
-gives way to plain lines (`LogLines`). This module imports no torch.
+terminal (a pipe, a log file, a cluster job), lines are never wrapped (a table title neither),
+tables are laid out at their natural width instead of at Rich's 80-column default (COLUMNS, when
+set, caps them), and there is no live bar, which would only show its last state and leave a blank
+line behind: loops print plain lines instead (`LogLines`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from rich.markup import escape
 
 def _console(stderr: bool) -> Console:
     stream = sys.stderr if stderr else sys.stdout
-    wide = not stream.isatty() and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=160 if wide else None)
+    piped = not stream.isatty()
+    wide = piped and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=1000 if wide else None, soft_wrap=piped)
 
 
 out = _console(stderr=False)
@@ -32,7 +34,8 @@ def note(text: str, console: Console | None = None) -> None:
 
 def progress_display(console: Console | None = None, enabled: bool = True, transient: bool = False):
     """A Rich progress display: description, bar, count, free-text stats (loss, img/s), elapsed, ETA.
-    It redraws 4 times a second: each redraw holds the GIL that decoding in this process needs."""
+    It redraws 4 times a second: each redraw holds the GIL that decoding in this process needs.
+    Off where the console is not a terminal (Rich would print a blank line when it stops)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.text import Text
@@ -41,9 +44,10 @@ def progress_display(console: Console | None = None, enabled: bool = True, trans
         def render(self, task):
             return Text(str(task.fields.get("stats", "")))
 
+    console = console or err
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Stats(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console or err,
-                    disable=not enabled, transient=transient, refresh_per_second=4)
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                    disable=not (enabled and console.is_interactive), transient=transient, refresh_per_second=4)
 
 
 class LogLines:
