@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,7 +22,7 @@ from aicoss_cli.losses import loss_param_fields
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -94,7 +93,8 @@ class OptimConfig(_Section):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g})")
         if self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs}); "
+                             "lower it, e.g. --set optim.warmup_epochs=0")
         if self.ema_warmup and self.ema_decay is None:
             raise ValueError("ema_warmup needs an EMA: set ema_decay (e.g. 0.9997), or ema_warmup = false")
         if self.batch_size % self.grad_accumulation:
@@ -119,13 +119,14 @@ class DataConfig(_Section):
     root: str = Field("data/aicoss", description="folder with train.csv, test.csv, sample_submission.csv")
     split: Literal["random", "stratified"] = Field("random", description="random (the seed's) or multi-label stratified")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of train.csv held out for validation")
-    split_seed: int = Field(78, ge=0, description="random_state of the split (the seed used 78)")
+    split_seed: int = Field(78, ge=0, lt=2**32, description="random_state of the split (the seed used 78); "
+                            "0 <= split_seed < 2**32, as numpy and scikit-learn take it")
 
 
 class RuntimeConfig(_Section):
     """[runtime]: device, precision and reproducibility."""
 
-    seed: int = Field(41, ge=0, description="seed of python, numpy and torch")
+    seed: int = Field(41, ge=0, lt=2**32, description="seed of python, numpy and torch; 0 <= seed < 2**32")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fp16 uses a grad scaler (CUDA only)")
     device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"')
     num_workers: int = Field(4, ge=0, description="data loader worker processes")
@@ -183,15 +184,35 @@ SECTIONS = ("model", "loss", "optim", "augment", "data", "runtime")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_names: bool = True) -> Recipe:
-    """Read, override and validate a recipe; raise UserError naming the file and key on any problem."""
+    """Read, override and validate a recipe; raise UserError naming the file and key on any problem
+    (or the `--set section.key=value` that set a bad value)."""
     path = Path(path)
     raw = read_toml(path, "recipe file not found (see `aicoss recipes` for the bundled ones)")
+    set_by: dict[tuple[str, ...], str] = {}
     for item in overrides or []:
-        _apply_override(raw, item)
-    recipe = validate_recipe(raw, source=str(path))
+        set_by[_apply_override(raw, item)] = item
+    blame = _Blame(str(path), set_by)
+    recipe = validate_recipe(raw, source=str(path), blame=blame)
     if check_names:
-        check_recipe_names(recipe, source=str(path))
+        check_recipe_names(recipe, source=str(path), blame=blame)
     return recipe
+
+
+class _Blame:
+    """Who set the key an error is about: a `--set section.key=value`, or else the recipe file. An
+    error about a whole section (keys that disagree) goes to the last --set in that section."""
+
+    def __init__(self, source: str, set_by: dict[tuple[str, ...], str]):
+        self.source, self.set_by = source, set_by
+
+    def __call__(self, loc: tuple[str, ...]) -> str:
+        if loc in self.set_by:
+            return f"--set {self.set_by[loc]}"
+        if len(loc) == 1:
+            in_section = [item for key, item in self.set_by.items() if key[:1] == loc]
+            if in_section:
+                return f"--set {in_section[-1]}"
+        return self.source
 
 
 def read_toml(path: Path, missing: str) -> dict[str, Any]:
@@ -207,14 +228,15 @@ def read_toml(path: Path, missing: str) -> dict[str, Any]:
         raise UserError(f"{path}: not a UTF-8 text file") from None
 
 
-def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+def validate_recipe(raw: dict[str, Any], source: str, blame=None) -> Recipe:
+    """The recipe in `raw`; UserError naming `source` (or, through `blame`, the --set behind a key)."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_describe(exc)}") from None
+        raise UserError(_describe(exc, blame or (lambda loc: source))) from None
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, blame) -> str:
     by_key: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for err in exc.errors(include_url=False):
         by_key.setdefault(_field_loc(err["loc"]), []).append(err)
@@ -222,12 +244,17 @@ def _describe(exc: ValidationError) -> str:
     for loc, errs in by_key.items():
         if len(errs) > 1 and all(e["type"] not in ("extra_forbidden", "missing") for e in errs):
             # a union (true | false | "path") reports once per member: say what the key accepts instead
-            parts.append(f"{_key_name(list(loc))} has the wrong type (got {_show(errs[0].get('input'))}); "
-                         f"expected {_field_description(loc)}")
+            text = (f"{_key_name(list(loc))} has the wrong type (got {_show(errs[0].get('input'))}); "
+                    f"expected {_field_description(loc)}")
         else:
-            parts.append(_describe_one(loc, errs[0]))
+            text = _describe_one(loc, errs[0])
+        parts.append((blame(loc), text))
     more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
-    return "; ".join(parts[:3]) + more
+    shown, last = [], None
+    for who, text in parts[:3]:
+        shown.append(text if who == last else f"{who}: {text}")
+        last = who
+    return "; ".join(shown) + more
 
 
 def _field_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
@@ -290,8 +317,9 @@ def _show(value: Any) -> str:
 # --------------------------------------------------------------------------- --set overrides
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    """`section.key=value`: the value is parsed with the field's type (TOML syntax or a bare string)."""
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """`section.key=value`: the value is parsed with the field's type (TOML syntax or a bare string).
+    Returns the key it set, e.g. ("optim", "lr")."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -316,6 +344,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(target, dict):
             raise UserError(f"--set {item}: '{p}' in the recipe is not a table")
     target[parts[-1]] = value
+    return tuple(parts)
 
 
 def _parse_value(annotation: Any, text: str) -> Any:
@@ -344,24 +373,26 @@ def _parse_value(annotation: Any, text: str) -> Any:
 # --------------------------------------------------------------------------- names and resolution
 
 
-def check_recipe_names(recipe: Recipe, source: str) -> None:
-    """Check the arch and loss names and the loss parameters (imports the registries, hence torch)."""
+def check_recipe_names(recipe: Recipe, source: str, blame=None) -> None:
+    """Check the arch and loss names and the loss parameters (imports the registries, hence torch).
+    Errors name `source`, or through `blame` the --set behind the key."""
     from aicoss_cli.losses import loss_param_defaults, resolve_loss_name
     from aicoss_cli.models import ARCHS
 
+    blame = blame or (lambda loc: source)
     if recipe.model.arch not in ARCHS:
         close = difflib.get_close_matches(recipe.model.arch, list(ARCHS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see `aicoss count-params`"
-        raise UserError(f"{source}: [model] arch unknown architecture {recipe.model.arch!r}{hint}")
+        raise UserError(f"{blame(('model', 'arch'))}: [model] arch unknown architecture {recipe.model.arch!r}{hint}")
     try:
         name = resolve_loss_name(recipe.loss.name)
     except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
+        raise UserError(f"{blame(('loss', 'name'))}: {exc}") from None
     accepted = loss_param_defaults(name)
     for key in recipe.loss.params():
         if key not in accepted:
             raise UserError(
-                f"{source}: [loss] {key} does not apply to loss {name!r} "
+                f"{blame(('loss', key))}: [loss] {key} does not apply to loss {name!r} "
                 f"(it accepts: {', '.join(accepted) or 'no parameters'})"
             )
 
@@ -383,32 +414,17 @@ def resolve_recipe(recipe: Recipe, data_root: str | None = None) -> Recipe:
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
-    """TOML text of a recipe (None values, i.e. unset optional keys, are left out)."""
+    """TOML text of a recipe (None values, i.e. unset optional keys, are left out), written by a
+    TOML library: any string (quotes, emoji) comes back as it was."""
+    import tomli_w
+
     data = recipe.model_dump()
-    lines = [f"name = {_toml_value(data['name'])}"]
+    doc: dict[str, Any] = {"name": data["name"]}
     if data.get("description"):
-        lines.append(f"description = {_toml_value(data['description'])}")
+        doc["description"] = data["description"]
     for section in SECTIONS:
-        lines.append("")
-        lines.append(f"[{section}]")
-        for key, value in data[section].items():
-            if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isinf(value) or math.isnan(value):
-            return str(value).replace("inf", "inf").lower()
-        return repr(value)
-    return json.dumps(str(value))
+        doc[section] = {key: value for key, value in data[section].items() if value is not None}
+    return tomli_w.dumps(doc)
 
 
 def recipe_from_toml(text: str, source: str) -> Recipe:
