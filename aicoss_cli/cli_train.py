@@ -18,7 +18,22 @@ from rich.table import Table
 from aicoss_cli.console import err, out, progress_display
 from aicoss_cli.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def bundled_recipes() -> Path:
+    """The recipes that ship with aicoss: aicoss_cli/recipes/ in an installed wheel, the top-level
+    recipes/ in a source checkout (pyproject.toml maps the one into the other)."""
+    here = Path(__file__).resolve().parent
+    return next((f for f in (here / "recipes", here.parent / "recipes") if f.is_dir()), here / "recipes")
+
+
+def find_recipe(recipe: Path) -> Path:
+    """`recipe` itself when it exists; else a bare name (`tresnet_xl_pasl` or `tresnet_xl_pasl.toml`)
+    is looked up among the bundled recipes. A path that exists nowhere is returned as given (the
+    recipe loader then says it is not found)."""
+    if recipe.exists() or recipe.name != str(recipe):
+        return recipe
+    bundled = bundled_recipes() / (recipe.name if recipe.suffix == ".toml" else f"{recipe.name}.toml")
+    return bundled if bundled.is_file() else recipe
 
 
 def _is_main_process() -> bool:
@@ -26,7 +41,7 @@ def _is_main_process() -> bool:
 
 
 def train(
-    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file (optional with --resume: the run's own).")] = None,
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file, or the name of a bundled one (`aicoss recipes`); optional with --resume: the run's own.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root (overrides \\[data] root).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder that receives <name>/<timestamp>/ (default runs/). With --resume: continue in a new run folder there, leaving the original as it was.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")] = None,
@@ -43,6 +58,7 @@ def train(
 
     if recipe is None and resume is None:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR); see `aicoss recipes` for the bundled ones")
+    recipe = find_recipe(recipe) if recipe is not None else None
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if resume is None:
             resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)  # fail here, not in N processes
@@ -111,7 +127,7 @@ def _print_epochs(result) -> None:
 
 
 def validate(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, or the name of a bundled one (`aicoss recipes`).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Also check this data root (CSVs, labels, images).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")] = None,
 ) -> None:
@@ -121,6 +137,7 @@ def validate(
     """
     from aicoss_cli.recipe import load_recipe, recipe_to_toml, resolve_recipe
 
+    recipe = find_recipe(recipe)
     resolved = resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)
     if data is not None:
         from aicoss_cli.engine import prepare_data
@@ -135,7 +152,7 @@ def validate(
 
 
 def _recipe_files(folder: Path | None) -> list[Path]:
-    folders = [folder] if folder else [Path("recipes"), RECIPES_DIR]
+    folders = [folder] if folder else [Path("recipes"), bundled_recipes()]
     for f in folders:
         if f.is_dir() and any(f.glob("*.toml")):
             return sorted(f.glob("*.toml"))
@@ -180,13 +197,16 @@ def demo_data(
 
     Example: [bold]aicoss demo-data data/demo[/]
     """
-    from aicoss_cli.demo import build_demo_data
+    from aicoss_cli.demo import STAMP, build_demo_data
 
+    existed = (folder / STAMP).is_file()  # reused below only if built with these very settings
     with progress_display(err, transient=True) as progress:
         task = progress.add_task("writing demo images", total=n_train + n_test)
         path = build_demo_data(folder, n_train=n_train, n_test=n_test, size=size, seed=seed, unannotated=unannotated,
                                on_progress=lambda n: progress.advance(task, n))
-    out.print(f"demo data in {path}: {n_train} train + {n_test} test images of {size}×{size}, 10 classes "
+    what = (f"demo data in {escape(str(path))} reused (built before with these settings; nothing written)" if existed
+            else f"demo data written to {escape(str(path))}")
+    out.print(f"{what}: {n_train} train + {n_test} test images of {size}×{size}, 10 classes "
               f"(train.csv, test.csv, sample_submission.csv, test_labels.csv)", highlight=False)
 
 

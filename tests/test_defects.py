@@ -251,3 +251,64 @@ def test_the_largest_seed_trains_its_split():
     np.random.default_rng(recipe.runtime.seed)
     train, val = split_indices(np.zeros((20, 2)), "random", 0.1, recipe.data.split_seed)
     assert len(train) == 18 and len(val) == 2
+
+
+# --------------------------------------------------------------------------- 2: a wheel ships the recipes
+
+
+def test_a_built_wheel_lists_and_finds_the_bundled_recipes(tmp_path):
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT / "aicoss_cli", source / "aicoss_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "recipes", source / "recipes")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
+                            "-w", str(tmp_path / "dist")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("aicoss-*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+        names = set(archive.namelist())
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "aicoss_cli").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)  # every module, in every subpackage
+    assert {f"aicoss_cli/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.toml")} <= names
+    elsewhere = tmp_path / "elsewhere"  # no recipes/ folder here, no source checkout on the path
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "aicoss_cli", *args], capture_output=True, text=True,
+                              cwd=elsewhere, env=env, timeout=120)
+
+    listed = run("recipes")
+    assert listed.returncode == 0, listed.stderr
+    assert "tresnet_xl_pasl" in listed.stdout and str(site / "aicoss_cli" / "recipes") in listed.stdout
+    found = run("validate", "tresnet_xl_pasl")
+    assert found.returncode == 0, found.stderr
+    assert str(site / "aicoss_cli" / "recipes" / "tresnet_xl_pasl.toml") in found.stdout
+
+
+def test_train_finds_a_bundled_recipe_by_name(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("train", "demo", "--data", tmp_path / "nowhere")
+    assert_one_line_error(result, "nowhere", "data folder not found")  # the recipe itself was found
+    assert_one_line_error(run_cli("train", "no_such_recipe"), "no_such_recipe", "not found", "aicoss recipes")
+
+
+# --------------------------------------------------------------------------- 14: demo-data says when it reuses
+
+
+def test_demo_data_says_it_reused_an_existing_set(run_cli, tmp_path):
+    args = ("demo-data", tmp_path / "demo", "--n-train", "10", "--n-test", "2", "--size", "16")
+    first = run_cli(*args)
+    assert first.code == 0 and first.stdout.startswith(f"demo data written to {tmp_path / 'demo'}:"), first.stdout
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*")}
+    again = run_cli(*args)
+    assert again.code == 0 and again.stdout.startswith(f"demo data in {tmp_path / 'demo'} reused"), again.stdout
+    assert "nothing written" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*")} == before
