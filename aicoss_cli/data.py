@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from csv import reader as csv_rows
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -87,8 +90,25 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: cannot be read as CSV ({reason})") from None
+    _check_header(path)
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
+
+
+def _check_header(path: Path) -> None:
+    """No column name twice in the header as written (pandas renames a repeat `x` to `x.1`, and
+    the submission's header would then differ from sample_submission.csv's)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header = [name.strip() for name in next(csv_rows(f), [])]
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(header, start=1):
+        seen.setdefault(name, []).append(i)
+    repeated = {name: at for name, at in seen.items() if len(at) > 1}
+    if repeated:
+        name, at = next(iter(repeated.items()))
+        times = "twice" if len(at) == 2 else f"{len(at)} times"
+        raise UserError(f"{path}: column {name!r} appears {times} in the header (columns {', '.join(map(str, at))}); "
+                        "each class needs one column of its own")
 
 
 def _check_columns(frame: pd.DataFrame, path: Path, required: Sequence[str]) -> None:
@@ -99,9 +119,6 @@ def _check_columns(frame: pd.DataFrame, path: Path, required: Sequence[str]) -> 
             f"(found: {', '.join(list(frame.columns)[:6])}{'...' if len(frame.columns) > 6 else ''}); "
             "the DACON layout needs img_id,img_path first"
         )
-    duplicated_cols = frame.columns[frame.columns.duplicated()].tolist()
-    if duplicated_cols:
-        raise UserError(f"{path}: duplicated column {duplicated_cols[0]!r}")
 
 
 def _check_ids(frame: pd.DataFrame, path: Path) -> list[str]:
@@ -121,16 +138,46 @@ def _check_ids(frame: pd.DataFrame, path: Path) -> list[str]:
 
 
 def _resolve_paths(frame: pd.DataFrame, root: Path, csv: Path) -> list[str]:
+    """Absolute image paths, none of them outside the root, symbolic links followed. Cheap on
+    65,000 rows (bench/data_paths.py): the root and each folder are resolved once, and each
+    folder is listed once to know its links; a row costs a lookup, a link one realpath."""
     base = os.path.abspath(root)
+    real_base = os.path.realpath(base)
+    folders: dict[str, tuple[bool, set[str]]] = {}  # folder -> (resolves inside the root, its links)
     out = []
     for row, rel in enumerate(frame["img_path"].tolist()):
         if not isinstance(rel, str) or not rel.strip():
             raise UserError(f"{csv}: row {row + 2}: empty img_path")
-        full = os.path.normpath(os.path.join(base, rel))  # string work only: no system call per row
+        full = os.path.normpath(os.path.join(base, rel))
         if not full.startswith(base + os.sep):
             raise UserError(f"{csv}: row {row + 2}: img_path {rel!r} points outside the data root {root}")
+        folder, name = os.path.split(full)
+        entry = folders.get(folder)
+        if entry is None:
+            entry = folders[folder] = (_within(os.path.realpath(folder), real_base), _links_in(folder))
+        folder_inside, links = entry
+        if not folder_inside or name in links:  # only then can the file resolve elsewhere
+            real = os.path.realpath(full)
+            if not _within(real, real_base):
+                raise UserError(f"{csv}: row {row + 2}: img_path {rel!r} is a symbolic link (or in a linked folder) "
+                                f"that leads outside the data root {root}, to {real}; copy the image into the root, "
+                                "or pass the folder that holds everything as --data")
         out.append(full)
     return out
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def _links_in(folder: str) -> set[str]:
+    """Names of the symbolic links in a folder (none if it cannot be listed: missing images are
+    reported by `check_images`)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries if entry.is_symlink()}
+    except OSError:
+        return set()
 
 
 def read_train(root: str | Path) -> LabeledTable:
@@ -196,6 +243,27 @@ def read_test(root: str | Path, classes: Sequence[str] | None = None) -> TestTab
 # --------------------------------------------------------------------------- image checks
 
 
+def refuse_decompression_bombs() -> None:
+    """Make PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, 89 Mpx: a 9459×9459 image) an error:
+    above it PIL only warns, and a 17 KB PNG can then decode to gigabytes. Call before opening
+    images (cheap; per process, as loader processes may not inherit the filter)."""
+    if _BOMB_FILTER not in warnings.filters:
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)
+
+
+def too_many_pixels(exc: BaseException) -> str | None:
+    """What to say when `exc` is PIL refusing an image above its pixel limit (else None)."""
+    if not isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        return None
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{found.group(1)} pixels" if found else "too many pixels"
+    return (f"too large ({pixels}; the limit is {Image.MAX_IMAGE_PIXELS}, PIL's MAX_IMAGE_PIXELS): "
+            "downscale it")
+
+
 def _image_problem(path: str) -> str | None:
     """Why an image cannot be used, or None. Cheap: header parse and end-of-file marker, no decode."""
     try:
@@ -211,6 +279,8 @@ def _image_problem(path: str) -> str | None:
             f.seek(max(0, size - 64))
             tail = f.read()
     except Exception as exc:  # PIL raises several types for unreadable files
+        if too_many_pixels(exc):
+            return too_many_pixels(exc)
         reason = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).replace(f" {path!r}", "")
         truncated = reason.lower().startswith("truncated") or "is truncated" in reason.lower()
         return f"truncated file ({reason})" if truncated else f"unreadable ({reason})"
@@ -224,6 +294,7 @@ def _image_problem(path: str) -> str | None:
 def check_images(paths: Sequence[str], csv: Path, on_progress: Callable[[int], None] | None = None) -> None:
     """Every image must exist and look complete; report how many fail and the first few."""
     problems: list[tuple[str, str]] = []
+    refuse_decompression_bombs()
     with ThreadPoolExecutor(max_workers=8) as pool:
         for path, problem in zip(paths, pool.map(_image_problem, paths, chunksize=256)):
             if problem:
@@ -341,6 +412,7 @@ def split_fingerprint(ids: Sequence[str], val: np.ndarray) -> str:
 
 def load_image(path: str, size: int | None = None) -> Image.Image:
     """Decode an image to RGB with PIL, resized to size×size (bilinear, antialiased) when given."""
+    refuse_decompression_bombs()
     with Image.open(path) as img:
         if size is not None and img.format == "JPEG":
             img.draft("RGB", (size, size))  # decode at a reduced scale when that is still ≥ size
