@@ -215,7 +215,8 @@ def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, runs, demo_root, tmp
     spec = tmp_path / "e.toml"
     spec.write_text(f'[[member]]\npath = "{runs["a32"]}"\nwieght = 2\n')
     assert_one_line_error(run_cli("ensemble", "--spec", spec), "member 1: wieght: unknown key")
-    assert_one_line_error(run_cli("ensemble", "--weights", "best", runs["a32"]), "--weights must be equal or auto")
+    assert_one_line_error(run_cli("ensemble", "--weights", "best", runs["a32"]),
+                          "'--weights': 'best' is not one of 'equal', 'auto'")
     assert_one_line_error(run_cli("ensemble", "--runs", tmp_path / "nowhere"), "no runs folder")
 
     data = tmp_path / "data"

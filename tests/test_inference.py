@@ -305,8 +305,8 @@ def _truncate(path: Path) -> Path:
         (lambda c, d: (["predict", c, "--data", d], (d / "sample_submission.csv").write_text(
             (d / "sample_submission.csv").read_text().replace("digit_9", "digit_nine", 1))),
          "class columns do not match"),
-        (lambda c, d: (["predict", c, "--tta", "rotate"], None), "--tta must be one of"),
-        (lambda c, d: (["predict", c, "--split", "train"], None), "--split must be test or val"),
+        (lambda c, d: (["predict", c, "--tta", "rotate"], None), "'rotate' is not one of 'none', 'hflip', 'flips'"),
+        (lambda c, d: (["predict", c, "--split", "train"], None), "'--split': 'train' is not one of 'test', 'val'"),
     ],
     ids=["missing", "truncated", "submission-mismatch", "empty-test", "other-train-csv", "other-classes", "tta",
          "split"],
