@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -166,7 +167,7 @@ class CheckpointMeta:
             "classes": json.dumps(self.classes),
             "recipe": self.recipe_toml,
             "epoch": str(self.epoch),
-            "val_map": "" if self.val_map is None else repr(float(self.val_map)),
+            "val_map": "" if self.val_map is None or not math.isfinite(self.val_map) else repr(float(self.val_map)),
             "split": json.dumps(self.split),
         }
         if self.prior is not None:
@@ -176,28 +177,138 @@ class CheckpointMeta:
 
     @classmethod
     def from_strings(cls, meta: dict[str, str], source: str) -> CheckpointMeta:
+        """Parse and range-check the metadata as strictly as a recipe is checked: a hand-edited
+        checkpoint must not make `predict` build a 100000-pixel model."""
         if meta.get("format") != FORMAT:
             raise UserError(
                 f"{source}: not an aicoss checkpoint (no '{FORMAT}' metadata); "
                 "convert a seed .pt state dict with `aicoss import-weights`"
             )
+        check = _MetaCheck(meta, source)
+        classes = check.classes()
+        known = {"format", "aicoss_version", "arch", "img_size", "num_classes", "classes", "recipe",
+                 "epoch", "val_map", "split", "prior"}
+        return cls(
+            arch=check.arch(),
+            img_size=check.integer("img_size", IMG_SIZE_MIN, IMG_SIZE_MAX, f"an integer between {IMG_SIZE_MIN} and "
+                                   f"{IMG_SIZE_MAX} (as [model] img_size)"),
+            classes=classes,
+            recipe_toml=meta.get("recipe", ""),
+            epoch=check.integer("epoch", 0, None, "an integer ≥ 0", default=0),
+            val_map=check.val_map(),
+            split=check.split(),
+            prior=check.prior(len(classes)),
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
+
+
+IMG_SIZE_MIN, IMG_SIZE_MAX = 16, 4096  # [model] img_size of a recipe, and of a checkpoint
+
+
+class _MetaCheck:
+    """Field-by-field checks of a checkpoint's string metadata; each error names the checkpoint,
+    the key and what it must be."""
+
+    def __init__(self, meta: dict[str, str], source: str):
+        self.meta, self.source = meta, source
+
+    def bad(self, key: str, expected: str) -> UserError:
+        if key not in self.meta:
+            return UserError(f"{self.source}: checkpoint metadata has no '{key}' (it must be {expected}); "
+                             "use a checkpoint written by `aicoss train` or `aicoss import-weights`")
+        value = self.meta[key]
+        shown = repr(value if len(value) <= 60 else value[:57] + "...")
+        return UserError(f"{self.source}: checkpoint metadata {key} = {shown} is not {expected}; the file was "
+                         "edited or damaged: use an unedited checkpoint")
+
+    def json(self, key: str, default: str, expected: str):
         try:
-            known = {"format", "aicoss_version", "arch", "img_size", "num_classes", "classes", "recipe",
-                     "epoch", "val_map", "split", "prior"}
-            classes = json.loads(meta["classes"])
-            return cls(
-                arch=meta["arch"],
-                img_size=int(meta["img_size"]),
-                classes=[str(c) for c in classes],
-                recipe_toml=meta.get("recipe", ""),
-                epoch=int(meta.get("epoch", "0") or 0),
-                val_map=float(meta["val_map"]) if meta.get("val_map") else None,
-                split=json.loads(meta.get("split") or "{}"),
-                prior=json.loads(meta["prior"]) if meta.get("prior") else None,
-                extra={k: v for k, v in meta.items() if k not in known},
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise UserError(f"{source}: checkpoint metadata is damaged ({type(exc).__name__}: {exc})") from None
+            return json.loads(self.meta.get(key) or default)
+        except json.JSONDecodeError:
+            raise self.bad(key, f"{expected} (valid JSON)") from None
+
+    def integer(self, key: str, low: int, high: int | None, expected: str, default: int | None = None) -> int:
+        text = self.meta.get(key, "")
+        if not text and default is not None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise self.bad(key, expected) from None
+        if value < low or (high is not None and value > high):
+            raise self.bad(key, expected)
+        return value
+
+    def arch(self) -> str:
+        arch = self.meta.get("arch", "")
+        if not arch.strip():
+            raise self.bad("arch", "an architecture name")
+        return arch
+
+    def classes(self) -> list[str]:
+        expected = "a non-empty list of class names"
+        if "classes" not in self.meta:
+            raise self.bad("classes", expected)
+        classes = self.json("classes", "[]", expected)
+        if not isinstance(classes, list) or not classes:
+            raise self.bad("classes", expected)
+        if not all(isinstance(c, str) and c.strip() for c in classes):
+            raise self.bad("classes", f"{expected} (non-empty strings)")
+        twice = next((c for i, c in enumerate(classes) if c in classes[:i]), None)
+        if twice is not None:
+            raise self.bad("classes", f"{expected} with each name once ({twice!r} twice)")
+        if self.meta.get("num_classes") not in (None, "", str(len(classes))):
+            raise self.bad("num_classes", f"the length of 'classes' ({len(classes)} classes)")
+        return classes
+
+    def val_map(self) -> float | None:
+        text = self.meta.get("val_map", "")
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise self.bad("val_map", "empty or a number in [0, 1]") from None
+        if math.isnan(value):  # older versions wrote an undefined mAP so
+            return None
+        if not 0.0 <= value <= 1.0:
+            raise self.bad("val_map", "empty or a number in [0, 1]")
+        return value
+
+    def split(self) -> dict[str, Any]:
+        split = self.json("split", "{}", "a table")
+        if not isinstance(split, dict):
+            raise self.bad("split", "a table (kind, val_fraction, split_seed, ...)")
+        checks = {
+            "kind": (lambda v: v in ("random", "stratified"), '"random" or "stratified"'),
+            "val_fraction": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+            "split_seed": (lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+            "n_rows": (lambda v: _integer(v) and v >= 0, "an integer ≥ 0"),
+            "n_val": (lambda v: _integer(v) and v >= 0, "an integer ≥ 0"),
+            "val_fingerprint": (lambda v: isinstance(v, str), "a string"),
+        }
+        for key, (ok, expected) in checks.items():
+            if key in split and not ok(split[key]):
+                raise self.bad("split", f"a valid split: its {key} must be {expected} (got {split[key]!r})")
+        return split
+
+    def prior(self, num_classes: int) -> list[float] | None:
+        if not self.meta.get("prior"):
+            return None
+        prior = self.json("prior", "[]", "a list of per-class frequencies")
+        if not isinstance(prior, list) or len(prior) != num_classes:
+            raise self.bad("prior", f"a list of {num_classes} values, one per class")
+        if not all(_number(v) and 0.0 <= v <= 1.0 for v in prior):
+            raise self.bad("prior", "a list of frequencies in [0, 1]")
+        return [float(v) for v in prior]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class WriteFailed(UserError):

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator,
                       model_validator)
 
+from aicoss_cli.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
 from aicoss_cli.errors import UserError
 from aicoss_cli.losses import loss_param_fields
 
@@ -32,7 +33,7 @@ class ModelConfig(_Section):
     pretrained: bool | str = Field(
         False, description='ImageNet weights: true (download), false (random init) or "path/to/weights"'
     )
-    img_size: int | None = Field(None, ge=16, le=4096, description="input side in pixels; default: the arch's")
+    img_size: int | None = Field(None, ge=IMG_SIZE_MIN, le=IMG_SIZE_MAX, description="input side in pixels; default: the arch's")
 
 
 class _LossSection(_Section):

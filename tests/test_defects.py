@@ -398,3 +398,73 @@ def test_an_image_above_the_pixel_limit_is_a_one_line_error(run_cli, data_copy, 
     result = run_cli("train", write_recipe(data_copy), "--out", tmp_path / "runs")
     assert_one_line_error(result, "train.csv", "big.png", "40000 pixels", "22500", "downscale")
     assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+# --------------------------------------------------------------------------- 17: checkpoint metadata is checked
+
+
+def edit_metadata(path: Path, **changes: str | None) -> Path:
+    """Rewrite a checkpoint's metadata (None removes a key), as a hand edit would."""
+    from safetensors.torch import load_file, save_file
+
+    from aicoss_cli.checkpoint import read_safetensors
+
+    meta = read_safetensors(path, tensors=False)[1]
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    return path
+
+
+@pytest.fixture
+def checkpoint_file(demo_root, tmp_path) -> Path:
+    from helpers import save_random_checkpoint
+
+    return save_random_checkpoint(tmp_path / "edited.safetensors", demo_root)
+
+
+SPLIT = '{{"kind": {kind}, "val_fraction": {fraction}, "split_seed": {seed}, "n_rows": 240, "n_val": 48, "val_fingerprint": "x"}}'
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("img_size", "100000", "16 and 4096"), ("img_size", "8", "16 and 4096"), ("img_size", "big", "16 and 4096"),
+    ("img_size", None, "has no"), ("arch", "", "architecture name"), ("arch", None, "has no"),
+    ("classes", "[]", "non-empty list"), ("classes", '["a", "a"]', "'a' twice"), ("classes", "[1, 2]", "strings"),
+    ("classes", '["a", ""]', "strings"), ("classes", "not json", "JSON"), ("classes", '{"a": 1}', "non-empty list"),
+    ("num_classes", "3", "10 classes"), ("epoch", "-1", "≥ 0"), ("epoch", "1.5", "≥ 0"),
+    ("val_map", "inf", "[0, 1]"), ("val_map", "2", "[0, 1]"), ("val_map", "high", "[0, 1]"),
+    ("split", "[]", "table"), ("split", "nope", "JSON"),
+    ("split", SPLIT.format(kind='"weird"', fraction=0.2, seed=78), "kind"),
+    ("split", SPLIT.format(kind='"random"', fraction=1.5, seed=78), "val_fraction"),
+    ("split", SPLIT.format(kind='"random"', fraction=0.2, seed=-3), "split_seed"),
+    ("split", SPLIT.format(kind='"random"', fraction='"a"', seed=78), "val_fraction"),
+    ("prior", "[0.1, 0.2]", "10 values"), ("prior", "[" + ", ".join(["NaN"] * 10) + "]", "[0, 1]"),
+])
+def test_checkpoint_metadata_is_range_checked(checkpoint_file, key, value, expected):
+    from aicoss_cli.checkpoint import read_meta
+    from aicoss_cli.errors import UserError
+
+    edit_metadata(checkpoint_file, **{key: value})
+    with pytest.raises(UserError) as info:
+        read_meta(checkpoint_file)
+    message = str(info.value)
+    assert message.startswith(f"{checkpoint_file}: ") and key in message and expected in message, message
+    assert "\n" not in message
+
+
+def test_an_edited_image_size_is_refused_before_any_allocation(run_cli, checkpoint_file, demo_root, tmp_path):
+    edit_metadata(checkpoint_file, img_size="100000")
+    result = run_cli("predict", checkpoint_file, "--data", demo_root, "--out", tmp_path / "p.csv")
+    assert_one_line_error(result, str(checkpoint_file), "img_size", "100000")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_checkpoint_without_a_val_map_or_with_nan_reads_as_unknown(checkpoint_file):
+    from aicoss_cli.checkpoint import CheckpointMeta, read_meta
+
+    assert read_meta(edit_metadata(checkpoint_file, val_map="")).val_map is None
+    assert read_meta(edit_metadata(checkpoint_file, val_map="nan")).val_map is None  # as older runs wrote it
+    assert CheckpointMeta("tiny_convnet", 32, ["a"], val_map=float("nan")).to_strings()["val_map"] == ""
