@@ -9,6 +9,7 @@ can be compared and combined. The output is the weighted mean of the members' si
 from __future__ import annotations
 
 import json
+import math
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
     class SpecMember(BaseModel):
         model_config = ConfigDict(extra="forbid")
         path: str
-        weight: float | None = Field(None, ge=0)
+        weight: float | None = Field(None, ge=0, allow_inf_nan=False)
         tta: Literal["none", "hflip", "flips"] | None = None
 
     class Spec(BaseModel):
@@ -82,6 +83,10 @@ def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
     members = [MemberSource(base / m.path, m.weight, m.tta) for m in spec.member]
     if all(m.weight == 0 for m in members):
         raise UserError(f"{path}: every member has weight 0; give at least one a positive weight")
+    total = sum(1.0 if m.weight is None else m.weight for m in members)
+    if not math.isfinite(total):
+        raise UserError(f"{path}: the member weights add up to more than a float holds ({total}); weights are "
+                        "relative: scale them down (e.g. 1 and 2)")
     return members, (base / spec.data) if spec.data else None
 
 
@@ -200,6 +205,8 @@ def fit_weights(probs: np.ndarray, targets: np.ndarray, rounds: int | None = Non
     for _ in range(rounds):
         # AP only depends on the ranking, so the running sum scores like the running mean
         scores = [mean_average_precision(targets, total + probs[k]) for k in range(m)]
+        if np.isnan(scores).all():
+            break  # no class with a positive: nothing to fit on
         k = int(np.nanargmax(scores))
         counts[k] += 1
         total += probs[k]
@@ -225,11 +232,38 @@ class HeldOut:
         return self.auto_map - self.equal_map
 
 
+def val_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random half of n val images (to fit on) and the other half (to score on)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def auto_weights_problem(targets: np.ndarray, seed: int = 0) -> str | None:
+    """Why --weights auto cannot work on these val labels (None when it can): fitting and the
+    held-out check need a class with a positive in each half of the split."""
+    fit, score = val_halves(len(targets), seed)
+    for rows, what in ((fit, "the half it fits on"), (score, "the half it is scored on")):
+        if not (targets[rows] == 1).any():
+            return (f"the val split has {len(targets)} images, and {what} has no positive label: "
+                    "nothing to fit weights on")
+    return None
+
+
+def weaker_than_best(weighting: str, val_map: float | None, members: Sequence[MemberReport]) -> str | None:
+    """A note when an ensemble with weights nobody fit scores below its best member on val."""
+    scored = [m for m in members if m.val_map is not None and np.isfinite(m.val_map)]
+    if weighting == "auto" or len(members) < 2 or val_map is None or not np.isfinite(val_map) or not scored:
+        return None
+    best = max(scored, key=lambda m: m.val_map)
+    if val_map >= best.val_map:
+        return None
+    return (f"the ensemble ({weighting} weights) scores val mAP {val_map:.4f}, below its best member "
+            f"{best.path} ({best.val_map:.4f}): try --weights auto, or leave the weaker members out")
+
+
 def held_out_gain(probs: np.ndarray, targets: np.ndarray, seed: int = 0) -> HeldOut:
     """Fit on a seeded random half of the val images, score on the other half."""
-    n = probs.shape[1]
-    order = np.random.default_rng(seed).permutation(n)
-    fit, score = np.sort(order[: n // 2]), np.sort(order[n // 2:])
+    fit, score = val_halves(probs.shape[1], seed)
     w = fit_weights(probs[:, fit], targets[fit])
     equal = mean_average_precision(targets[score], probs[:, score].mean(axis=0))
     auto = mean_average_precision(targets[score], np.tensordot(w, probs[:, score], axes=1))
@@ -347,6 +381,9 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     check_outputs(outputs, inputs, overwrite)
     if isinstance(spec_labels, Path):
         read_thresholds_csv(spec_labels, ref.classes)  # a bad thresholds file fails before any compute
+    if weights == "auto" and len(sources) > 1 and auto_weights_problem(targets):
+        notes.append(f"--weights auto falls back to equal weights: {auto_weights_problem(targets)}")
+        weights = "equal"
 
     rt = make_runtime(device, "fp16" if fp16 else "fp32", num_workers)
     notes = rt.notes + notes
@@ -377,6 +414,9 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
             notes.append("one member: --weights auto has nothing to weigh")
         combined_val = np.tensordot(final, val_probs, axes=1)
         result.val_map = mean_average_precision(targets, combined_val)
+        weaker = weaker_than_best(weighting, result.val_map, reports)
+        if weaker:
+            notes.append(weaker)
     if spec_labels is not None:
         result.thresholds = resolve_thresholds(spec_labels, ref.classes, targets, combined_val if has_split else None)
     if has_split:

@@ -14,8 +14,11 @@ by PIL otherwise; resizing is always PIL's.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 from PIL import Image
 
 from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, model_from_checkpoint
-from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD
+from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD, refuse_decompression_bombs, too_many_pixels
 from aicoss_cli.errors import UserError
 from aicoss_cli.runtime import Runtime
 
@@ -43,23 +46,32 @@ TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
 
 
 _fast_jpeg_ok: bool | None = None  # does torchvision decode JPEGs to PIL's pixels? (checked once per process)
-_jpeg_op = None  # torchvision's libjpeg-turbo decode op, resolved once (False: not available)
+_jpeg_decoder = None  # torchvision's public libjpeg-turbo decoder, resolved once (False: not available)
 
 
 def torchvision_jpeg():
-    """torchvision's JPEG decode op, called directly: the public wrapper warns on every call that
-    torchvision's image I/O is deprecated. Without it (a future torchvision), PIL decodes."""
-    global _jpeg_op
-    if _jpeg_op is None:
+    """torchvision's public `decode_jpeg` (False without it, e.g. a torchvision without image
+    I/O: then PIL decodes). torchvision 0.29 deprecated its image I/O in favour of TorchCodec and
+    warns on every call; that warning is silenced, as the decoder's pixels are checked against
+    PIL's anyway (`_fast_jpeg`) and PIL takes over the day it is gone."""
+    global _jpeg_decoder
+    if _jpeg_decoder is None:
         try:
-            from torchvision.io.image import ImageReadMode, _has_image_ops
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except Exception:  # no torchvision image I/O
+            _jpeg_decoder = False
+        else:
+            _jpeg_decoder = functools.partial(_decode_quietly, decode_jpeg, ImageReadMode.UNCHANGED)
+    return _jpeg_decoder
 
-            op = torch.ops.image.decode_jpeg if _has_image_ops() else None
-            mode = ImageReadMode.UNCHANGED.value
-            _jpeg_op = (lambda data: op(data, mode, False)) if op is not None else False
-        except Exception:  # no torchvision image extension
-            _jpeg_op = False
-    return _jpeg_op
+
+_QUIET_TORCHVISION = ("ignore", None, DeprecationWarning, re.compile(r"torchvision\.io"), 0)
+
+
+def _decode_quietly(decode_jpeg, mode, data: torch.Tensor) -> torch.Tensor:
+    if _QUIET_TORCHVISION not in warnings.filters:  # a cheap check: a caller may have reset the filters
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+    return decode_jpeg(data, mode=mode)
 
 
 def _jpeg_scale(width: int, height: int, size: int) -> int:
@@ -106,7 +118,7 @@ def _fast_jpeg(raw: bytes) -> torch.Tensor | None:
         return None
     try:
         pixels = decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8)).permute(1, 2, 0)
-    except Exception:  # unsupported variant (arithmetic coding, lossless...) or another op signature: PIL decides
+    except Exception:  # unsupported variant (arithmetic coding, lossless...) or another signature: PIL decides
         return None
     if pixels.shape[2] == 1:
         pixels = pixels.expand(-1, -1, 3)  # PIL's L -> RGB conversion replicates the channel too
@@ -164,10 +176,13 @@ def decode_batch(paths: Sequence[str], sizes: Sequence[int], pin: bool = False) 
 
     Errors are returned, not raised, so loader processes hand back a one-line message."""
     images: list[list[torch.Tensor]] = [[] for _ in sizes]
+    refuse_decompression_bombs()
     for path in paths:
         try:
             decoded = _decode_hwc(path, sizes)
         except Exception as exc:  # missing, truncated or not an image: reported with the file's name
+            if too_many_pixels(exc):
+                return [], f"{path}: {too_many_pixels(exc)}"
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return [], f"{path}: cannot decode image ({type(exc).__name__}: {reason})"
         for per_size, size in zip(images, sizes):
@@ -373,6 +388,8 @@ def combine(probs: torch.Tensor, weights: Sequence[float] | np.ndarray | None = 
     m = probs.shape[0]
     w = torch.full((m,), 1.0 / m, dtype=torch.float64) if weights is None else torch.as_tensor(
         np.asarray(weights, dtype=np.float64))
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not 0 < float(w.sum()) < float("inf"):
+        raise ValueError(f"member weights must be finite, ≥ 0 and have a positive finite sum (got {w.tolist()})")
     w = w / w.sum()
     return torch.einsum("m,mnk->nk", w, probs.double()).float()
 
@@ -382,6 +399,12 @@ def write_scores_csv(path, ids: Sequence[str], classes: Sequence[str], probs: to
     import pandas as pd
 
     values = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    bad = ~np.isfinite(values)
+    if bad.any():  # an empty cell in a submission scores as nothing: never write one
+        row, col = map(int, np.argwhere(bad)[0])
+        raise UserError(f"{path}: not written: {int(bad.sum())} of {values.size} probabilities are not finite (first: "
+                        f"img_id {ids[row]!r}, class {classes[col]!r}); the model's weights or outputs are NaN or "
+                        "infinite: check the checkpoint (did its run stop on a non-finite loss?) or run in fp32")
     frame = pd.DataFrame(values, columns=list(classes))
     frame.insert(0, "img_id", list(ids))
     try:

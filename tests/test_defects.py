@@ -468,3 +468,105 @@ def test_a_checkpoint_without_a_val_map_or_with_nan_reads_as_unknown(checkpoint_
     assert read_meta(edit_metadata(checkpoint_file, val_map="")).val_map is None
     assert read_meta(edit_metadata(checkpoint_file, val_map="nan")).val_map is None  # as older runs wrote it
     assert CheckpointMeta("tiny_convnet", 32, ["a"], val_map=float("nan")).to_strings()["val_map"] == ""
+
+
+# --------------------------------------------------------------------------- 15: torchvision's public JPEG decoder
+
+
+def test_jpegs_are_decoded_by_the_public_torchvision_decoder_quietly(demo_root, monkeypatch):
+    import warnings
+
+    import torch
+    import torchvision.io
+
+    from aicoss_cli import inference
+    from aicoss_cli.data import load_image, pil_to_uint8, read_test
+
+    calls = []
+    public = torchvision.io.decode_jpeg
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return public(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
+    monkeypatch.setattr(inference, "_jpeg_decoder", None)
+    monkeypatch.setattr(inference, "_fast_jpeg_ok", None)
+    path = read_test(demo_root).paths[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        decoded = inference.decode_sizes(path, [32])[32]
+    assert calls and inference._fast_jpeg_ok is True
+    assert torch.equal(decoded, pil_to_uint8(load_image(path, 32)))
+    assert not [w for w in seen if issubclass(w.category, DeprecationWarning)]
+
+
+# --------------------------------------------------------------------------- 12, 16, 25: ensemble weights
+
+
+@pytest.fixture
+def two_members(demo_root, tmp_path) -> list[Path]:
+    from helpers import save_random_checkpoint
+
+    return [save_random_checkpoint(tmp_path / f"m{i}.safetensors", demo_root, seed=i) for i in range(2)]
+
+
+@pytest.mark.parametrize("weights, expected", [("inf", "finite"), ("nan", "finite"), ("1e308", "add up")])
+def test_spec_weights_must_be_finite_with_a_finite_sum(run_cli, two_members, tmp_path, weights, expected):
+    spec = tmp_path / "spec.toml"
+    spec.write_text("".join(f'[[member]]\npath = "{m.name}"\nweight = {weights}\n' for m in two_members))
+    result = run_cli("ensemble", "--spec", spec, "--out", tmp_path / "e.csv")
+    assert_one_line_error(result, "spec.toml", expected)
+    assert not (tmp_path / "e.csv").exists()
+
+
+def test_non_finite_probabilities_are_never_written(run_cli, demo_root, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from aicoss_cli.checkpoint import read_safetensors
+    from helpers import save_random_checkpoint
+
+    path = save_random_checkpoint(tmp_path / "nan.safetensors", demo_root)
+    tensors, meta = load_file(str(path)), read_safetensors(path, tensors=False)[1]
+    tensors = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=meta)
+    result = run_cli("predict", path, "--out", tmp_path / "p.csv")
+    assert_one_line_error(result, "p.csv", "not written", "not finite", "TEST_")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_weak_ensemble_note_names_the_best_member():
+    from aicoss_cli.ensemble import MemberReport, weaker_than_best
+
+    members = [MemberReport("a.safetensors", "x", 32, "none", 0.5, 0.61, None),
+               MemberReport("b.safetensors", "x", 32, "none", 0.5, 0.42, None)]
+    note = weaker_than_best("equal", 0.55, members)
+    assert "0.5500" in note and "a.safetensors (0.6100)" in note and "--weights auto" in note
+    assert weaker_than_best("spec", 0.55, members) is not None
+    assert weaker_than_best("equal", 0.61, members) is None and weaker_than_best("auto", 0.55, members) is None
+
+
+def test_the_ensemble_says_when_equal_weights_lose_to_a_member(run_cli, two_members, tmp_path):
+    import json
+
+    result = run_cli("ensemble", *two_members, "--out", tmp_path / "e.csv", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    below = report["val_map"] < max(m["val_map"] for m in report["members"])
+    assert below == any("below its best member" in n for n in report["notes"]), report
+
+
+def test_auto_weights_on_a_val_split_too_small_to_fit_fall_back_to_equal(run_cli, demo_root, tmp_path):
+    import shutil
+
+    from helpers import save_random_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    lines = (data / "train.csv").read_text().splitlines()
+    (data / "train.csv").write_text("\n".join(lines[:11]) + "\n")  # 10 rows: a val split of 1 image
+    members = [save_random_checkpoint(tmp_path / f"m{i}.safetensors", data, seed=i, val_fraction=0.1) for i in range(2)]
+    result = run_cli("ensemble", *members, "--weights", "auto", "--out", tmp_path / "e.csv", "--data", data)
+    assert result.code == 0, result.stderr
+    assert "--weights auto falls back to equal weights" in result.stdout and "1 images" in result.stdout
+    assert (tmp_path / "e.csv").is_file()
