@@ -5,6 +5,7 @@ Plain functions with annotated parameters, registered on the app by `cli.py`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -61,12 +62,19 @@ def _read_class_names(path: Path) -> list[str]:
     return names
 
 
+def _recipe_name(out_file: Path) -> str:
+    """A recipe name (letters, digits and _.+- , starting with a letter or digit) from the output
+    file's name: `modèle.safetensors` → `mod_le`, `_weights.safetensors` → `weights`."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", out_file.stem).lstrip("_.+-")[:120]
+    return name or "imported"
+
+
 def import_weights(
     weights: Annotated[Path, typer.Argument(help="A seed .pt/.pth state dict (or .safetensors).")],
     arch: Annotated[str, typer.Option("--arch", help="The arch the weights were trained as (a seed --model_name).")],
     classes: Annotated[Path, typer.Option("--classes", help="Class names: a .txt (one per line) or a CSV with the header.")],
     out_file: Annotated[Path, typer.Option("--out", help="The checkpoint to write (.safetensors).")],
-    img_size: Annotated[Optional[int], typer.Option("--img-size", min=16, help="Input size (default: the arch's).")] = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", min=16, max=4096, help="Input size (default: the arch's); the range of \\[model] img_size.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root the weights were trained on (records its val split).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (default: refuse).")] = False,
 ) -> None:
@@ -79,7 +87,7 @@ def import_weights(
     """
     from aicoss_cli.checkpoint import CheckpointMeta, check_outputs, load_weights, save_checkpoint
     from aicoss_cli.models import ARCHS, build_model, default_img_size, load_state_dict_file
-    from aicoss_cli.recipe import Recipe, recipe_to_toml
+    from aicoss_cli.recipe import recipe_to_toml, validate_recipe
 
     check_outputs([out_file], [weights, classes], overwrite)
     if arch not in ARCHS:
@@ -92,10 +100,9 @@ def import_weights(
     state = load_state_dict_file(weights)
     model = build_model(arch, len(names), pretrained=False, img_size=size)
     load_weights(model, state, str(weights), f"arch {arch!r} with {len(names)} classes ({classes})")
-    recipe = Recipe.model_validate({"name": out_file.stem.replace(" ", "_") or "imported",
-                                    "description": f"imported from {weights.name}",
-                                    "model": {"arch": arch, "img_size": size},
-                                    "data": {"root": str(data) if data else "data/aicoss"}})
+    recipe = validate_recipe({"name": _recipe_name(out_file), "description": f"imported from {weights.name}",
+                              "model": {"arch": arch, "img_size": size},
+                              "data": {"root": str(data) if data else "data/aicoss"}}, source="import-weights")
     split = {"kind": "random", "val_fraction": 0.1, "split_seed": 78}
     if data is not None:
         from aicoss_cli.data import read_train, split_fingerprint, split_indices

@@ -570,3 +570,34 @@ def test_auto_weights_on_a_val_split_too_small_to_fit_fall_back_to_equal(run_cli
     assert result.code == 0, result.stderr
     assert "--weights auto falls back to equal weights" in result.stdout and "1 images" in result.stdout
     assert (tmp_path / "e.csv").is_file()
+
+
+# --------------------------------------------------------------------------- 24: import-weights
+
+
+@pytest.mark.parametrize("name, recipe_name", [("_weights", "weights"), ("modèle", "mod_le"), ("🚀", "imported"),
+                                               ("a b", "a_b")])
+def test_import_weights_takes_any_output_name(run_cli, demo_root, tmp_path, name, recipe_name):
+    import torch
+
+    from aicoss_cli.checkpoint import read_meta
+    from aicoss_cli.models import build_model
+    from aicoss_cli.recipe import recipe_from_toml
+
+    pt = tmp_path / "seed.pt"
+    torch.save(build_model("tiny_convnet", 10).state_dict(), pt)
+    out = tmp_path / f"{name}.safetensors"
+    result = run_cli("import-weights", pt, "--arch", "tiny_convnet", "--classes", demo_root / "train.csv", "--out", out,
+                     "--img-size", "32")
+    assert result.code == 0, result.stderr
+    assert recipe_from_toml(read_meta(out).recipe_toml, "stored").name == recipe_name
+
+
+def test_import_weights_image_size_is_range_checked_in_one_line(run_cli, demo_root, tmp_path):
+    from aicoss_cli.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
+
+    args = ["import-weights", tmp_path / "seed.pt", "--arch", "tiny_convnet", "--classes", demo_root / "train.csv",
+            "--out", tmp_path / "x.safetensors", "--img-size"]
+    assert_one_line_error(run_cli(*args, "5000"), "--img-size", f"less than or equal to {IMG_SIZE_MAX}")
+    assert_one_line_error(run_cli(*args, "8"), "--img-size", f"greater than or equal to {IMG_SIZE_MIN}")
+    assert not (tmp_path / "x.safetensors").exists()
