@@ -105,7 +105,7 @@ _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 
 def _one_line(kind: str, text: str) -> None:
     if _is_main_process():
-        text = " ".join(text.split())  # a message is one line, whatever it quotes
+        text = " ".join(text.splitlines())  # a message is one line, whatever it quotes
         err.print(f"[bold {'red' if kind == 'error' else 'yellow'}]{kind}:[/] {escape(text)}", highlight=False,
                   soft_wrap=True)
 
