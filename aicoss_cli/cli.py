@@ -44,8 +44,8 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Train, predict, ensemble and benchmark multi-label image classifiers (the 2023 AICOSS winning
-    recipe as a tool)."""
+    # the options of `aicoss` itself; the app's help text stays the one given to typer.Typer above
+    return None
 
 
 def _flags_take_no_value() -> None:

@@ -100,13 +100,14 @@ def build_demo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, si
 def _new_folder(out: Path) -> Path:
     """An empty new folder `.<name>.<random>` beside `out`, created with mode 0777 so the umask
     decides its permissions (mkdtemp's folders stay 0700 after the rename)."""
-    while True:
+    for _ in range(100):
         tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}"
         try:
             tmp.mkdir(mode=0o777)
             return tmp
         except FileExistsError:
             continue
+    raise FileExistsError(f"{out.parent}: no free temporary name for {out.name}")
 
 
 def _write_tables(root: Path, tables, rng: np.random.Generator, unannotated: float) -> None:

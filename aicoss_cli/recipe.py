@@ -33,7 +33,8 @@ class ModelConfig(_Section):
     pretrained: bool | str = Field(
         False, description='ImageNet weights: true (download), false (random init) or "path/to/weights"'
     )
-    img_size: int | None = Field(None, ge=IMG_SIZE_MIN, le=IMG_SIZE_MAX, description="input side in pixels; default: the arch's")
+    img_size: int | None = Field(None, ge=IMG_SIZE_MIN, le=IMG_SIZE_MAX,
+                                 description="input side in pixels; default: the arch's")
 
 
 class _LossSection(_Section):

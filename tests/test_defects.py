@@ -83,8 +83,9 @@ def test_flags_are_shown_without_a_value(run_cli):
 
 
 @pytest.mark.parametrize("command, option, choices", [
-    ("predict", "--split", "test|val"), ("predict", "--precision", "fp32|fp16|bf16"), ("predict", "--tta", "none|hflip|flips"),
-    ("ensemble", "--weights", "equal|auto"), ("ensemble", "--tta", "none|hflip|flips"), ("split", "--kind", "random|stratified"),
+    ("predict", "--split", "test|val"), ("predict", "--precision", "fp32|fp16|bf16"),
+    ("predict", "--tta", "none|hflip|flips"), ("ensemble", "--weights", "equal|auto"),
+    ("ensemble", "--tta", "none|hflip|flips"), ("split", "--kind", "random|stratified"),
 ])
 def test_choice_options_list_their_choices_and_refuse_others_in_one_line(run_cli, command, option, choices):
     line = next(row for row in run_cli(command, "--help").stdout.splitlines() if row.startswith(f"│ {option} "))
@@ -225,7 +226,8 @@ def test_recipes_with_astral_characters_round_trip_through_toml(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("optim.lr=inf", "[optim] lr"), ("optim.min_lr=nan", "[optim] min_lr"), ("optim.weight_decay=inf", "[optim] weight_decay"),
+    ("optim.lr=inf", "[optim] lr"), ("optim.min_lr=nan", "[optim] min_lr"),
+    ("optim.weight_decay=inf", "[optim] weight_decay"),
     ("optim.clip_grad_norm=inf", "[optim] clip_grad_norm"), ("augment.cutout_factor=nan", "[augment] cutout_factor"),
     ("data.val_fraction=nan", "[data] val_fraction"), ("loss.name=asl loss.gamma_neg=inf", "[loss] gamma_neg"),
 ])
@@ -265,8 +267,9 @@ def test_a_built_wheel_lists_and_finds_the_bundled_recipes(tmp_path):
     shutil.copytree(ROOT / "recipes", source / "recipes")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
-                            "-w", str(tmp_path / "dist")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            str(source), "-w", str(tmp_path / "dist")], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=300)
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("aicoss-*.whl"))
     site = tmp_path / "site"
@@ -371,7 +374,8 @@ def test_a_symlink_out_of_the_data_root_is_refused(data_copy, tmp_path, target):
         (data_copy / "train").rename(outside / "train")
         (data_copy / "train").symlink_to(outside / "train")
     message = data_error(data_copy)
-    first = "row 6: img_path './train/TRAIN_00004.jpg'" if target == "file" else "row 2: img_path './train/TRAIN_00000.jpg'"
+    first = ("row 6: img_path './train/TRAIN_00004.jpg'" if target == "file"
+             else "row 2: img_path './train/TRAIN_00000.jpg'")
     assert "train.csv" in message and first in message, message
     assert "outside the data root" in message and "link" in message, message
 
@@ -426,7 +430,8 @@ def checkpoint_file(demo_root, tmp_path) -> Path:
     return save_random_checkpoint(tmp_path / "edited.safetensors", demo_root)
 
 
-SPLIT = '{{"kind": {kind}, "val_fraction": {fraction}, "split_seed": {seed}, "n_rows": 240, "n_val": 48, "val_fingerprint": "x"}}'
+SPLIT = ('{{"kind": {kind}, "val_fraction": {fraction}, "split_seed": {seed}, "n_rows": 240, "n_val": 48, '
+         '"val_fingerprint": "x"}}')
 
 
 @pytest.mark.parametrize("key, value, expected", [
