@@ -12,6 +12,7 @@ import os
 import secrets
 import stat
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -45,16 +46,57 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _new_temporary(path: Path) -> Path:
-    """An empty new file `.<name>.<random>.tmp` beside `path`, created with mode 0666 so the umask
-    decides its permissions (mkstemp's files stay 0600 after the rename)."""
+    """An empty new file `.<name>.<pid>-<random>.tmp` beside `path`, created with mode 0666 so the
+    umask decides its permissions (mkstemp's files stay 0600 after the rename). Temporaries of
+    `path` left by a process that is gone (killed mid-write) are removed first."""
+    _remove_stale_temporaries(path)
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+STALE_AFTER_S = 3600  # a temporary without a pid in its name (older versions) is stale after an hour
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    prefix = f".{path.name}."
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix):-len(".tmp")].split("-", 1)[0]
+        if pid_text.isdigit() and "-" in name[len(prefix):]:
+            stale = not process_alive(int(pid_text))
+        else:
+            try:
+                stale = time.time() - entry.stat().st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+        if stale:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (on this machine); someone else's counts as running."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aicoss_cli.checkpoint import WriteFailed, read_safetensors
+from aicoss_cli.checkpoint import WriteFailed, process_alive, read_safetensors
 from aicoss_cli.errors import TrainingStopped, UserError
 from aicoss_cli.train_state import STATE_FILE, TrainProgress
 
@@ -48,16 +48,6 @@ def open_run_dir(info, out: Path, recipe, resume, notes: list[str]) -> Path:
     return run_dir
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 class RunLock:
     """`.aicoss.lock` in the run folder, holding the pid of the `aicoss train` that writes it: a second
     one (two `--resume` of the same run) is refused; a lock whose process is gone is taken over."""
@@ -72,7 +62,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 pid = self._owner()
-                if pid is not None and pid != os.getpid() and _alive(pid):
+                if pid is not None and pid != os.getpid() and process_alive(pid):
                     raise UserError(f"{self.path.parent}: another `aicoss train` (pid {pid}) is writing this run "
                                     f"folder; wait for it to end, or stop it first") from None
                 self.path.unlink(missing_ok=True)  # a lock left by a process that is gone

@@ -373,3 +373,20 @@ def test_weights_that_do_not_fit_the_arch_are_a_one_line_error(run_cli, checkpoi
     out = tmp_path / "sub.csv"
     assert_one_line_error(run_cli("predict", tmp_path / "broken.safetensors", "--out", out), "weights do not fit")
     assert not out.exists()
+
+
+def test_temporaries_left_by_a_killed_writer_are_removed_on_the_next_write(run_cli, checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    out = tmp_path / "sub.csv"
+    stale = tmp_path / f".sub.csv.{gone.pid}-0bad.tmp"
+    live = tmp_path / f".sub.csv.{os.getpid()}-0ok0.tmp"  # a writer that still runs (this one)
+    other = tmp_path / f".other.csv.{gone.pid}-0bad.tmp"  # another file's: not ours to judge here
+    for path in (stale, live, other):
+        path.write_bytes(b"")
+    assert run_cli("predict", checkpoint, "--out", out).code == 0
+    assert not stale.exists() and live.exists() and other.exists()
