@@ -223,3 +223,23 @@ def test_a_full_disk_stops_the_run_naming_the_folder_and_the_space_and_keeps_the
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert run_cli("train", "--resume", run).code == 0 and len(metrics(run)) == 2
+
+
+def test_a_non_finite_loss_before_any_checkpoint_names_no_file_as_kept(run_cli, demo_root, write_recipe, tmp_path,
+                                                                        monkeypatch):
+    import aicoss_cli.losses as losses
+
+    real_build = losses.build_loss
+
+    def nan_at_once(name, **params):
+        loss = real_build(name, **params)
+        forward = loss.forward
+        loss.forward = lambda logits, targets: forward(logits, targets) * float("nan")
+        return loss
+
+    monkeypatch.setattr(losses, "build_loss", nan_at_once)
+    result = run_cli("train", write_recipe(demo_root, epochs=2), "--out", tmp_path)
+    assert result.code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert "non-finite loss at epoch 1, step 1" in line and "no checkpoint had been written yet" in line
+    assert ".safetensors" not in line
