@@ -14,7 +14,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from aicoss_cli import cli_inference, cli_models, cli_train
+from aicoss_cli import cli_export, cli_inference, cli_models, cli_train
 from aicoss_cli.console import err
 from aicoss_cli.errors import TrainingStopped, UserError
 
@@ -35,6 +35,7 @@ COMMANDS = [
     ("predict", cli_inference.predict),
     ("ensemble", cli_inference.ensemble),
     ("benchmark-fp16", cli_inference.benchmark_fp16),
+    ("export", cli_export.export),
     ("count-params", cli_models.count_params),
     ("import-weights", cli_models.import_weights),
     ("prior", cli_models.prior),
