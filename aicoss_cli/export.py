@@ -269,10 +269,12 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int | No
         raise ExportCheckFailed(f"the written ONNX model is not valid: {_one_line(exc)}") from exc
 
 
-def _ort_session(path: Path, providers: Sequence[str] | None = None):
+def _ort_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are not news
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
 
@@ -595,14 +597,16 @@ class OnnxModel:
         self.path, self.session, self.meta, self.batch = path, session, meta, batch
 
     @classmethod
-    def load(cls, path: str | Path, providers: Sequence[str] | None = None) -> OnnxModel:
-        """UserError (one line) for a missing, corrupt or non-aicoss ONNX file, or a missing extra."""
+    def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxModel:
+        """`providers`: ONNX Runtime execution providers (default: the CPU); `threads`: its intra-op
+        threads (default: ORT's, one per physical core). UserError (one line) for a missing, corrupt
+        or non-aicoss ONNX file, or a missing extra."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: ONNX model not found" if not path.exists() else f"{path}: not a file")
         require_extra("onnxruntime")
         try:
-            session = _ort_session(path, providers)
+            session = _ort_session(path, providers, threads)
         except Exception as exc:  # ORT raises InvalidProtobuf / Fail / ... for damaged files
             raise UserError(f"{path}: not a readable ONNX model (truncated or corrupt: {_one_line(exc)})") from None
         props = dict(session.get_modelmeta().custom_metadata_map)
@@ -645,7 +649,7 @@ class OnnxModel:
 @contextlib.contextmanager
 def _quiet():
     """The exporters' progress lines, log messages, tracer and deprecation warnings are not for our users."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "transformers")]
     levels = [logger.level for logger in loggers]
     try:
         for logger in loggers:

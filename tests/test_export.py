@@ -296,8 +296,8 @@ def test_resnet50_fcn_exports_to_onnx_torchscript_and_timm_whole(run_cli, demo_r
 @pytest.mark.slow
 def test_tresnet_mldecoder_exports_to_onnx_and_its_backbone_to_timm(run_cli, demo_root, tmp_path):
     checkpoint = save_random_checkpoint(tmp_path / "tresnet.safetensors", demo_root,
-                                        arch="tresnet_l_learnable_mldecoder", img_size=64)
-    x = demo_images(demo_root, 64, n=3)
+                                        arch="tresnet_l_learnable_mldecoder", img_size=32)
+    x = demo_images(demo_root, 32, n=3)
     _check_onnx(run_cli, checkpoint, x, demo_root)
     _check_timm(run_cli, checkpoint, x, whole=False, mean=IMAGENET_MEAN)
 
