@@ -111,6 +111,8 @@ def _check_options(checkpoint: Path, fmt: str, out: Path, opset: int | None, bat
             raise UserError(f"--opset must be from 7 to {newest}, the newest this onnx knows (got {opset})")
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint not found")
+    if checkpoint.suffix.lower() == ".onnx":
+        raise UserError(f"{checkpoint}: is an exported model already; export takes the .safetensors checkpoint")
     if out.resolve() == checkpoint.resolve():
         raise UserError(f"--out {out}: that is the checkpoint itself; choose another --out")
     if out.exists() and not overwrite:
@@ -144,8 +146,6 @@ class Probabilities(nn.Module):
 def export_metadata(meta: CheckpointMeta, checkpoint: Path, precision: str, batch: int | None,
                     fmt: str) -> dict[str, str]:
     """The checkpoint's own metadata plus what a runtime needs to feed the file."""
-    import torch as _torch
-
     from aicoss_cli import __version__
 
     strings = meta.to_strings()
@@ -159,7 +159,7 @@ def export_metadata(meta: CheckpointMeta, checkpoint: Path, precision: str, batc
         precision=precision,
         batch="dynamic" if batch is None else str(batch),
         exported_as=fmt,
-        exported_by=f"aicoss {__version__}, torch {_torch.__version__}",
+        exported_by=f"aicoss {__version__}, torch {torch.__version__}",
     )
     return strings
 
@@ -269,12 +269,15 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int | No
         raise ExportCheckFailed(f"the written ONNX model is not valid: {_one_line(exc)}") from exc
 
 
-def _ort_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None):
+def _ort_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None,
+                 spin: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:  # idle ORT threads sleep instead of spinning, leaving the cores to other work between runs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are not news
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
 
@@ -597,16 +600,18 @@ class OnnxModel:
         self.path, self.session, self.meta, self.batch = path, session, meta, batch
 
     @classmethod
-    def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxModel:
+    def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+             spin: bool = True) -> OnnxModel:
         """`providers`: ONNX Runtime execution providers (default: the CPU); `threads`: its intra-op
-        threads (default: ORT's, one per physical core). UserError (one line) for a missing, corrupt
+        threads (default: ORT's, one per physical core); `spin=False`: its idle threads sleep rather
+        than spin between runs (for a loop that decodes on the same cores). UserError (one line) for a missing, corrupt
         or non-aicoss ONNX file, or a missing extra."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: ONNX model not found" if not path.exists() else f"{path}: not a file")
         require_extra("onnxruntime")
         try:
-            session = _ort_session(path, providers, threads)
+            session = _ort_session(path, providers, threads, spin)
         except Exception as exc:  # ORT raises InvalidProtobuf / Fail / ... for damaged files
             raise UserError(f"{path}: not a readable ONNX model (truncated or corrupt: {_one_line(exc)})") from None
         props = dict(session.get_modelmeta().custom_metadata_map)

@@ -60,6 +60,9 @@ def measure(tmp: Path) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="threads for both (default: each library's own)")
+    parser.add_argument("--ort-spin", action=argparse.BooleanOptionalAction, default=False,
+                        help="let ONNX Runtime's idle threads spin between runs (its default; off here, since a "
+                             "spinning thread takes the core PyTorch runs on next)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
 
@@ -82,7 +85,7 @@ def measure(tmp: Path) -> None:
     exported = export_checkpoint(checkpoint, "onnx", tmp / "model.onnx", data=root)
     if args.threads:
         torch.set_num_threads(args.threads)
-    onnx_model = OnnxModel.load(exported.path, threads=args.threads)
+    onnx_model = OnnxModel.load(exported.path, threads=args.threads, spin=args.ort_spin)
     model, _ = model_from_checkpoint(checkpoint)
     eager = Probabilities(model).eval()
 
@@ -106,7 +109,7 @@ def measure(tmp: Path) -> None:
     result = {
         "arch": args.arch, "img_size": args.size, "batch_size": args.batch_size, "images": len(test),
         "rounds": args.rounds, "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-        "torch_threads": torch.get_num_threads(), "ort_threads": args.threads or "default", "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "ort_threads": args.threads or "default", "ort_spin": args.ort_spin, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "pytorch_img_s": n / totals["pytorch"], "onnxruntime_img_s": n / totals["onnxruntime"],
         "ratio_onnxruntime_over_pytorch": totals["pytorch"] / totals["onnxruntime"],
@@ -117,7 +120,8 @@ def measure(tmp: Path) -> None:
         return
     print(f"{args.arch} @ {args.size} px, batch {args.batch_size}, {len(test)} images × {args.rounds} rounds, fp32, "
           f"{result['cpus']} CPUs ({result['machine']}), torch {torch.__version__} with {result['torch_threads']} "
-          f"threads, onnxruntime {result['onnxruntime']} with {result['ort_threads']} threads")
+          f"threads, onnxruntime {result['onnxruntime']} with {result['ort_threads']} threads "
+          f"(spinning {'on' if args.ort_spin else 'off'})")
     print(f"{'':12s} {'seconds':>8s} {'img/s':>8s}")
     for name in names:
         print(f"{name:12s} {totals[name]:8.2f} {n / totals[name]:8.1f}")

@@ -163,8 +163,10 @@ def test_bad_options_are_one_line_errors_and_write_nothing(run_cli, tiny_checkpo
     assert sorted(p.name for p in tiny_checkpoint.parent.iterdir()) == before
 
 
-def test_a_missing_checkpoint_is_a_one_line_error(run_cli, tmp_path):
+def test_a_missing_checkpoint_or_an_onnx_file_instead_is_a_one_line_error(run_cli, tmp_path):
     assert_one_line_error(run_cli("export", tmp_path / "nope.safetensors"), "nope.safetensors", "not found")
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    assert_one_line_error(run_cli("export", tmp_path / "model.onnx"), "model.onnx", "exported model already")
 
 
 def test_a_failed_check_exits_1_and_leaves_no_file(run_cli, tiny_checkpoint, monkeypatch):
