@@ -235,7 +235,7 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int | No
                  metadata: dict[str, str]) -> None:
     """Write `module` as one ONNX file with `metadata` in its metadata_props.
 
-    The dynamo exporter (torch.export, the default since torch 2.9; needs onnxscript): it verifies
+    The dynamo exporter (torch.export, torch 2.14's default; needs onnxscript): it verifies
     for every registered arch, while the legacy TorchScript exporter (dynamo=False) is deprecated
     and cannot export the fused fast path nn.TransformerEncoderLayer takes in eval mode (Q2L's
     encoder) without switching that off. Weights are kept inside the one file (external_data=False)."""

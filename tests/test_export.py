@@ -188,6 +188,30 @@ def test_a_failed_check_exits_1_and_leaves_no_file(run_cli, tiny_checkpoint, mon
     assert not tiny_checkpoint.with_suffix(".onnx").exists() and leftovers(tiny_checkpoint.parent) == []
 
 
+def test_a_timm_folder_is_replaced_only_with_overwrite_and_only_by_a_checked_one(run_cli, demo_root, tmp_path,
+                                                                                 monkeypatch):
+    from aicoss_cli import export
+
+    checkpoint = save_random_checkpoint(tmp_path / "r18.safetensors", demo_root, arch="resnet18_mldecoder")
+    folder = tmp_path / "r18_timm"
+    export_ok(run_cli, checkpoint, "--format", "safetensors-timm")
+    first = (folder / "model.safetensors").read_bytes()
+    assert_one_line_error(run_cli("export", checkpoint, "--format", "safetensors-timm"), str(folder), "--overwrite")
+
+    def broken(path):
+        raise RuntimeError("Error(s) in loading state_dict: Missing key(s)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "load_timm", broken)
+        result = run_cli("export", checkpoint, "--format", "safetensors-timm", "--fp16", "--overwrite")
+    assert result.code == 1 and "timm cannot load the written weights" in result.stderr, result.stderr
+    assert (folder / "model.safetensors").read_bytes() == first  # the old folder is intact
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    export_ok(run_cli, checkpoint, "--format", "safetensors-timm", "--fp16", "--overwrite")
+    assert len((folder / "model.safetensors").read_bytes()) < 0.6 * len(first)  # now fp16
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_corrupt_truncated_missing_and_foreign_onnx_files_are_one_line_errors(run_cli, tiny_checkpoint, tmp_path):
     from onnx import TensorProto, helper
 
@@ -244,87 +268,90 @@ def test_cvt_is_not_a_timm_model():
 # --------------------------------------------------------------------------- every backbone family and head
 
 
-def _check_onnx(run_cli, checkpoint: Path, x: torch.Tensor, data: Path) -> None:
-    from aicoss_cli.export import OnnxModel
+class Family:
+    """One random-init checkpoint of an arch, its model loaded once, and demo images at its size."""
 
-    export_ok(run_cli, checkpoint, "--data", data)
-    model = OnnxModel.load(checkpoint.with_suffix(".onnx"))
-    torch.testing.assert_close(model.probabilities(x), pytorch_probabilities(checkpoint, x), rtol=0, atol=1e-4)
+    def __init__(self, demo_root: Path, tmp_path: Path, arch: str, size: int, n: int = 3):
+        self.data = demo_root
+        self.checkpoint = save_random_checkpoint(tmp_path / f"{arch}.safetensors", demo_root, arch=arch, img_size=size)
+        self.model, self.meta = model_from_checkpoint(self.checkpoint)
+        self.x = demo_images(demo_root, size, n=n)
+        with torch.inference_mode():
+            self.want = torch.sigmoid(self.model(self.x))
 
+    def check_onnx(self, run_cli) -> None:
+        from aicoss_cli.export import OnnxModel
 
-def _check_timm(run_cli, checkpoint: Path, x: torch.Tensor, *, whole: bool, mean: tuple[float, ...]) -> None:
-    """The folder loads with timm's own loader, both ways a user would, and computes what the
-    aicoss model's backbone (or, for FCN rows, the whole model) computes."""
-    import timm
+        export_ok(run_cli, self.checkpoint, "--data", self.data)
+        got = OnnxModel.load(self.checkpoint.with_suffix(".onnx")).probabilities(self.x)
+        torch.testing.assert_close(got, self.want, rtol=0, atol=1e-4)
 
-    export_ok(run_cli, checkpoint, "--format", "safetensors-timm")
-    folder = checkpoint.with_name(checkpoint.stem + "_timm")
-    config = json.loads((folder / "config.json").read_text())
-    meta = read_meta(checkpoint)
-    assert config["aicoss"]["classes"] == meta.classes and config["aicoss"]["arch"] == meta.arch
-    assert config["pretrained_cfg"]["input_size"] == [3, meta.img_size, meta.img_size]
-    assert config["pretrained_cfg"]["mean"] == pytest.approx(mean)
-    assert config.get("label_names") == (meta.classes if whole else None)
-    overlay = dict(file=str(folder / "model.safetensors"), num_classes=config["num_classes"])
-    by_file = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
-                                **config["model_args"]).eval()
-    by_folder = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    model, _ = model_from_checkpoint(checkpoint)
-    with torch.inference_mode():
-        if whole:
-            want = torch.sigmoid(model(x))
-            got = [torch.sigmoid(m(x)) for m in (by_file, by_folder)]
-        else:
-            inner = model.renorm(x) if getattr(model, "renorm", None) is not None else x
-            want = model.backbone(inner)
-            got = [by_file(inner), by_folder(inner)]
-    for g in got:
-        torch.testing.assert_close(g, want, rtol=0, atol=1e-4)
+    def check_timm(self, run_cli, *, whole: bool, mean: tuple[float, ...], by_file: bool = True) -> None:
+        """The folder loads with timm's own loader, the ways a user would (by the weights file with
+        config.json's arguments, and by the folder), and computes what the aicoss model's backbone
+        (or, for FCN rows, the whole model) computes."""
+        import timm
+
+        export_ok(run_cli, self.checkpoint, "--format", "safetensors-timm")
+        folder = self.checkpoint.with_name(self.checkpoint.stem + "_timm")
+        config = json.loads((folder / "config.json").read_text())
+        size = self.meta.img_size
+        assert config["aicoss"]["classes"] == self.meta.classes and config["aicoss"]["arch"] == self.meta.arch
+        assert config["pretrained_cfg"]["input_size"] == [3, size, size]
+        assert config["pretrained_cfg"]["mean"] == pytest.approx(mean)
+        assert config.get("label_names") == (self.meta.classes if whole else None)
+        models = [timm.create_model(f"local-dir:{folder}", pretrained=True)]
+        if by_file:
+            overlay = dict(file=str(folder / "model.safetensors"), num_classes=config["num_classes"])
+            models.append(timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                                            **config["model_args"]))
+        renorm = getattr(self.model, "renorm", None)
+        inner = renorm(self.x) if renorm is not None else self.x
+        with torch.inference_mode():
+            want = self.want if whole else self.model.backbone(inner)
+            for timm_model in models:
+                got = timm_model.eval()(self.x if whole else inner)
+                torch.testing.assert_close(torch.sigmoid(got) if whole else got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_resnet50_fcn_exports_to_onnx_torchscript_and_timm_whole(run_cli, demo_root, tmp_path):
-    checkpoint = save_random_checkpoint(tmp_path / "resnet50.safetensors", demo_root, arch="resnet50", img_size=32)
-    x = demo_images(demo_root, 32)
-    _check_onnx(run_cli, checkpoint, x, demo_root)
-    export_ok(run_cli, checkpoint, "--format", "torchscript")
-    module = torch.jit.load(str(checkpoint.with_suffix(".pt")))
+    family = Family(demo_root, tmp_path, "resnet50", 32)
+    family.check_onnx(run_cli)
+    export_ok(run_cli, family.checkpoint, "--format", "torchscript")
+    module = torch.jit.load(str(family.checkpoint.with_suffix(".pt")))
     with torch.inference_mode():
-        torch.testing.assert_close(module(x), pytorch_probabilities(checkpoint, x), rtol=0, atol=1e-4)
-    _check_timm(run_cli, checkpoint, x, whole=True, mean=IMAGENET_MEAN)
+        torch.testing.assert_close(module(family.x), family.want, rtol=0, atol=1e-4)
+    family.check_timm(run_cli, whole=True, mean=IMAGENET_MEAN)
 
 
 @pytest.mark.slow
 def test_tresnet_mldecoder_exports_to_onnx_and_its_backbone_to_timm(run_cli, demo_root, tmp_path):
-    checkpoint = save_random_checkpoint(tmp_path / "tresnet.safetensors", demo_root,
-                                        arch="tresnet_l_learnable_mldecoder", img_size=32)
-    x = demo_images(demo_root, 32, n=3)
-    _check_onnx(run_cli, checkpoint, x, demo_root)
-    _check_timm(run_cli, checkpoint, x, whole=False, mean=IMAGENET_MEAN)
+    family = Family(demo_root, tmp_path, "tresnet_l_learnable_mldecoder", 32)
+    family.check_onnx(run_cli)
+    family.check_timm(run_cli, whole=False, mean=IMAGENET_MEAN)
 
 
 @pytest.mark.slow
 def test_cvt_q2l_exports_to_onnx_with_its_attention(run_cli, demo_root, tmp_path):
-    checkpoint = save_random_checkpoint(tmp_path / "cvt.safetensors", demo_root, arch="cvt_q2l", img_size=64)
-    _check_onnx(run_cli, checkpoint, demo_images(demo_root, 64, n=3), demo_root)
-    assert_one_line_error(run_cli("export", checkpoint, "--format", "safetensors-timm"),
+    family = Family(demo_root, tmp_path, "cvt_q2l", 64)
+    family.check_onnx(run_cli)
+    assert_one_line_error(run_cli("export", family.checkpoint, "--format", "safetensors-timm"),
                           "not a timm model", "--format onnx")
 
 
 @pytest.mark.slow
 def test_swinv2_at_its_fixed_size_exports_to_onnx_and_timm_whole(run_cli, demo_root, tmp_path):
-    checkpoint = save_random_checkpoint(tmp_path / "swinv2.safetensors", demo_root, arch="swinv2", img_size=64)
-    x = demo_images(demo_root, 64, n=3)
-    _check_onnx(run_cli, checkpoint, x, demo_root)
-    _check_timm(run_cli, checkpoint, x, whole=True, mean=IMAGENET_MEAN)
+    # 64 px: 16×16 tokens in 8×8 windows, so the shifted windows and their attention mask are in the graph
+    family = Family(demo_root, tmp_path, "swinv2", 64)
+    family.check_onnx(run_cli)
+    family.check_timm(run_cli, whole=True, mean=IMAGENET_MEAN, by_file=False)  # by the folder: img_size from config
 
 
 @pytest.mark.slow
 def test_efficientnet_lite0_exports_to_onnx_and_timm_with_its_own_statistics(run_cli, demo_root, tmp_path):
-    checkpoint = save_random_checkpoint(tmp_path / "lite0.safetensors", demo_root,
-                                        arch="tf_efficientnet_lite0_mldecoder", img_size=32)
-    x = demo_images(demo_root, 32)
-    _check_onnx(run_cli, checkpoint, x, demo_root)
+    family = Family(demo_root, tmp_path, "tf_efficientnet_lite0_mldecoder", 32)
+    family.check_onnx(run_cli)
     # its backbone takes mean = std = 0.5 inputs (aicoss re-normalises inside the model)
-    _check_timm(run_cli, checkpoint, x, whole=False, mean=(0.5, 0.5, 0.5))
+    family.check_timm(run_cli, whole=False, mean=(0.5, 0.5, 0.5))
