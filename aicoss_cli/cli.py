@@ -14,9 +14,10 @@ import sys
 import typer
 from rich.markup import escape
 
-from aicoss_cli import cli_export, cli_inference, cli_models, cli_train
+from aicoss_cli import cli_inference, cli_models, cli_train
 from aicoss_cli.console import err
 from aicoss_cli.errors import TrainingStopped, UserError
+from aicoss_cli import cli_export
 
 app = typer.Typer(
     name="aicoss",
@@ -35,10 +36,10 @@ COMMANDS = [
     ("predict", cli_inference.predict),
     ("ensemble", cli_inference.ensemble),
     ("benchmark-fp16", cli_inference.benchmark_fp16),
-    ("export", cli_export.export),
     ("count-params", cli_models.count_params),
     ("import-weights", cli_models.import_weights),
     ("prior", cli_models.prior),
+    ("export", cli_export.export),
     ("demo-data", cli_train.demo_data),
     ("split", cli_train.split),
 ]
