@@ -20,7 +20,6 @@ from conftest import only_run_dir
 from test_inference import assert_one_line_error, leftovers, save_random_checkpoint
 
 
-
 def demo_images(root: Path, size: int, n: int = 5) -> torch.Tensor:
     """The first n test images of a data root, decoded and normalised as predict does."""
     batches, error = decode_batch(read_test(root).paths[:n], [size])
