@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from aicoss_cli import cli_inference, cli_models, cli_report, cli_score, cli_train
+from aicoss_cli import cli_export, cli_inference, cli_models, cli_report, cli_score, cli_train
 from aicoss_cli.console import err
 from aicoss_cli.errors import TrainingStopped, UserError
 
@@ -78,6 +78,7 @@ COMMANDS = [
     ("count-params", cli_models.count_params),
     ("import-weights", cli_models.import_weights),
     ("prior", cli_models.prior),
+    ("export", cli_export.export),
     ("demo-data", cli_train.demo_data),
     ("split", cli_train.split),
 ]
