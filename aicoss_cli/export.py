@@ -27,20 +27,20 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from aicoss_cli.checkpoint import FORMAT, CheckpointMeta, atomic_path, model_from_checkpoint
+from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, model_from_checkpoint
 from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from aicoss_cli.errors import UserError
+from aicoss_cli.export_timm import load_timm, timm_config, timm_parts, write_timm
+from aicoss_cli.onnx_model import (INPUT_NAME, OUTPUT_NAME, one_line, ort_session, require_extra,
+                                   run_session)
 
 FORMATS = ("onnx", "torchscript", "safetensors-timm")
-EXTRA_HINT = "pip install 'aicoss[export]'"
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # largest allowed probability difference to the fp32 PyTorch model
 CHECK_IMAGES = 4  # images (or random inputs) the exported model is checked on
 TRACE_BATCH = 2  # example batch of a dynamic export; the check runs other batch sizes (CHECK_IMAGES and 1)
 MAX_BATCH = 4096
 PROTOBUF_LIMIT = 2_000_000_000  # one ONNX file holds at most 2 GB (protobuf)
 TORCHSCRIPT_META = "aicoss.json"
-TIMM_WEIGHTS, TIMM_CONFIG = "model.safetensors", "config.json"
 INPUT_FORMAT = "float32 N×3×S×S RGB resized to S×S (bilinear), (pixel/255 - mean) / std"
 
 
@@ -67,17 +67,6 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------- options
-
-
-def require_extra(*modules: str) -> None:
-    """UserError naming the pip command when an optional module of the `export` extra is missing."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            raise UserError(f"this needs the `{name}` package, which is not installed: {EXTRA_HINT}") from None
 
 
 def parse_batch(value: str | int | None) -> int | None:
@@ -260,33 +249,13 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int | No
         raise
     except Exception as exc:  # an exporter failure is reported in one line, with nothing written
         where = f" at opset {opset}" if opset is not None else ""
-        raise ExportCheckFailed(f"the ONNX exporter failed{where}: {_one_line(exc)}") from exc
+        raise ExportCheckFailed(f"the ONNX exporter failed{where}: {one_line(exc)}") from exc
     import onnx
 
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ExportCheckFailed(f"the written ONNX model is not valid: {_one_line(exc)}") from exc
-
-
-def _ort_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spin: bool = True):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spin:  # idle ORT threads sleep instead of spinning, leaving the cores to other work between runs
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are not news
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
-
-
-def _run_session(session, x: Tensor) -> Tensor:
-    import numpy as np
-
-    array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-    return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: array})[0]).float()
+        raise ExportCheckFailed(f"the written ONNX model is not valid: {one_line(exc)}") from exc
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -300,7 +269,7 @@ def _export_torchscript(module: nn.Module, example: Tensor, path: Path, metadata
             traced = torch.jit.trace(module, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: json.dumps(metadata)})
     except Exception as exc:
-        raise ExportCheckFailed(f"torch.jit.trace failed: {_one_line(exc)}") from exc
+        raise ExportCheckFailed(f"torch.jit.trace failed: {one_line(exc)}") from exc
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:
@@ -310,137 +279,6 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     raw = extra[TORCHSCRIPT_META]
     return module.eval(), json.loads(raw) if raw else {}
-
-
-# --------------------------------------------------------------------------- timm
-
-
-@dataclass
-class TimmParts:
-    """How an aicoss model's backbone maps to a timm model."""
-
-    name: str  # timm model name, e.g. "resnet50"
-    state: dict[str, Tensor]  # in timm's naming
-    model_args: dict  # what timm.create_model needs besides the name (num_classes, global_pool, img_size)
-    with_classifier: bool  # True: the whole network (FCN rows); False: the backbone (our head is not timm's)
-    backbone: nn.Module
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def timm_parts(model: nn.Module, arch: str) -> TimmParts:
-    """The timm model inside an aicoss model, its state dict in timm's naming, and the input
-    statistics its weights were trained on. UserError for a backbone that is not a timm model."""
-    from aicoss_cli.models.fcn import BackboneClassifier, LinearClassifier
-
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or not type(backbone).__module__.startswith("timm.") or not hasattr(backbone, "pretrained_cfg"):
-        what = type(backbone).__name__ if backbone is not None else type(model).__name__
-        origin = "Hugging Face transformers" if "transformers" in type(getattr(backbone, "cvt", backbone)).__module__ else "aicoss's own"
-        raise UserError(f"{arch}: its backbone ({what}, {origin}) is not a timm model, so there are no timm weights "
-                        "to write; use --format onnx (or torchscript)")
-    cfg = backbone.pretrained_cfg
-    name = cfg.get("architecture") or type(backbone).__name__.lower()
-    args = dict(getattr(backbone, "_model_args", {}))
-    state = {k: v.detach() for k, v in backbone.state_dict().items()}
-    if isinstance(model, LinearClassifier):
-        # Our `cls` is the timm model's own classifier slot: the whole network, in timm's naming.
-        classifier = cfg.get("classifier")
-        if not isinstance(classifier, str):
-            raise UserError(f"{arch}: timm's {name} names no single classifier layer; use --format onnx")
-        state[f"{classifier}.weight"] = model.cls.weight.detach()
-        state[f"{classifier}.bias"] = model.cls.bias.detach()
-        args["num_classes"] = model.cls.out_features
-        with_classifier = True
-    else:
-        with_classifier = isinstance(model, BackboneClassifier)
-    mean, std = _backbone_statistics(model)
-    return TimmParts(name, state, args, with_classifier, backbone, mean, std)
-
-
-def _backbone_statistics(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std of the input the backbone sees: ImageNet's, or what an InputRenorm maps them to
-    (x_dst = x·scale + shift, scale = std_src/std_dst, shift = (mean_src − mean_dst)/std_dst)."""
-    renorm = getattr(model, "renorm", None)
-    if renorm is None:
-        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
-    scale, shift = renorm.scale.flatten().double(), renorm.shift.flatten().double()
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float64) / scale
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64) - shift * std
-    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
-
-
-def timm_config(parts: TimmParts, meta: CheckpointMeta, metadata: dict[str, str]) -> dict:
-    """config.json in the layout timm's `save_for_hf` writes (so `timm.create_model("local-dir:DIR",
-    pretrained=True)` reads it), plus an `aicoss` section."""
-    size = meta.img_size
-    cfg = parts.backbone.pretrained_cfg
-    num_classes = int(parts.model_args.get("num_classes", 0))
-    pretrained_cfg = {
-        "input_size": [3, size, size],
-        "fixed_input_size": bool(cfg.get("fixed_input_size", False)),
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,  # training resized the whole image to S×S: no crop
-        "crop_mode": "center",
-        "mean": list(parts.mean),
-        "std": list(parts.std),
-        "num_classes": num_classes,
-        "first_conv": cfg.get("first_conv"),
-        "classifier": cfg.get("classifier"),
-    }
-    config = {
-        "architecture": parts.name,
-        "num_classes": num_classes,
-        "num_features": int(getattr(parts.backbone, "num_features", 0)),
-        "model_args": parts.model_args,
-        "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if v is not None},
-    }
-    if parts.model_args.get("global_pool"):
-        config["global_pool"] = parts.model_args["global_pool"]
-    if parts.with_classifier:
-        config["label_names"] = list(meta.classes)
-    config["aicoss"] = {
-        "arch": meta.arch,
-        "timm_model": parts.name,
-        "contents": "the whole network, classifier included" if parts.with_classifier
-        else f"the backbone only (the {meta.arch} head is aicoss's own; export --format onnx for the whole model)",
-        "num_classes": meta.num_classes,
-        "classes": list(meta.classes),
-        "img_size": size,
-        "input_mean": list(parts.mean),
-        "input_std": list(parts.std),
-        "aicoss_input_mean": list(IMAGENET_MEAN),
-        "aicoss_input_std": list(IMAGENET_STD),
-        "source_checkpoint": metadata["source_checkpoint"],
-        "epoch": meta.epoch,
-        "val_map": meta.val_map,
-        "precision": metadata["precision"],
-        "exported_by": metadata["exported_by"],
-    }
-    return config
-
-
-def load_timm(folder: str | Path, pretrained_file: bool = True) -> nn.Module:
-    """The timm model of a safetensors-timm export, built and loaded by timm itself, the way a user
-    would: `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), ...)`."""
-    import timm
-
-    folder = Path(folder)
-    config = json.loads((folder / TIMM_CONFIG).read_text(encoding="utf-8"))
-    args = dict(config.get("model_args", {}))
-    overlay = dict(file=str(folder / TIMM_WEIGHTS), num_classes=int(config["num_classes"]))
-    return timm.create_model(config["architecture"], pretrained=pretrained_file, pretrained_cfg_overlay=overlay,
-                             **args).eval()
-
-
-def _write_timm(parts: TimmParts, config: dict, folder: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import save_file
-
-    from aicoss_cli.checkpoint import _unshare
-
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in parts.state.items()}
-    save_file(_unshare(tensors), str(folder / TIMM_WEIGHTS), metadata={"format": "pt"})
-    (folder / TIMM_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -521,8 +359,8 @@ def export_checkpoint(
                 step("exporting to ONNX")
                 _export_onnx(module, example, tmp, opset, batch is None, metadata)
                 step("checking with ONNX Runtime")
-                session = _ort_session(tmp)
-                got = [_run_session(session, x) for x in batches]
+                session = ort_session(tmp)
+                got = [run_session(session, x) for x in batches]
                 if fp16:
                     notes.append("ONNX Runtime's CPU provider runs fp16 nodes that have no fp16 kernel in fp32 "
                                  "(inserted casts): this check covers the graph and its fp16 weights; fp16 "
@@ -557,13 +395,13 @@ def _export_timm(model, meta, metadata, inputs, compared, out, fp16, overwrite, 
     config = timm_config(parts, meta, metadata)
     with _atomic_dir(out, overwrite) as tmp:
         step("writing timm weights")
-        _write_timm(parts, config, tmp, torch.float16 if fp16 else torch.float32)
+        write_timm(parts, config, tmp, torch.float16 if fp16 else torch.float32)
         step("loading them back with timm")
         try:
             with _quiet():
                 reloaded = load_timm(tmp)
         except Exception as exc:
-            raise ExportCheckFailed(f"timm cannot load the written weights: {_one_line(exc)}") from exc
+            raise ExportCheckFailed(f"timm cannot load the written weights: {one_line(exc)}") from exc
         with torch.inference_mode():
             if parts.with_classifier:
                 got = torch.sigmoid(reloaded(inputs).float())
@@ -580,72 +418,6 @@ def _export_timm(model, meta, metadata, inputs, compared, out, fp16, overwrite, 
         f"{meta.arch}: the folder holds the {parts.name} backbone only (num_classes=0); the head is aicoss's own"]
     return ExportResult(out, "safetensors-timm", precision, None, compared, quantity, max_diff, tolerance, size,
                         time.perf_counter() - started, notes)
-
-
-# --------------------------------------------------------------------------- ONNX inference
-
-
-class OnnxModel:
-    """An ONNX file written by `aicoss export`, run with ONNX Runtime.
-
-        model = OnnxModel.load("best.onnx")
-        probs = model.probabilities(x)   # x: float32 N×3×S×S normalised, CPU -> float32 N×K
-
-    `meta` is the source checkpoint's metadata (arch, img_size, classes, recipe_toml, split, epoch,
-    val_map, prior), rebuilt from the file's metadata_props; `batch` is None for a dynamic batch axis,
-    else the fixed batch size, and `probabilities` splits or pads any N to it.
-    """
-
-    def __init__(self, path: Path, session, meta: CheckpointMeta, batch: int | None):
-        self.path, self.session, self.meta, self.batch = path, session, meta, batch
-
-    @classmethod
-    def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-             spin: bool = True) -> OnnxModel:
-        """`providers`: ONNX Runtime execution providers (default: the CPU); `threads`: its intra-op
-        threads (default: ORT's, one per physical core); `spin=False`: its idle threads sleep rather
-        than spin between runs (for a loop that decodes on the same cores). UserError (one line) for a missing, corrupt
-        or non-aicoss ONNX file, or a missing extra."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: ONNX model not found" if not path.exists() else f"{path}: not a file")
-        require_extra("onnxruntime")
-        try:
-            session = _ort_session(path, providers, threads, spin)
-        except Exception as exc:  # ORT raises InvalidProtobuf / Fail / ... for damaged files
-            raise UserError(f"{path}: not a readable ONNX model (truncated or corrupt: {_one_line(exc)})") from None
-        props = dict(session.get_modelmeta().custom_metadata_map)
-        if props.get("format") != FORMAT:
-            raise UserError(f"{path}: not an aicoss ONNX model (no '{FORMAT}' metadata); "
-                            "export one with `aicoss export CHECKPOINT`")
-        meta = CheckpointMeta.from_strings(props, str(path))
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
-            raise UserError(f"{path}: expected one input '{INPUT_NAME}' and an output '{OUTPUT_NAME}' "
-                            f"(found {[i.name for i in inputs]} -> {[o.name for o in outputs]})")
-        shape = list(inputs[0].shape)
-        size = meta.img_size
-        if len(shape) != 4 or shape[1:] != [3, size, size] or inputs[0].type != "tensor(float)":
-            raise UserError(f"{path}: input '{INPUT_NAME}' is {inputs[0].type} {shape}, but its metadata says "
-                            f"float32 [N, 3, {size}, {size}]")
-        batch = shape[0] if isinstance(shape[0], int) else None
-        return cls(path, session, meta, batch)
-
-    def probabilities(self, x: Tensor) -> Tensor:
-        """float32 N×3×S×S normalised images (CPU) -> float32 N×K probabilities (CPU)."""
-        size = self.meta.img_size
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
-            raise UserError(f"{self.path}: takes N×3×{size}×{size} images (got {tuple(x.shape)})")
-        if self.batch is None or len(x) == self.batch:
-            return _run_session(self.session, x) if len(x) else torch.zeros(0, self.meta.num_classes)
-        outputs = []
-        for start in range(0, len(x), self.batch):
-            chunk = x[start:start + self.batch]
-            n = len(chunk)
-            if n < self.batch:  # a fixed batch axis: pad with copies of the last image, drop their rows
-                chunk = torch.cat([chunk, chunk[-1:].expand(self.batch - n, -1, -1, -1)])
-            outputs.append(_run_session(self.session, chunk)[:n])
-        return torch.cat(outputs) if outputs else torch.zeros(0, self.meta.num_classes)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -665,8 +437,3 @@ def _quiet():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return (text[:200] + "...") if len(text) > 200 else text

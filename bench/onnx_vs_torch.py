@@ -66,7 +66,7 @@ def measure(tmp: Path) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
 
-    from aicoss_cli.export import OnnxModel, Probabilities, export_checkpoint
+    from aicoss_cli.onnx_model import OnnxModel, Probabilities, export_checkpoint
     from aicoss_cli.inference import decode_batch
 
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))

@@ -50,7 +50,7 @@ def tiny_checkpoint(demo_root, tmp_path) -> Path:
 
 def test_onnx_of_a_trained_run_matches_pytorch_and_carries_the_checkpoint_metadata(run_cli, demo_root, write_recipe,
                                                                                     tmp_path):
-    from aicoss_cli.export import OnnxModel
+    from aicoss_cli.onnx_model import OnnxModel
 
     assert run_cli("train", write_recipe(demo_root, epochs=2), "--out", tmp_path / "runs").code == 0
     checkpoint = only_run_dir(tmp_path / "runs") / "best.safetensors"
@@ -80,7 +80,7 @@ def test_onnx_of_a_trained_run_matches_pytorch_and_carries_the_checkpoint_metada
 
 
 def test_fixed_batch_onnx_has_that_batch_and_onnx_model_splits_and_pads(run_cli, tiny_checkpoint, demo_root, tmp_path):
-    from aicoss_cli.export import OnnxModel
+    from aicoss_cli.onnx_model import OnnxModel
 
     out = tmp_path / "fixed.onnx"
     export_ok(run_cli, tiny_checkpoint, "--batch", "3", "--out", out)
@@ -92,7 +92,7 @@ def test_fixed_batch_onnx_has_that_batch_and_onnx_model_splits_and_pads(run_cli,
 
 
 def test_fp16_onnx_holds_half_weights_and_stays_within_1e_2(run_cli, tiny_checkpoint, demo_root, tmp_path):
-    from aicoss_cli.export import OnnxModel
+    from aicoss_cli.onnx_model import OnnxModel
 
     out = tmp_path / "half.onnx"
     stdout = export_ok(run_cli, tiny_checkpoint, "--fp16", "--out", out, "--data", demo_root)
@@ -108,7 +108,7 @@ def test_fp16_onnx_holds_half_weights_and_stays_within_1e_2(run_cli, tiny_checkp
 
 
 def test_class_names_with_quotes_commas_and_emoji_survive_the_metadata(run_cli, demo_root, tmp_path):
-    from aicoss_cli.export import OnnxModel
+    from aicoss_cli.onnx_model import OnnxModel
 
     names = ['a,b', 'say "hi"', "🛰️ orbit", "tab\there", "back\\slash", "ünïcode", "x'y", "semi;colon", "<b>", "0"]
     checkpoint = save_random_checkpoint(tmp_path / "odd.safetensors", demo_root, classes=names)
@@ -213,7 +213,7 @@ def test_a_timm_folder_is_replaced_only_with_overwrite_and_only_by_a_checked_one
 def test_corrupt_truncated_missing_and_foreign_onnx_files_are_one_line_errors(run_cli, tiny_checkpoint, tmp_path):
     from onnx import TensorProto, helper
 
-    from aicoss_cli.export import OnnxModel
+    from aicoss_cli.onnx_model import OnnxModel
 
     export_ok(run_cli, tiny_checkpoint)
     good = tiny_checkpoint.with_suffix(".onnx").read_bytes()
@@ -236,7 +236,7 @@ def test_corrupt_truncated_missing_and_foreign_onnx_files_are_one_line_errors(ru
 
 
 def test_a_missing_export_extra_names_the_pip_command(run_cli, tiny_checkpoint, monkeypatch):
-    from aicoss_cli.export import OnnxModel
+    from aicoss_cli.onnx_model import OnnxModel
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     assert_one_line_error(run_cli("export", tiny_checkpoint), "onnxruntime", "pip install 'aicoss[export]'")
@@ -253,7 +253,7 @@ def test_the_cli_imports_no_export_library_for_help():
 
 
 def test_cvt_is_not_a_timm_model():
-    from aicoss_cli.export import timm_parts
+    from aicoss_cli.export_timm import timm_parts
     from aicoss_cli.models import build_model
 
     with torch.device("meta"):
@@ -278,7 +278,7 @@ class Family:
             self.want = torch.sigmoid(self.model(self.x))
 
     def check_onnx(self, run_cli) -> None:
-        from aicoss_cli.export import OnnxModel
+        from aicoss_cli.onnx_model import OnnxModel
 
         export_ok(run_cli, self.checkpoint, "--data", self.data)
         got = OnnxModel.load(self.checkpoint.with_suffix(".onnx")).probabilities(self.x)
