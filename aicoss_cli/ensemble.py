@@ -21,7 +21,7 @@ import numpy as np
 from aicoss_cli.checkpoint import CheckpointMeta, check_outputs, read_meta, write_text_atomic
 from aicoss_cli.data import data_inputs, describe_split, read_test, read_train, split_from_record
 from aicoss_cli.errors import UserError
-from aicoss_cli.inference import MemberSource, combine, forward, load_members, write_scores_csv
+from aicoss_cli.inference import MemberSource, combine, forward, load_members, member_meta, write_scores_csv
 from aicoss_cli.keep import kept_file
 from aicoss_cli.metrics import mean_average_precision
 from aicoss_cli.recipe import read_toml
@@ -354,7 +354,7 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
         discovery = discover_runs(runs_dir, data)
         sources = [MemberSource(p) for p in discovery.taken]
         data = discovery.data_root
-    metas = [(str(s.path), read_meta(s.path)) for s in sources]
+    metas = [(str(s.path), member_meta(s.path)) for s in sources]
     check_members(metas)
     ref_src, ref = metas[0]
     root = Path(data) if data is not None else spec_data if spec_data is not None else ref.resolve_data_root(None, ref_src)
@@ -456,7 +456,7 @@ def run_benchmark(checkpoints: Sequence[Path], *, data: Path | None = None, limi
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be ≥ 1 (got {limit})")
     sources = [MemberSource(Path(p)) for p in checkpoints]
-    metas = [(str(s.path), read_meta(s.path)) for s in sources]
+    metas = [(str(s.path), member_meta(s.path)) for s in sources]
     check_members(metas)
     ref_src, ref = metas[0]
     root = ref.resolve_data_root(data, ref_src)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, model_from_checkpoint
+from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, model_from_checkpoint, read_meta
 from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD, refuse_decompression_bombs, too_many_pixels
 from aicoss_cli.errors import UserError
 from aicoss_cli.runtime import Runtime
@@ -302,18 +302,39 @@ class Member:
         return total.div_(len(views)) if len(views) > 1 else total
 
 
+def is_onnx(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def member_meta(path: str | Path) -> CheckpointMeta:
+    """The metadata of a member: a checkpoint's (its header only), or an exported ONNX model's."""
+    if is_onnx(path):
+        from aicoss_cli.onnx_model import OnnxModel
+
+        return OnnxModel.load(path).meta
+    return read_meta(path)
+
+
 def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str = "none", progress=None) -> list[Member]:
-    """Rebuild each member's model from its checkpoint, on the device, in eval mode."""
+    """Rebuild each member's model from its checkpoint, on the device, in eval mode; an exported
+    `.onnx` member runs in ONNX Runtime on the CPU (its threads sleep between batches, leaving the
+    cores to decoding)."""
     torchvision_jpeg()  # import the decoder now, not inside the first batch
     if default_tta not in TTA_MODES:
         raise UserError(f"--tta must be one of {', '.join(TTA_MODES)} (got {default_tta!r})")
     task = progress.add_task("loading checkpoints", total=len(sources)) if progress else None
     members = []
     for src in sources:
-        model, meta = model_from_checkpoint(src.path)
-        model.to(rt.device)
-        if rt.channels_last:
-            model.to(memory_format=torch.channels_last)
+        if is_onnx(src.path):
+            from aicoss_cli.onnx_model import OnnxModel
+
+            model = OnnxModel.load(src.path, spin=False)
+            meta = model.meta
+        else:
+            model, meta = model_from_checkpoint(src.path)
+            model.to(rt.device)
+            if rt.channels_last:
+                model.to(memory_format=torch.channels_last)
         weight = 1.0 if src.weight is None else float(src.weight)
         members.append(Member(path=str(src.path), model=model, img_size=meta.img_size, classes=meta.classes,
                               weight=weight, tta=src.tta or default_tta, meta=meta))

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
-from aicoss_cli.checkpoint import check_outputs, read_meta
+from aicoss_cli.checkpoint import check_outputs
 from aicoss_cli.data import data_inputs, read_test, read_train, split_from_record, split_indices
 from aicoss_cli.errors import UserError
-from aicoss_cli.inference import TTA_MODES, MemberSource, forward, load_members, write_scores_csv
+from aicoss_cli.inference import TTA_MODES, MemberSource, forward, load_members, member_meta, write_scores_csv
 from aicoss_cli.metrics import mean_average_precision
 from aicoss_cli.thresholds import (
     DEFAULT_THRESHOLD,
@@ -83,7 +83,7 @@ def run_predict(checkpoint: Path, *, data: Path | None = None, split: str = "tes
         raise UserError(f"--tta must be one of {', '.join(TTA_MODES)} (got {tta!r})")
     spec = parse_threshold_spec(labels) if labels is not None else None
     checkpoint = Path(checkpoint)
-    meta = read_meta(checkpoint)
+    meta = member_meta(checkpoint)
     root = meta.resolve_data_root(data, str(checkpoint))
     val_paths, val_targets = None, None
     if split == "val" or spec == "auto":
@@ -162,7 +162,7 @@ def run_prior(checkpoint: Path, *, data: Path | None = None, out: Path = Path("p
 
     checkpoint, out = Path(checkpoint), Path(out)
     check_outputs([out], [checkpoint], overwrite)
-    meta = read_meta(checkpoint)
+    meta = member_meta(checkpoint)
     root = meta.resolve_data_root(data, str(checkpoint))
     table = read_train(root)
     if table.classes != meta.classes:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import onnx  # the export extra: installed with the dev environment, so these tests run it
+import numpy as np
 import pytest
 import torch
 
@@ -353,3 +354,42 @@ def test_efficientnet_lite0_exports_to_onnx_and_timm_with_its_own_statistics(run
     family.check_onnx(run_cli)
     # its backbone takes mean = std = 0.5 inputs (aicoss re-normalises inside the model)
     family.check_timm(run_cli, whole=False, mean=(0.5, 0.5, 0.5))
+
+
+# --------------------------------------------------------------------------- predict and ensemble with ONNX
+
+
+def test_predict_and_ensemble_take_an_onnx_model_as_they_take_its_checkpoint(run_cli, demo_root, tiny_checkpoint,
+                                                                              tmp_path):
+    from helpers import read_csv
+
+    onnx = tmp_path / "model.onnx"
+    export_ok(run_cli, tiny_checkpoint, "--out", onnx)
+    for split in ("test", "val"):
+        a, b = tmp_path / f"ckpt_{split}.csv", tmp_path / f"onnx_{split}.csv"
+        assert run_cli("predict", tiny_checkpoint, "--split", split, "--out", a).code == 0
+        result = run_cli("predict", onnx, "--split", split, "--out", b)
+        assert result.code == 0, result.stderr
+        (ha, ia, pa), (hb, ib, pb) = read_csv(a), read_csv(b)
+        assert (ha, ia) == (hb, ib)
+        np.testing.assert_allclose(pb, pa, rtol=0, atol=1e-4)
+    mixed = run_cli("ensemble", tiny_checkpoint, onnx, "--out", tmp_path / "ens.csv")
+    assert mixed.code == 0, mixed.stderr
+    np.testing.assert_allclose(read_csv(tmp_path / "ens.csv")[2], read_csv(tmp_path / "ckpt_test.csv")[2],
+                               rtol=0, atol=1e-4)  # a model and its own export: their mean is the model
+
+
+def test_predict_on_a_corrupt_or_foreign_onnx_file_is_a_one_line_error(run_cli, tiny_checkpoint, tmp_path):
+    onnx = tmp_path / "model.onnx"
+    export_ok(run_cli, tiny_checkpoint, "--out", onnx)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(onnx.read_bytes()[:2000])
+    assert_one_line_error(run_cli("predict", broken, "--out", tmp_path / "p.csv"), "broken.onnx")
+    foreign = tmp_path / "foreign.onnx"
+    import onnx as onnx_lib
+
+    model = onnx_lib.load(str(onnx))
+    del model.metadata_props[:]
+    onnx_lib.save(model, str(foreign))
+    assert_one_line_error(run_cli("predict", foreign, "--out", tmp_path / "p.csv"), "not an aicoss ONNX model")
+    assert not (tmp_path / "p.csv").exists()
