@@ -6,6 +6,7 @@ imported at module level (torch is imported by the jobs), so `aicoss --help` sta
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -130,6 +131,7 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, or the name of a bundled one (`aicoss recipes`).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Also check this data root (CSVs, labels, images).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the resolved recipe (and the data counts) as JSON only.")] = False,
 ) -> None:
     """Check a recipe (keys, types, ranges, arch and loss names) and, with --data, the data it would train on.
 
@@ -139,11 +141,20 @@ def validate(
 
     recipe = find_recipe(recipe)
     resolved = resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)
+    prepared = None
     if data is not None:
-        from aicoss_cli.engine import prepare_data
+        from aicoss_cli.data import prepare_data
 
-        with progress_display(err, transient=True) as progress:
+        with progress_display(err, enabled=not as_json, transient=True) as progress:
             prepared = prepare_data(resolved, progress)
+    if as_json:
+        counts = None if prepared is None else {
+            "labelled": len(prepared.table), "train": len(prepared.train_rows), "val": len(prepared.val_rows),
+            "test": len(prepared.test), "classes": prepared.table.classes, "split": prepared.split}
+        print(json.dumps({"recipe": str(recipe), "valid": True, "resolved": resolved.model_dump(), "data": counts},
+                         indent=2, ensure_ascii=False))
+        return
+    if prepared is not None:
         out.print(f"data: {len(prepared.table)} labelled images ({len(prepared.train_rows)} train, "
                   f"{len(prepared.val_rows)} val), {len(prepared.test)} test images, "
                   f"{len(prepared.table.classes)} classes", highlight=False)
@@ -216,6 +227,7 @@ def split(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Validation fraction, 0 < x < 1.")] = 0.1,
     kind: Annotated[Literal["random", "stratified"], typer.Option("--kind", help="The split to search: the seed's random one, or multi-label stratified.")] = "random",
     top: Annotated[int, typer.Option("--top", min=1, help="Rows to show.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ranked rows as JSON only.")] = False,
 ) -> None:
     """Repeat the seed's split-seed search: for each random state, the gap between the train and
     val positive rate of every class (mean and std over classes), most balanced first.
@@ -228,12 +240,17 @@ def split(
         raise UserError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
     table_data = read_train(data)
     rows = []
-    with progress_display(err, transient=True) as progress:
+    with progress_display(err, enabled=not as_json, transient=True) as progress:
         task = progress.add_task("searching split seeds", total=search)
         for state in range(search):
             rows += split_search(table_data.labels, val_fraction, [state], kind)
             progress.advance(task)
     rows.sort(key=lambda r: (r["mean"], r["std"]))
+    best = f"--set data.split={kind} --set data.val_fraction={val_fraction:g} --set data.split_seed={rows[0]['split_seed']}"
+    if as_json:
+        print(json.dumps({"kind": kind, "val_fraction": val_fraction, "states": search, "use": best,
+                          "rows": [{"rank": i, **r} for i, r in enumerate(rows[:top], 1)]}, indent=2))
+        return
     table = Table(title=f"class-ratio gap train vs val ({kind}, val {val_fraction:g}, {search} states)",
                   title_justify="left")
     for col in ("rank", "split_seed", "mean gap", "std gap"):
@@ -242,5 +259,4 @@ def split(
         table.add_row(str(i), str(r["split_seed"]), f"{r['mean']:.5f}", f"{r['std']:.5f}")
     out.print(table)
     # the whole split, so a recipe with another [data] split or val_fraction gets this one
-    out.print(f"use it with --set data.split={kind} --set data.val_fraction={val_fraction:g} "
-              f"--set data.split_seed={rows[0]['split_seed']}", highlight=False)
+    out.print(f"use it with {best}", highlight=False)
