@@ -105,7 +105,8 @@ def import_weights(
                               "data": {"root": str(data) if data else "data/aicoss"}}, source="import-weights")
     split = {"kind": "random", "val_fraction": 0.1, "split_seed": 78}
     if data is not None:
-        from aicoss_cli.data import read_train, split_fingerprint, split_indices
+        from aicoss_cli.data import read_train
+        from aicoss_cli.splits import split_fingerprint, split_indices
 
         table = read_train(data)
         if table.classes != names:

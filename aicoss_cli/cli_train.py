@@ -234,7 +234,8 @@ def split(
 
     Example: [bold]aicoss split data/demo --search 200[/]
     """
-    from aicoss_cli.data import read_train, split_search
+    from aicoss_cli.data import read_train
+    from aicoss_cli.splits import split_search
 
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be in (0, 1) (got {val_fraction})")

@@ -10,7 +10,6 @@ functions beside it.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from rich.markup import escape
 
 from aicoss_cli import distributed, keep
-from aicoss_cli.checkpoint import CheckpointMeta, WriteFailed, check_writable_folder, load_checkpoint, write_text_atomic
+from aicoss_cli.checkpoint import CheckpointMeta, check_writable_folder, load_checkpoint, write_text_atomic
 from aicoss_cli.console import LogLines, clock, progress_display
 from aicoss_cli.data import ImageDataset, PreparedData, build_train_transform, prepare_data
 from aicoss_cli.errors import TrainingStopped, UserError
@@ -30,13 +29,15 @@ from aicoss_cli.losses import per_image_loss
 from aicoss_cli.metrics import mean_average_precision, skipped_classes
 from aicoss_cli.prior import PriorTracker, write_prior_csv
 from aicoss_cli.recipe import Recipe, recipe_to_toml
-from aicoss_cli.run_folder import RunLock, StopFlag, ignore_sigint, nonfinite_loss, open_run_dir, write_failed
+from aicoss_cli.run_folder import (RunLock, StopFlag, ignore_sigint, nonfinite_loss, open_run_dir,
+                                   stop_when_writes_fail)
 from aicoss_cli.runtime import Runtime, configure_kernels, make_runtime, precision_dtype, seed_everything
 from aicoss_cli.samplers import TrainBatches, make_loader, micro_batch_size, shard
 from aicoss_cli.step import TrainStep, build_ema, build_optimizer, learning_rate
 from aicoss_cli.train_state import (
     STATE_FILE,
     Resume,
+    StepBoundary,
     TrainProgress,
     rng_state,
     restore,
@@ -77,17 +78,6 @@ class Callback:
 
 
 # --------------------------------------------------------------------------- free pieces
-
-
-@dataclass
-class _Boundary:
-    """What a step boundary looks like, to go back to when a step cannot be completed."""
-
-    loss_sum: torch.Tensor
-    loss_count: int
-    prior_sums: torch.Tensor | None
-    rng: dict[str, Any]
-    seconds: float
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -153,7 +143,7 @@ class Trainer:
             self._each_callback("on_run_start", self)
             started = True
             stopped_early = False
-            with StopFlag() as stop, self._progress() as bar, self._stop_when_writes_fail():
+            with StopFlag() as stop, self._progress() as bar, stop_when_writes_fail(self.run_dir):
                 while self.progress.epoch < r.optim.epochs and not stopped_early and not self.progress.stopped_early:
                     self._train_epoch(bar, stop)
                     stopped_early = self._end_epoch(bar)
@@ -345,28 +335,22 @@ class Trainer:
                 self._each_callback("on_log", self, values)
             bar.advance(task)
             if any_stop or save_now:
-                self._set_running(step, boundary)
+                self.progress.at_boundary(step, boundary)
                 self._save_state()
                 if any_stop:
                     raise TrainingStopped(f"interrupted at epoch {epoch + 1}, step {step}; resumable state saved: "
                                           f"continue with `aicoss train --resume {self.run_dir}`", exit_code=130)
         self._check_finite(first_bad, epoch, p.global_step - step)
-        self._set_running(step, self._boundary(loss_sum, loss_count, base_seconds + time.perf_counter() - t0))
+        self.progress.at_boundary(step, self._boundary(loss_sum, loss_count, base_seconds + time.perf_counter() - t0))
         p.train_seconds += p.seconds
         p.train_images += steps * r.optim.batch_size
         bar.update(task, stats=f"loss {p.loss_sum / max(p.loss_count, 1):.4f}")
         self.lr = learning_rate(r.optim, epoch, max(steps - 1, 0), steps)
 
-    def _boundary(self, loss_sum: torch.Tensor, loss_count: int, seconds: float) -> _Boundary:
+    def _boundary(self, loss_sum: torch.Tensor, loss_count: int, seconds: float) -> StepBoundary:
         """The state at a step boundary; device values are copied on the device (no host sync)."""
         prior_sums = self.prior.snapshot() if self.prior is not None else None
-        return _Boundary(loss_sum.clone(), loss_count, prior_sums, rng_state(), seconds)
-
-    def _set_running(self, step: int, boundary: _Boundary) -> None:
-        """Record the epoch's position and running sums as of a step boundary (a host sync)."""
-        p = self.progress
-        p.step, p.loss_sum, p.loss_count, p.seconds = step, float(boundary.loss_sum), boundary.loss_count, boundary.seconds
-        p.prior_sums = boundary.prior_sums.tolist() if boundary.prior_sums is not None else None
+        return StepBoundary(loss_sum.clone(), loss_count, prior_sums, rng_state(), seconds)
 
     def _step_flags(self, bad: str, stop: bool, step_finite: torch.Tensor) -> tuple[bool, bool, bool]:
         """(some rank read a bad image, some rank was asked to stop, some rank's loss was non-finite):
@@ -385,9 +369,9 @@ class Trainer:
         if step >= 0:
             raise nonfinite_loss(self.run_dir, epoch, step, epoch_start_global + step)
 
-    def _stop_for_bad_image(self, bad: str, boundary: _Boundary, epoch: int, step: int) -> None:
+    def _stop_for_bad_image(self, bad: str, boundary: StepBoundary, epoch: int, step: int) -> None:
         message = next(m for m in distributed.all_gather_objects(self.info, bad) if m)
-        self._set_running(step, boundary)
+        self.progress.at_boundary(step, boundary)
         self._save_state(rng=boundary.rng)
         raise TrainingStopped(
             f"{message}. Training stopped at epoch {epoch + 1}, step {step}; fix or remove the file and "
@@ -492,14 +476,6 @@ class Trainer:
         write_scores_csv(self.run_dir / "submission.csv", test.ids, test.classes, probs)
 
     # -- helpers
-
-    @contextlib.contextmanager
-    def _stop_when_writes_fail(self):
-        """A full disk (or a folder gone read-only) stops the run with what is kept and what is needed."""
-        try:
-            yield
-        except (WriteFailed, OSError) as exc:
-            raise write_failed(self.run_dir, exc) from None
 
     @property
     def _terminal(self) -> bool:

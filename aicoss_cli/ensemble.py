@@ -2,7 +2,7 @@
 ensemble and benchmark-fp16 jobs.
 
 Members must share the class list (names and order) and the validation split (the checkpoint's
-`split` metadata, verified against train.csv with `data.split_fingerprint`), so their val scores
+`split` metadata, verified against train.csv with `splits.split_fingerprint`), so their val scores
 can be compared and combined. The output is the weighted mean of the members' sigmoid outputs.
 """
 
@@ -19,7 +19,8 @@ from typing import Literal, Sequence
 import numpy as np
 
 from aicoss_cli.checkpoint import CheckpointMeta, check_outputs, read_meta, write_text_atomic
-from aicoss_cli.data import data_inputs, describe_split, read_test, read_train, split_from_record
+from aicoss_cli.data import data_inputs, read_test, read_train
+from aicoss_cli.splits import describe_split, split_from_record
 from aicoss_cli.errors import UserError
 from aicoss_cli.inference import MemberSource, combine, forward, load_members, member_meta, write_scores_csv
 from aicoss_cli.keep import kept_file

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from aicoss_cli.checkpoint import check_outputs
-from aicoss_cli.data import data_inputs, read_test, read_train, split_from_record, split_indices
+from aicoss_cli.data import data_inputs, read_test, read_train
+from aicoss_cli.splits import split_from_record, split_indices
 from aicoss_cli.errors import UserError
 from aicoss_cli.inference import TTA_MODES, MemberSource, forward, load_members, member_meta, write_scores_csv
 from aicoss_cli.metrics import mean_average_precision

@@ -3,6 +3,7 @@ train` at a time), stopping cleanly on a signal, and saying what is kept when wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +102,15 @@ def nonfinite_loss(run_dir: Path, epoch: int, step: int, global_step: int) -> Tr
     what = f"the last good checkpoint ({', '.join(kept)}) is kept" if kept else "no checkpoint had been written yet"
     return TrainingStopped(f"non-finite loss at epoch {epoch + 1}, step {step} (global step {global_step}); the "
                            f"weights were not updated and {what}; lower [optim] lr or use precision = \"fp32\"")
+
+
+@contextlib.contextmanager
+def stop_when_writes_fail(run_dir: Path):
+    """A full disk (or a folder gone read-only) stops the run with what is kept and what is needed."""
+    try:
+        yield
+    except (WriteFailed, OSError) as exc:
+        raise write_failed(run_dir, exc) from None
 
 
 def write_failed(run_dir: Path, exc: OSError | WriteFailed) -> TrainingStopped:

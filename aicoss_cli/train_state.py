@@ -30,6 +30,18 @@ RUN_FILES = ("metrics.csv", "best.safetensors", "last.safetensors", "val_scores.
 
 
 @dataclass
+class StepBoundary:
+    """The running sums of an epoch at a step boundary (device values copied on the device), to go
+    back to when a step cannot be completed."""
+
+    loss_sum: torch.Tensor
+    loss_count: int
+    prior_sums: torch.Tensor | None
+    rng: dict[str, Any]
+    seconds: float
+
+
+@dataclass
 class TrainProgress:
     """Where a run stands: the epoch in progress (0-based) and the optimizer steps done in it, the
     rows of metrics.csv so far, the best epoch, and the running sums of the epoch in progress."""
@@ -52,6 +64,12 @@ class TrainProgress:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    def at_boundary(self, step: int, boundary: StepBoundary) -> None:
+        """Record the epoch's position and running sums as of a step boundary (a host sync)."""
+        self.step, self.loss_sum, self.loss_count = step, float(boundary.loss_sum), boundary.loss_count
+        self.seconds = boundary.seconds
+        self.prior_sums = boundary.prior_sums.tolist() if boundary.prior_sums is not None else None
 
     @classmethod
     def from_json(cls, text: str, source: str) -> TrainProgress:

@@ -65,7 +65,8 @@ def save_random_checkpoint(path: Path, root: Path, *, arch: str = "tiny_convnet"
     import torch
 
     from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint
-    from aicoss_cli.data import read_train, split_fingerprint, split_indices
+    from aicoss_cli.data import read_train
+    from aicoss_cli.splits import split_fingerprint, split_indices
     from aicoss_cli.models import build_model
 
     table = read_train(root)

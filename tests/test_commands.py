@@ -102,7 +102,8 @@ def read_prior(path: Path) -> dict[str, float]:
 
 def test_prior_command_and_the_three_prior_sources(run_cli, demo_root_partial, write_recipe, tmp_path):
     from aicoss_cli.checkpoint import load_checkpoint
-    from aicoss_cli.data import read_train, split_indices
+    from aicoss_cli.data import read_train
+    from aicoss_cli.splits import split_indices
 
     # labels: positive frequency of each class over the annotated training entries
     assert run_cli("train", pasl_recipe(write_recipe, demo_root_partial, "labels"), "--out", tmp_path / "a").code == 0

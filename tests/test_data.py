@@ -14,12 +14,11 @@ from aicoss_cli.data import (
     ImageDataset,
     build_train_transform,
     check_images,
-    class_ratio_gap,
     read_test,
     read_train,
     sample_seed,
-    split_indices,
 )
+from aicoss_cli.splits import class_ratio_gap, split_indices
 from aicoss_cli.errors import UserError
 from aicoss_cli.samplers import TrainBatches, shard
 

@@ -159,7 +159,8 @@ def test_training_log_has_no_blank_lines(run_cli, demo_root, write_recipe, tmp_p
 
 @pytest.mark.parametrize("kind", ["random", "stratified"])
 def test_split_suggests_every_key_of_the_split_it_searched(run_cli, demo_root, kind):
-    from aicoss_cli.data import read_train, split_search
+    from aicoss_cli.data import read_train
+    from aicoss_cli.splits import split_search
 
     result = run_cli("split", demo_root, "--kind", kind, "--search", "4", "--val-fraction", "0.2")
     assert result.code == 0, result.stderr
@@ -251,7 +252,7 @@ def test_seeds_are_bounded_to_what_numpy_accepts(override, expected):
 def test_the_seed_bound_is_numpys():
     import numpy as np
 
-    from aicoss_cli.data import split_indices
+    from aicoss_cli.splits import split_indices
     from aicoss_cli.recipe import load_recipe
 
     with pytest.raises(ValueError):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aicoss_cli.data import read_train, split_indices
+from aicoss_cli.data import read_train
+from aicoss_cli.splits import split_indices
 from aicoss_cli.metrics import mean_average_precision
 from helpers import TINY_RECIPE, only_run_dir
 from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from aicoss_cli.checkpoint import save_checkpoint
-from aicoss_cli.data import load_image, pil_to_uint8, read_test, read_train, split_indices
+from aicoss_cli.data import load_image, pil_to_uint8, read_test, read_train
+from aicoss_cli.splits import split_indices
 from aicoss_cli.errors import UserError
 from aicoss_cli.metrics import average_precision_per_class, mean_average_precision
 

@@ -115,7 +115,8 @@ def test_bad_labels_are_one_line_errors_before_any_output(run_cli, trained, tmp_
 
 
 def test_validate_and_split_json_is_json_only(run_cli, demo_root, write_recipe):
-    from aicoss_cli.data import read_train, split_search
+    from aicoss_cli.data import read_train
+    from aicoss_cli.splits import split_search
 
     result = run_cli("validate", write_recipe(demo_root), "--data", demo_root, "--json")
     assert result.code == 0, result.stderr

@@ -132,7 +132,8 @@ def test_demo_data_command_is_deterministic_and_never_overwrites(run_cli, tmp_pa
 def test_split_search_lists_the_most_balanced_seeds_first(run_cli, demo_root):
     result = run_cli("split", demo_root, "--search", "20", "--top", "5")
     assert result.code == 0, result.stderr
-    from aicoss_cli.data import read_train, split_search
+    from aicoss_cli.data import read_train
+    from aicoss_cli.splits import split_search
 
     best = split_search(read_train(demo_root).labels, 0.1, range(20))[0]
     assert f"--set data.split_seed={best['split_seed']}" in result.stdout

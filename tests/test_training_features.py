@@ -167,7 +167,8 @@ def test_a_val_split_without_any_positive_is_refused_before_training(run_cli, de
 
     from helpers import assert_one_line_error
 
-    from aicoss_cli.data import read_train, split_indices
+    from aicoss_cli.data import read_train
+    from aicoss_cli.splits import split_indices
 
     data = tmp_path / "data"
     shutil.copytree(demo_root, data)
