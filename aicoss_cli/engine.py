@@ -142,11 +142,10 @@ class Trainer:
             self._say(f"run folder: {escape(str(self.run_dir))}")
             self._each_callback("on_run_start", self)
             started = True
-            stopped_early = False
             with StopFlag() as stop, self._progress() as bar, stop_when_writes_fail(self.run_dir):
-                while self.progress.epoch < r.optim.epochs and not stopped_early and not self.progress.stopped_early:
+                while self.progress.epoch < r.optim.epochs and not self.progress.stopped_early:
                     self._train_epoch(bar, stop)
-                    stopped_early = self._end_epoch(bar)
+                    self._end_epoch(bar)
                 if self.info.main:
                     self._write_submission()
             distributed.barrier(self.info)
@@ -206,7 +205,7 @@ class Trainer:
         rt = make_runtime(rt_cfg.device, rt_cfg.precision, rt_cfg.num_workers, channels_last=rt_cfg.channels_last,
                           local_rank=local_rank, where="[runtime] device")
         self.eval_rt = rt.with_precision(precision_dtype(rt_cfg.eval_precision, rt.device, rt.notes))
-        self.notes += dict.fromkeys(rt.notes)
+        self.notes += list(dict.fromkeys(rt.notes))  # the eval runtime may repeat a fallback note
         configure_kernels(rt.device, rt_cfg.deterministic)
         return rt
 
@@ -379,9 +378,10 @@ class Trainer:
 
     # -- the end of an epoch
 
-    def _end_epoch(self, bar) -> bool:
+    def _end_epoch(self, bar) -> None:
         """Reduce the loss over ranks, validate (raw and EMA weights), write metrics and checkpoints,
-        save the resumable state; True when the run ends here (early stopping, a callback)."""
+        save the resumable state; `progress.stopped_early` when the run ends here (early stopping, a
+        callback)."""
         info, p = self.info, self.progress
         epoch = p.epoch
         totals = distributed.all_reduce_sum(
@@ -414,7 +414,6 @@ class Trainer:
         p.prior = None if self.prior is None or self.prior.prior is None else self.prior.prior.tolist()
         p.stopped_early = p.stopped_early or stop
         self._save_state()
-        return stop
 
     def _keep(self, row: dict, logits: torch.Tensor, used_prior: list[float] | None) -> bool:
         """Write what the epoch keeps (rank 0; see `keep.keep_epoch`) and say so; True when early
