@@ -42,7 +42,7 @@ def tune(
     with Progress(console=err, transient=True) as progress:
         prepared = recipes.inspect_data(progress)
     search = load_space(space, recipes)
-    _print_space(search)
+    _print_space(search, recipes.epochs)
     result = run_tune(recipes, search, trials=trials, out=out_dir, storage=storage, study_name=study, timeout=timeout,
                       console=err, say=lambda text: err.print(text, highlight=False), split=prepared.split)
     _print_trials(result, search)
@@ -51,7 +51,7 @@ def tune(
     _print_files(result)
 
 
-def _print_space(space) -> None:
+def _print_space(space, epochs: int) -> None:
     table = Table(title=f"search space: {space.source}", title_justify="left")
     for col in ("key", "values", "only when"):
         table.add_column(col)
@@ -59,9 +59,14 @@ def _print_space(space) -> None:
         table.add_row(escape(p.key), escape(p.describe()), escape(p.describe_when()))
     out.print(table)
     s = space.settings
-    pruner = "no pruner" if s.pruner == "none" else (f"median pruner after {s.startup_trials} completed trials, "
-                                                       f"from epoch {space.min_epochs}")
-    out.print(f"sampler {s.sampler}{'' if s.seed is None else f' (seed {s.seed})'}; {pruner}", highlight=False)
+    if s.pruner == "none":
+        pruner = "no pruner"
+    elif space.min_epochs >= epochs:
+        pruner = (f"median pruner from epoch {space.min_epochs}: these {epochs}-epoch trials are never pruned (the "
+                  "last epoch is not; set [tune] min_epochs or a longer --epochs)")
+    else:
+        pruner = f"median pruner after {s.startup_trials} completed trials, from epoch {space.min_epochs}"
+    out.print(escape(f"sampler {s.sampler}{'' if s.seed is None else f' (seed {s.seed})'}; {pruner}"), highlight=False)
 
 
 def _fmt(value) -> str:
@@ -84,7 +89,8 @@ def _print_trials(result, space) -> None:
                   title_justify="left")
     for col in ("trial", "state", "val mAP", "epochs", *_headers(keys), "seconds", "run folder"):
         table.add_column(escape(col), justify="right" if col in ("trial", "val mAP", "epochs", "seconds") else "left")
-    colours = {"complete": "green", "pruned": "yellow", "diverged": "yellow", "failed": "red"}
+    colours = {"complete": "green", "pruned": "yellow", "diverged": "yellow", "failed": "red", "interrupted": "red",
+               "killed": "red"}
     for r in result.rows:
         best = result.best is not None and r.number == result.best.number
         state = f"[{colours[r.state]}]{r.state}[/]" if r.state in colours else r.state

@@ -41,7 +41,7 @@ from typing import Any, Callable, Literal, Sequence, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.markup import escape
 
-from aicoss_cli.checkpoint import write_text_atomic
+from aicoss_cli.checkpoint import check_writable_folder, write_text_atomic
 from aicoss_cli.errors import TrainingStopped, UserError
 from aicoss_cli.recipe import SECTIONS, Recipe, read_toml, recipe_to_toml, resolve_recipe, validate_recipe
 
@@ -50,6 +50,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 BEST_FILE, TRIALS_FILE, PICTURE_FILE, DB_FILE = "best.toml", "trials.csv", "trials.png", "tune.db"
 BEST_HEADER = "# aicoss tune:"
 TRIALS_HEADER = ("trial", "state", "val_map", "epochs", "seconds", "params", "run_dir", "note")
+DEAD_NOTE = "its process ended before the trial did (killed or crashed)"
 STUDY_ATTR = "aicoss"  # the study's user attribute holding what it was started with
 # keys a search may not change: they name the run or define the val split every trial is scored on
 FIXED_KEYS = {"name": "it names the runs", "description": "it describes the recipe",
@@ -458,7 +459,7 @@ class TrialRow:
     """What the table, trials.csv and the picture show of one trial."""
 
     number: int
-    state: str  # complete | pruned | diverged | failed | running | waiting
+    state: str  # complete | pruned | diverged | failed | interrupted | killed | running | waiting
     value: float | None  # best val mAP (complete), last reported (pruned)
     curve: list[float]  # val mAP per epoch, as reported
     params: dict[str, Value]
@@ -511,7 +512,8 @@ def open_storage(url: str):
                         "e.g. pip install psycopg2-binary for postgresql://") from None
     except Exception as exc:  # SQLAlchemy's URL and connection errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--storage {url}: cannot open it ({type(exc).__name__}: {first})") from None
+        raise UserError(f"--storage {url}: cannot open it ({type(exc).__name__}: {first}); give a database URL such "
+                        "as sqlite:///runs/tune.db or postgresql://user@host/db") from None
 
 
 def study_setup(recipes: TrialRecipes, space: Space, split: dict[str, Any]) -> dict[str, Any]:
@@ -538,7 +540,7 @@ def mark_dead_trials(study, storage) -> list[int]:
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or not isinstance(pid, int) or _alive(pid):
             continue
-        storage.set_trial_user_attr(t._trial_id, "note", "its process ended before the trial did (killed or crashed)")
+        storage.set_trial_user_attr(t._trial_id, "note", DEAD_NOTE)
         storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         dead.append(t.number)
     return dead
@@ -597,6 +599,7 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
     name = check_study_name(study_name or default_study_name(recipes))
     url = storage or sqlite_url(out / DB_FILE)
     study_dir = out / name
+    check_writable_folder(out)
     _check_own_files(study_dir)
     db = open_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -615,10 +618,10 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
     if dead:
         notes.append(f"trial{'s' if len(dead) > 1 else ''} {', '.join(map(str, dead))} had stopped with "
                      "its process: marked failed, not counted")
-    if not study.trials:
-        fixed = _baseline_values(space, recipes.base)
-        if fixed is not None:
-            study.enqueue_trial(fixed, user_attrs={"baseline": True}, skip_if_exists=True)
+    fixed = _baseline_values(space, recipes.base)
+    if fixed is not None and not any(t.user_attrs.get("baseline") and t.state != optuna.trial.TrialState.FAIL
+                                     for t in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(fixed, user_attrs={"baseline": True})  # again if it was cut off
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     finished = len(study.get_trials(deepcopy=False, states=done_states))
     say(f"study {name} ({url}): {finished} of {trials} trials finished" +
@@ -642,12 +645,12 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
         interrupted = TrainingStopped("interrupted", exit_code=130)
     rows = trial_rows(study)
     result = TuneResult(name, url, study_dir, rows, _best(rows), notes=notes, ran=ran)
-    if any(r.state in ("complete", "pruned") for r in rows):
+    if any(r.state in ("complete", "pruned", "diverged") for r in rows):
         result.files = write_outputs(result, recipes, space)
     if interrupted is not None:
-        finished = sum(r.state in ("complete", "pruned") for r in rows)
-        raise TrainingStopped(f"interrupted; the study keeps its {finished} finished trials: run the same command "
-                              "to go on", exit_code=130)
+        finished = sum(r.state in ("complete", "pruned", "diverged") for r in rows)
+        raise TrainingStopped(f"interrupted; the study keeps its {finished} finished trial{'' if finished == 1 else 's'}"
+                              ": run the same command to go on", exit_code=130)
     return result
 
 
@@ -781,7 +784,7 @@ def trial_rows(study) -> list[TrialRow]:
         if state == "pruned" and note.startswith("diverged"):
             state = "diverged"
         if state == "fail":
-            state = "failed"
+            state = "interrupted" if note == "interrupted" else "killed" if note.startswith(DEAD_NOTE) else "failed"
         curve = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
         value = t.value if state == "complete" else (curve[-1] if curve and state == "pruned" else None)
         rows.append(TrialRow(t.number, state, value, curve, dict(t.params), str(t.user_attrs.get("run_dir", "")),

@@ -307,3 +307,17 @@ def test_photo_data_keeps_test_crops_off_the_training_pixels_and_the_starter_rec
     result = run_cli("validate", ROOT / "recipes" / "starter.toml", "--data", root)
     assert result.code == 0, result.stderr
     assert "40 labelled images" in result.stdout
+
+
+def test_the_readme_space_example_is_accepted(demo_root, tmp_path):
+    from aicoss_cli.tune import TrialRecipes, load_space
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("**`--space SPACE.toml`**", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    space = tmp_path / "space.toml"
+    space.write_text(block)
+    recipes = TrialRecipes(ROOT / "recipes" / "starter.toml", data=demo_root, epochs=3)
+    recipes.inspect_data()
+    loaded = load_space(space, recipes)
+    keys = [p.key for p in loaded.params]
+    assert "optim.weight_decay" in keys and "model.arch" in keys and loaded.min_epochs == 2
