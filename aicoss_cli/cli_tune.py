@@ -7,6 +7,7 @@ matplotlib are imported inside the command, so `aicoss --help` stays instant.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aicoss_cli.console import err, note, out
+from aicoss_cli.errors import UserError
 
 
 def tune(
@@ -35,6 +37,9 @@ def tune(
     """
     from aicoss_cli.tune import TrialRecipes, import_optuna, load_space, tune as run_tune
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("aicoss tune runs each trial in one process, not under torchrun; on several GPUs start one "
+                        "tune per GPU (CUDA_VISIBLE_DEVICES=N) with the same --storage and --study")
     import_optuna()
     recipes = TrialRecipes(recipe, data=data, epochs=epochs)
     from rich.progress import Progress

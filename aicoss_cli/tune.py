@@ -831,7 +831,7 @@ def write_outputs(result: TuneResult, recipes: TrialRecipes, space: Space) -> di
         header = [f"{BEST_HEADER} study {result.study!r}, trial {best.number} of {len(result.rows)}, val mAP "
                   f"{best.value:.4f} after {recipes.epochs} epochs{versus}.",
                   f"# Epochs set to {recipe.optim.epochs} (the recipe's own). Train it:",
-                  f"#   aicoss train {result.study_dir / BEST_FILE}"]
+                  f"#   aicoss train {_one_line(str(result.study_dir / BEST_FILE))}"]
         files["best"] = result.study_dir / BEST_FILE
         write_text_atomic(files["best"], "\n".join(header) + "\n" + recipe_to_toml(recipe))
     try:
@@ -924,6 +924,11 @@ def _show(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value) if not value or any(ch in value for ch in " ,\"'") else value
     return str(value)
+
+
+def _one_line(text: str) -> str:
+    """For a TOML comment: a line break in a path would end the comment."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _got(err: dict[str, Any]) -> str:
