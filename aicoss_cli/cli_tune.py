@@ -93,7 +93,8 @@ def _print_trials(result, space) -> None:
     table = Table(title=f"study {result.study} ({result.storage}), run folders under {result.study_dir}",
                   title_justify="left")
     for col in ("trial", "state", "val mAP", "epochs", *_headers(keys), "seconds", "run folder"):
-        table.add_column(escape(col), justify="right" if col in ("trial", "val mAP", "epochs", "seconds") else "left")
+        table.add_column(escape(col), justify="right" if col in ("trial", "val mAP", "epochs", "seconds") else "left",
+                         overflow="fold" if col == "run folder" else "ellipsis")
     colours = {"complete": "green", "pruned": "yellow", "diverged": "yellow", "failed": "red", "interrupted": "red",
                "killed": "red"}
     for r in result.rows:

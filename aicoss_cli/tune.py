@@ -34,9 +34,10 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.markup import escape
@@ -50,6 +51,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 BEST_FILE, TRIALS_FILE, PICTURE_FILE, DB_FILE = "best.toml", "trials.csv", "trials.png", "tune.db"
 BEST_HEADER = "# aicoss tune:"
 TRIALS_HEADER = ("trial", "state", "val_map", "epochs", "seconds", "params", "run_dir", "note")
+COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # matplotlib's cycle without its grey (pruned)
 DEAD_NOTE = "its process ended before the trial did (killed or crashed)"
 STUDY_ATTR = "aicoss"  # the study's user attribute holding what it was started with
 # keys a search may not change: they name the run or define the val split every trial is scored on
@@ -863,8 +865,8 @@ def draw_trials(rows: Sequence[TrialRow], out_png: str | Path, title: str) -> Pa
     fig = Figure(figsize=(13, 4.8), dpi=DPI, layout="constrained")
     left, right = fig.subplots(1, 2)
     shown = [r for r in rows if r.value is not None and math.isfinite(r.value)]
-    for state, style in (("complete", dict(marker="o", color="C0", label="complete")),
-                         ("pruned", dict(marker="x", color="0.55", label="pruned (last epoch)"))):
+    for state, style in (("complete", {"marker": "o", "color": "C0", "label": "complete"}),
+                         ("pruned", {"marker": "x", "color": "0.55", "label": "pruned (last epoch)"})):
         pts = [r for r in shown if r.state == state]
         if pts:
             left.scatter([r.number for r in pts], [r.value for r in pts], s=36, zorder=3, **style)
@@ -894,7 +896,8 @@ def draw_trials(rows: Sequence[TrialRow], out_png: str | Path, title: str) -> Pa
             continue
         epochs = list(range(1, len(r.curve) + 1))
         if r.state == "complete":
-            right.plot(epochs, r.curve, marker="o", markersize=3, color=f"C{r.number % 10}", label=f"trial {r.number}")
+            right.plot(epochs, r.curve, marker="o", markersize=3, color=COLOURS[r.number % len(COLOURS)],
+                       label=f"trial {r.number}")
         else:
             right.plot(epochs, r.curve, marker="x", markersize=4, color="0.6", linestyle="--")
     right.set_title("val mAP per epoch (grey: pruned or stopped)")
@@ -903,8 +906,7 @@ def draw_trials(rows: Sequence[TrialRow], out_png: str | Path, title: str) -> Pa
     right.xaxis.get_major_locator().set_params(integer=True)
     right.grid(alpha=0.3)
     if sum(r.state == "complete" and bool(r.curve) for r in rows) <= 10:
-        handles, labels = right.get_legend_handles_labels()
-        if handles:
+        if right.get_legend_handles_labels()[0]:
             right.legend(fontsize="small", loc="best")
     fig.suptitle(f"aicoss tune: {title}".replace("$", r"\$"))
     out_png = Path(out_png)

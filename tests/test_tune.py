@@ -69,7 +69,6 @@ def load_study(out: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'tune.db'}")
 
 
-@pytest.mark.slow
 def test_three_trials_are_run_folders_and_the_best_recipe_validates(run_cli, demo_root, tmp_path):
     recipe = tiny_recipe(tmp_path, demo_root, policy="weak")
     out = tmp_path / "tune"
@@ -293,10 +292,13 @@ def photo_data_module():
 
 def test_photo_data_keeps_test_crops_off_the_training_pixels_and_the_starter_recipe_takes_it(run_cli, tmp_path):
     photo = photo_data_module()
+
+    def area(x0, y0, x1, y1):
+        return (x1 - x0) * (y1 - y0)
+
     for box in [b for _, boxes in photo.CLASSES.values() for b in boxes] + [b for _, b in photo.CLUTTER]:
         (tx0, ty0, tx1, ty1), (sx0, sy0, sx1, sy1) = photo.split_box(box, "train"), photo.split_box(box, "test")
         overlap = max(0, min(tx1, sx1) - max(tx0, sx0)) * max(0, min(ty1, sy1) - max(ty0, sy0))
-        area = lambda x0, y0, x1, y1: (x1 - x0) * (y1 - y0)  # noqa: E731
         assert overlap == 0 and area(tx0, ty0, tx1, ty1) + area(sx0, sy0, sx1, sy1) == area(*box)
         assert min(sx1 - sx0, sy1 - sy0) >= 20  # room for a crop in the test part
     root = photo.build_photo_data(tmp_path / "photos", n_train=40, n_test=10, size=32, seed=0)
