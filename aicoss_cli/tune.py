@@ -408,7 +408,7 @@ class TrialRecipes:
 
     def inspect_data(self, progress=None):
         """Check the data once, before any trial (CSVs, labels, split, every image); returns the split."""
-        from aicoss_cli.engine import prepare_data
+        from aicoss_cli.data import prepare_data
 
         prepared = prepare_data(self.base, progress)
         self.partial_labels = bool((prepared.table.labels < 0).any())
@@ -746,9 +746,11 @@ def _train_trial(trial, recipes: TrialRecipes, space: Space, study_dir: Path, co
     try:
         result = Trainer(recipe, study_dir, console=console, callbacks=[callback]).run()
     except TrainingStopped as exc:
-        if exc.exit_code != 1:  # Ctrl-C (130) or an unreadable image (2): the study stops
+        # a non-finite loss: these values diverged, a bad outcome rather than a broken study; any other
+        # stop (Ctrl-C, an unreadable image, a full disk) stops the study. TrainingStopped carries no
+        # reason code, so the engine's message (run_folder.nonfinite_loss) tells them apart.
+        if not str(exc).startswith("non-finite loss"):
             raise
-        # a non-finite loss: these values diverged, a bad outcome rather than a broken study
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
         return _Outcome("PRUNED", note=f"diverged: {exc}", message=f"[yellow]diverged[/] (counted as pruned): "
                         f"{escape(str(exc))}")

@@ -69,6 +69,7 @@ def load_study(out: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'tune.db'}")
 
 
+@pytest.mark.slow  # two tune runs, 3 trials with augmentation: 7-18 s on 2 shared cores
 def test_three_trials_are_run_folders_and_the_best_recipe_validates(run_cli, demo_root, tmp_path):
     recipe = tiny_recipe(tmp_path, demo_root, policy="weak")
     out = tmp_path / "tune"
@@ -301,13 +302,13 @@ def test_photo_data_keeps_test_crops_off_the_training_pixels_and_the_starter_rec
         overlap = max(0, min(tx1, sx1) - max(tx0, sx0)) * max(0, min(ty1, sy1) - max(ty0, sy0))
         assert overlap == 0 and area(tx0, ty0, tx1, ty1) + area(sx0, sy0, sx1, sy1) == area(*box)
         assert min(sx1 - sx0, sy1 - sy0) >= 20  # room for a crop in the test part
-    root = photo.build_photo_data(tmp_path / "photos", n_train=40, n_test=10, size=32, seed=0)
+    root = photo.build_photo_data(tmp_path / "photos", n_train=80, n_test=10, size=32, seed=0)
     with open(root / "train.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header == ["img_id", "img_path", *photo.CLASSES]
     result = run_cli("validate", ROOT / "recipes" / "starter.toml", "--data", root)
     assert result.code == 0, result.stderr
-    assert "40 labelled images" in result.stdout
+    assert "80 labelled images" in result.stdout
 
 
 def test_the_readme_space_example_is_accepted(demo_root, tmp_path):
@@ -322,3 +323,36 @@ def test_the_readme_space_example_is_accepted(demo_root, tmp_path):
     loaded = load_space(space, recipes)
     keys = [p.key for p in loaded.params]
     assert "optim.weight_decay" in keys and "model.arch" in keys and loaded.min_epochs == 2
+
+
+@pytest.mark.parametrize("stop", ["non-finite loss", "full disk"])
+def test_a_diverged_trial_counts_as_pruned_and_a_full_disk_stops_the_study(run_cli, demo_root, tmp_path,
+                                                                            monkeypatch, stop):
+    from aicoss_cli import run_folder
+    from aicoss_cli.engine import Trainer
+
+    run = Trainer.run
+
+    def run_or_stop(self):  # the engine's own stop for the trial with the huge lr
+        if self.recipe.optim.lr < 1:
+            return run(self)
+        if stop == "non-finite loss":
+            raise run_folder.nonfinite_loss(tmp_path, 0, 3, 3)
+        raise run_folder.write_failed(tmp_path, OSError(28, "No space left on device", str(tmp_path / "x")))
+
+    monkeypatch.setattr(Trainer, "run", run_or_stop)
+    recipe = tiny_recipe(tmp_path, demo_root)
+    space = tmp_path / "space.toml"
+    space.write_text("[optim.lr]\nlow = 5.0\nhigh = 10.0\n")  # trial 0 keeps the recipe's 3e-3; trial 1 is huge
+    out = tmp_path / "tune"
+    result = run_cli("tune", recipe, "--data", demo_root, "--space", space, "--trials", "2", "--epochs", "1",
+                     "--out", out, "--study", "s")
+    study = load_study(out, "s")
+    assert study.trials[0].state.name == "COMPLETE" and study.trials[1].params["optim.lr"] >= 5.0
+    if stop == "non-finite loss":  # a bad outcome of these values: the study goes on
+        assert result.code == 0, result.stderr
+        assert study.trials[1].state.name == "PRUNED" and read_trials(out / "s")[1]["state"] == "diverged"
+        assert "diverged" in result.stdout and "best: trial 0" in result.stdout
+    else:  # not the values' fault: the study stops, the trial is failed, not counted
+        assert result.code == 1 and result.stderr.strip().splitlines()[-1].startswith("stopped: writing to")
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
