@@ -18,7 +18,8 @@ command again continues it; trials the study holds are never run again. At the e
 the trials (`trials.csv`), the best recipe (`best.toml`) and a picture (`trials.png`).
 
 Optuna is imported inside the functions that need it (the `tune` extra); a missing extra is a
-one-line error naming the pip command.
+one-line error naming the pip command. This module imports the engine (and so torch): the CLI
+imports it inside the command.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.markup import escape
 
 from aicoss_cli.checkpoint import check_writable_folder, write_text_atomic
+from aicoss_cli.engine import Callback, Trainer
 from aicoss_cli.errors import TrainingStopped, UserError
 from aicoss_cli.recipe import SECTIONS, Recipe, read_toml, recipe_to_toml, resolve_recipe, validate_recipe
 
@@ -126,7 +128,8 @@ class TuneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sampler: Literal["tpe", "random"] = Field("tpe", description="tpe (Optuna's default) or random")
-    seed: int | None = Field(None, ge=0, description="sampler seed; unset: a fresh one every run")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="sampler seed (numpy's range); unset: a fresh one "
+                             "every run")
     pruner: Literal["median", "none"] = Field("median", description="median: stop a trial whose val mAP is "
                                               "below the median of the completed trials at the same epoch")
     startup_trials: int = Field(5, ge=0, description="no pruning until this many trials have completed")
@@ -560,7 +563,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _ReportToOptuna:
+class _ReportToOptuna(Callback):
     """Trainer callback: each epoch's val mAP to the trial; ends the run when the pruner says so
     (never at the last epoch, when there is nothing left to save)."""
 
@@ -569,10 +572,6 @@ class _ReportToOptuna:
 
     def on_run_start(self, trainer) -> None:
         self.trial.set_user_attr("run_dir", str(trainer.run_dir))
-
-    def on_log(self, trainer, values) -> None: ...
-
-    def on_run_end(self, trainer, result) -> None: ...
 
     def on_epoch_end(self, trainer, row) -> bool:
         from aicoss_cli import keep
@@ -723,8 +722,6 @@ def _run_trial(optuna, study, recipes: TrialRecipes, space: Space, study_dir: Pa
 
 
 def _train_trial(trial, recipes: TrialRecipes, space: Space, study_dir: Path, console, say) -> _Outcome:
-    from aicoss_cli.engine import Trainer
-
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
     values: dict[str, Value] = {}

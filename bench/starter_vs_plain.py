@@ -173,8 +173,9 @@ def main() -> None:
     if args.json:
         print(json.dumps({"setting": setting, "plain": plain, "aicoss": ours}, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from aicoss_cli.console import out as console
 
     table = Table(title=f"{args.data}: {o.epochs} epochs, {m.img_size} px, batch {o.batch_size}, seed "
                   f"{recipe.runtime.seed}, {setting['n_val']} val images", title_justify="left")
@@ -189,7 +190,7 @@ def main() -> None:
     table.add_row("val mAP per epoch", " ".join(f"{v:.3f}" for v in plain["val_maps"]),
                   " ".join(f"{v:.3f}" for v in ours["val_maps"]))
     table.add_row("seconds (training + evaluation)", f"{plain['seconds']:.0f}", f"{ours['seconds']:.0f}")
-    Console().print(table)
+    console.print(table)
     load = ", ".join(f"{v:.1f}" for v in setting["load_avg"])
     print(f"torch threads {setting['threads']}; load average at the end {load}; overrides: {args.overrides or 'none'}")
 
