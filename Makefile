@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,pretrained,tensorboard,mlflow,export]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,pretrained,tensorboard,mlflow,export,tune]'
 	touch $(STAMP)
 
 $(DEMO_DATA)/train.csv: $(STAMP)

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from aicoss_cli import cli_export, cli_inference, cli_models, cli_report, cli_score, cli_train
+from aicoss_cli import cli_export, cli_inference, cli_models, cli_report, cli_score, cli_train, cli_tune
 from aicoss_cli.console import err
 from aicoss_cli.errors import TrainingStopped, UserError
 
@@ -70,6 +70,7 @@ COMMANDS = [
     ("train", cli_train.train),
     ("validate", cli_train.validate),
     ("recipes", cli_train.recipes),
+    ("tune", cli_tune.tune),
     ("predict", cli_inference.predict),
     ("ensemble", cli_inference.ensemble),
     ("benchmark-fp16", cli_inference.benchmark_fp16),

@@ -1,5 +1,5 @@
 """`aicoss report`: training curves, per-class AP and the ensemble trade-off as pictures, and the
-run summaries as tables and JSON.
+run summaries as tables and JSON; also `aicoss tune`'s trials picture.
 
 Pictures are drawn on a bare matplotlib `Figure` (the Agg canvas, no pyplot and no global state),
 so the Trainer can call `draw_curves` in its loop. matplotlib is imported inside the drawing
@@ -25,6 +25,7 @@ PICTURES = {"curves": "curves.png", "per_class_ap": "per_class_ap.png", "ensembl
 PNG_KEY = "aicoss-report"  # a PNG text chunk: a picture that holds it may be redrawn, any other file is left alone
 MAX_CLASSES_DRAWN = 60
 DPI = 100
+COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # matplotlib's cycle without its grey
 
 
 # --------------------------------------------------------------------------- pictures
@@ -235,6 +236,59 @@ class Report:
     ensembles: list[EnsembleResult]
     pictures: dict[str, Path]
     notes: list[str]
+
+
+def draw_trials(rows: Sequence[Any], out_png: str | Path, title: str) -> Path:
+    """trials.png: best val mAP per trial (pruned trials at their last epoch, the best so far as a
+    step line) and val mAP per epoch of every trial (pruned ones grey)."""
+    fig = _figure(13, 4.8)
+    left, right = fig.subplots(1, 2)
+    shown = [r for r in rows if r.value is not None and math.isfinite(r.value)]
+    for state, style in (("complete", {"marker": "o", "color": "C0", "label": "complete"}),
+                         ("pruned", {"marker": "x", "color": "0.55", "label": "pruned (last epoch)"})):
+        pts = [r for r in shown if r.state == state]
+        if pts:
+            left.scatter([r.number for r in pts], [r.value for r in pts], s=36, zorder=3, **style)
+    complete = sorted((r for r in shown if r.state == "complete"), key=lambda r: r.number)
+    if complete:
+        xs, ys, best = [], [], -math.inf
+        for r in complete:
+            best = max(best, r.value)
+            xs.append(r.number)
+            ys.append(best)
+        left.step(xs, ys, where="post", color="C2", label="best so far")
+        top = max(complete, key=lambda r: (r.value, -r.number))
+        left.scatter([top.number], [top.value], marker="*", s=220, color="C3", zorder=4,
+                     label=f"best: trial {top.number}")
+    for r in shown:
+        if r.baseline:
+            left.annotate("recipe", (r.number, r.value), textcoords="offset points", xytext=(6, -12), fontsize="small")
+    left.set_title("val mAP per trial")
+    left.set_xlabel("trial")
+    left.set_ylabel("val mAP")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    left.grid(alpha=0.3)
+    if shown:
+        left.legend(fontsize="small", loc="best")
+    for r in rows:
+        if not r.curve:
+            continue
+        epochs = list(range(1, len(r.curve) + 1))
+        if r.state == "complete":
+            right.plot(epochs, r.curve, marker="o", markersize=3, color=COLOURS[r.number % len(COLOURS)],
+                       label=f"trial {r.number}")
+        else:
+            right.plot(epochs, r.curve, marker="x", markersize=4, color="0.6", linestyle="--")
+    right.set_title("val mAP per epoch (grey: pruned or stopped)")
+    right.set_xlabel("epoch")
+    right.set_ylabel("val mAP")
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.grid(alpha=0.3)
+    if sum(r.state == "complete" and bool(r.curve) for r in rows) <= 10:
+        if right.get_legend_handles_labels()[0]:
+            right.legend(fontsize="small", loc="best")
+    fig.suptitle(f"aicoss tune: {_plain(title, 120)}")
+    return _save(fig, out_png)
 
 
 def default_out(run_dirs: Sequence[Path]) -> Path:
