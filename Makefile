@@ -22,10 +22,10 @@ demo: $(STAMP) $(DEMO_DATA)/train.csv
 	$(VENV)/bin/aicoss train recipes/demo.toml --data $(DEMO_DATA)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/inference_overhead.py

@@ -11,6 +11,8 @@ import pytest
 
 from helpers import TINY_RECIPE
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 os.environ.setdefault("COLUMNS", "200")  # Rich tables and one-line errors must not wrap in captured output
 
