@@ -28,6 +28,12 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)[0]
 
 
+def train_state(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "train_state.safetensors"))
+
+
 def aicoss(*args, **kw) -> subprocess.Popen:
     """`aicoss ARGS` in a fresh process: single-threaded, so float reductions run in one fixed order
     and nothing set by other tests in this process leaks in."""
@@ -39,12 +45,14 @@ def aicoss(*args, **kw) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(demo_root, write_recipe, tmp_path):
+    """With weight EMA on, so its state must come back too. The straight run and the run to be
+    killed start together (one thread each)."""
     recipe = exact_recipe(write_recipe, demo_root)
-    straight_proc = aicoss("train", recipe, "--out", tmp_path / "straight")
-    _, stderr = straight_proc.communicate(timeout=300)
-    assert straight_proc.returncode == 0, stderr
-    straight = only_run_dir(tmp_path / "straight")
-
+    recipe.write_text(recipe.read_text().replace("weight_decay = 0.0",
+                                                 "weight_decay = 0.0\nema_decay = 0.9\nema_warmup = true"))
+    log = tmp_path / "straight.log"
+    with open(log, "w") as straight_err:  # a file, not a pipe nobody reads while the test waits
+        straight_proc = aicoss("train", recipe, "--out", tmp_path / "straight", stderr=straight_err)
     proc = aicoss("train", recipe, "--out", tmp_path / "killed", stderr=subprocess.DEVNULL)
     killed_at = None
     deadline = time.time() + 240
@@ -64,9 +72,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(demo_root, write_recipe,
     resumed = aicoss("train", "--resume", killed)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
+    assert straight_proc.wait(timeout=300) == 0, log.read_text()
+    straight = only_run_dir(tmp_path / "straight")
     a, b = weights(straight / "last.safetensors"), weights(killed / "last.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    a, b = train_state(straight), train_state(killed)
+    emas = [k for k in a if k.startswith("extra.ema.")]
+    assert emas and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics_without_seconds(killed) == metrics_without_seconds(straight)
     assert (killed / "submission.csv").read_text() == (straight / "submission.csv").read_text()
 
