@@ -203,7 +203,7 @@ def measure(tmp: Path) -> None:
 
     wholes = {
         "predict end to end": lambda: whole(lambda: run_predict(ckpt, data=root, out=tmp / "pred.csv",
-                                                                batch_size=batch, precision="fp32", device="cpu")),
+                                                                batch_size=batch, precision="fp32", device="cpu", overwrite=True)),
         "predict loop, 1 background decode thread": lambda: loop_with("thread"),
         "predict loop, 1 loader process": lambda: loop_with("1"),
         "predict loop, 2 loader processes": lambda: loop_with("2"),
@@ -234,7 +234,7 @@ def measure(tmp: Path) -> None:
             whole_ratios[name].append(a_time / fn())
         m_time = sum(pure_all(m.model, m.img_size) for m in members)
         ens_e2e.append(m_time / whole(lambda: run_ensemble(member_ckpts, data=root, out=tmp / "ens.csv",
-                                                           batch_size=batch, device="cpu")))
+                                                           batch_size=batch, device="cpu", overwrite=True)))
         say(f"round {r + 1}/{args.rounds} done")
     for name, values in whole_ratios.items():
         ratios[("b/a  " if name.startswith("predict") else "c/a  ") + name] = statistics.median(values)
