@@ -36,7 +36,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from aicoss_cli.checkpoint import check_writable_folder, write_text_atomic
+from aicoss_cli.checkpoint import check_writable_folder, process_alive, write_text_atomic
 from aicoss_cli.engine import Callback, Trainer
 from aicoss_cli.errors import TrainingStopped, UserError
 from aicoss_cli.recipe import Recipe, recipe_to_toml
@@ -149,24 +149,12 @@ def mark_dead_trials(study, storage) -> list[int]:
     host, dead = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or not isinstance(pid, int) or _alive(pid):
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or process_alive(pid):
             continue
         storage.set_trial_user_attr(t._trial_id, "note", DEAD_NOTE)
         storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         dead.append(t.number)
     return dead
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _ReportToOptuna(Callback):
