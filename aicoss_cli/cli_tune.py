@@ -45,11 +45,11 @@ def tune(
     from rich.progress import Progress
 
     with Progress(console=err, transient=True) as progress:
-        prepared = recipes.inspect_data(progress)
+        recipes.inspect_data(progress)
     search = load_space(space, recipes)
     _print_space(search, recipes.epochs)
     result = run_tune(recipes, search, trials=trials, out=out_dir, storage=storage, study_name=study, timeout=timeout,
-                      console=err, say=lambda text: err.print(text, highlight=False), split=prepared.split)
+                      console=err, say=lambda text: err.print(text, highlight=False))
     _print_trials(result, search)
     for text in result.notes:
         note(text)

@@ -183,9 +183,10 @@ class _ReportToOptuna(Callback):
 
 def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, storage: str | None = None,
          study_name: str | None = None, timeout: float | None = None, console=None,
-         say: Callable[[str], None] | None = None, split: dict[str, Any] | None = None) -> TuneResult:
+         say: Callable[[str], None] | None = None) -> TuneResult:
     """Run trials until the study holds `trials` finished (complete or pruned) ones, or `timeout`
-    seconds have passed (no trial starts after that); write trials.csv, best.toml and trials.png
+    seconds have passed (no trial starts after that); the data is checked first (once per
+    `recipes`) and its split recorded in the study; write trials.csv, best.toml and trials.png
     into <out>/<study>/. Ctrl-C stops the running trial (TrainingStopped, exit code 130) after the
     files are written; the same call continues the study."""
     optuna = import_optuna()
@@ -198,7 +199,7 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
     _check_own_files(study_dir)
     db = open_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    setup = study_setup(recipes, space, split or {})
+    setup = study_setup(recipes, space, recipes.inspect_data().split)
     study = optuna.create_study(study_name=name, storage=db, direction="maximize", load_if_exists=True,
                                 sampler=_sampler(optuna, space.settings), pruner=_pruner(optuna, space))
     old = study.user_attrs.get(STUDY_ATTR)

@@ -367,15 +367,21 @@ class TrialRecipes:
             self.notes.append(f"--epochs {self.epochs}: [optim] warmup_epochs {warmup} → {self.epochs - 1} for the "
                               "trials (it must be less than epochs)")
         self.base = self.build({}, source=f"{self.path} with --epochs {self.epochs}")
-        self.partial_labels = False  # set by `inspect_data`
+        self._prepared = None
 
     def inspect_data(self, progress=None):
-        """Check the data once, before any trial (CSVs, labels, split, every image); returns the split."""
-        from aicoss_cli.data import prepare_data
+        """The data, checked once (CSVs, labels, split, every image) on the first call, before any
+        trial; later calls return the same `PreparedData`."""
+        if self._prepared is None:
+            from aicoss_cli.data import prepare_data
 
-        prepared = prepare_data(self.base, progress)
-        self.partial_labels = bool((prepared.table.labels < 0).any())
-        return prepared
+            self._prepared = prepare_data(self.base, progress)
+        return self._prepared
+
+    @property
+    def partial_labels(self) -> bool:
+        """Whether train.csv has unannotated (-1) labels (the default space then searches the loss)."""
+        return bool((self.inspect_data().table.labels < 0).any())
 
     def build(self, values: dict[str, Value], source: str, name: str | None = None) -> Recipe:
         """The base recipe with `values` (recipe keys → values) set, validated and resolved; a loss

@@ -356,3 +356,23 @@ def test_a_diverged_trial_counts_as_pruned_and_a_full_disk_stops_the_study(run_c
     else:  # not the values' fault: the study stops, the trial is failed, not counted
         assert result.code == 1 and result.stderr.strip().splitlines()[-1].startswith("stopped: writing to")
         assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+
+
+@pytest.mark.slow
+def test_the_readme_python_api_example_runs(demo_root, tmp_path, monkeypatch, capsys):
+    """The README's Python API block as a user would paste it, on the tests' small data, with one
+    epoch and two trials."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    shorter = {'"data/demo"': repr(str(demo_root)), "trials=20": "trials=2", "epochs=3)": "epochs=1)",
+               '["optim.epochs=3"]': '["optim.epochs=1", "optim.warmup_epochs=0"]'}
+    for old, new in shorter.items():
+        assert old in block, old
+        block = block.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    exec(compile(block, "README.md (Python API)", "exec"), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].endswith(str(Path("runs/tune/starter-demo/best.toml")))
+    assert (tmp_path / "val.csv").is_file() and (tmp_path / "val_labels.csv").is_file()
+    assert len(list((tmp_path / "runs" / "demo").glob("*/best.safetensors"))) == 1
