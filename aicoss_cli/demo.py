@@ -50,12 +50,8 @@ def build_demo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, si
 
     out = Path(out)
     settings = {"n_train": n_train, "n_test": n_test, "size": size, "seed": seed, "unannotated": unannotated}
-    if out.exists():
-        stamp = out / STAMP
-        if stamp.is_file() and json.loads(stamp.read_text()) == settings:
-            return out
-        if any(out.iterdir()):
-            raise UserError(f"{out}: folder exists and is not this demo set; choose an empty or new folder")
+    if reuse_existing(out, STAMP, settings, "this demo set"):
+        return out
     if size < 16 or size % 2:
         raise UserError(f"--size must be an even number ≥ 16 (got {size})")
     if n_train < 10 or n_test < 1:
@@ -69,27 +65,72 @@ def build_demo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, si
     n_source_train = int(len(order) * 0.75)
     pools = {"train": order[:n_source_train], "test": order[n_source_train:]}
 
+    def draw(part: str):
+        pool = pools[part]
+        return _mosaic(rng, digits.images[pool], digits.target[pool], size)
+
+    def unannotate(labels: np.ndarray) -> np.ndarray:
+        if unannotated <= 0:
+            return labels
+        labels = labels.copy()
+        labels[rng.random(labels.shape) < unannotated] = -1
+        return labels
+
+    return write_image_set(out, CLASSES, {"train": n_train, "test": n_test}, draw, STAMP, settings,
+                           train_labels=unannotate, on_progress=on_progress)
+
+
+def reuse_existing(out: Path, stamp: str, settings: dict, what: str) -> bool:
+    """True when `out` holds a set written with these `settings` (its `stamp` file says so);
+    False when it is missing or empty; a UserError for any other folder (never overwritten)."""
+    if not out.exists():
+        return False
+    stamp_file = out / stamp
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == settings:
+        return True
+    if any(out.iterdir()):
+        raise UserError(f"{out}: folder exists and is not {what}; choose an empty or new folder")
+    return False
+
+
+def write_image_set(out: Path, classes: list[str], counts: dict[str, int], draw, stamp: str, settings: dict, *,
+                    train_labels=None, on_progress=None) -> Path:
+    """A multi-label image set in the DACON layout, written to a new folder renamed to `out` at the
+    end: `counts[part]` JPEGs for part train and test, each `draw(part)` → (PIL image, 0/1 labels),
+    train.csv (its labels through `train_labels`, e.g. to mark some -1), test.csv,
+    sample_submission.csv, test_labels.csv and the `stamp` file holding `settings`."""
+    import pandas as pd
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_folder(out)
     try:
-        tables = {}
-        for split, count in (("train", n_train), ("test", n_test)):
-            (tmp / split).mkdir()
-            pool = pools[split]
+        drawn = {}
+        for part, count in counts.items():
+            (tmp / part).mkdir()
             rows, labels = [], []
             for i in range(count):
-                img, lab = _mosaic(rng, digits.images[pool], digits.target[pool], size)
-                name = f"{split.upper()}_{i:05d}.jpg"
-                img.save(tmp / split / name, quality=90)
-                rows.append((f"{split.upper()}_{i:05d}", f"./{split}/{name}"))
+                img, lab = draw(part)
+                name = f"{part.upper()}_{i:05d}"
+                img.save(tmp / part / f"{name}.jpg", quality=90)
+                rows.append((name, f"./{part}/{name}.jpg"))
                 labels.append(lab)
                 if on_progress:
                     on_progress(1)
-            tables[split] = (rows, np.stack(labels))
-        _write_tables(tmp, tables, rng, unannotated)
-        (tmp / STAMP).write_text(json.dumps(settings))
+            drawn[part] = rows, np.stack(labels)
+        frames = {}
+        for part, (rows, labels) in drawn.items():  # every image first: `train_labels` may draw from their RNG
+            frames[part] = pd.DataFrame(rows, columns=["img_id", "img_path"])
+            frames[part][list(classes)] = train_labels(labels) if part == "train" and train_labels else labels
+        frames["train"].to_csv(tmp / "train.csv", index=False)
+        test = frames["test"]
+        test[["img_id", "img_path"]].to_csv(tmp / "test.csv", index=False)
+        sample = test[["img_id"]].copy()
+        sample[list(classes)] = 0
+        sample.to_csv(tmp / "sample_submission.csv", index=False)
+        test.drop(columns=["img_path"]).to_csv(tmp / "test_labels.csv", index=False)
+        (tmp / stamp).write_text(json.dumps(settings))
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            out.rmdir()  # empty (checked by reuse_existing)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,23 +149,3 @@ def _new_folder(out: Path) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"{out.parent}: no free temporary name for {out.name}")
-
-
-def _write_tables(root: Path, tables, rng: np.random.Generator, unannotated: float) -> None:
-    import pandas as pd
-
-    (train_rows, train_labels), (test_rows, test_labels) = tables["train"], tables["test"]
-    if unannotated > 0:
-        train_labels = train_labels.copy()
-        train_labels[rng.random(train_labels.shape) < unannotated] = -1
-    train = pd.DataFrame(train_rows, columns=["img_id", "img_path"])
-    train[CLASSES] = train_labels
-    train.to_csv(root / "train.csv", index=False)
-    test = pd.DataFrame(test_rows, columns=["img_id", "img_path"])
-    test.to_csv(root / "test.csv", index=False)
-    sample = test[["img_id"]].copy()
-    sample[CLASSES] = 0
-    sample.to_csv(root / "sample_submission.csv", index=False)
-    truth = test[["img_id"]].copy()
-    truth[CLASSES] = test_labels
-    truth.to_csv(root / "test_labels.csv", index=False)

@@ -20,11 +20,7 @@ alike in a 24-pixel cell.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,8 @@ from PIL import Image, ImageEnhance
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from aicoss_cli.errors import UserError  # noqa: E402
 
 # class -> (photo, boxes (x0, y0, x1, y1) in the photo's pixels)
 CLASSES: dict[str, tuple[str, list[tuple[int, int, int, int]]]] = {
@@ -119,52 +117,20 @@ def _mosaic(rng: np.random.Generator, photos: dict[str, Image.Image], part: str,
 
 
 def build_photo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, size: int = 64, seed: int = 0) -> Path:
-    """Write the set to `out` (a temporary folder renamed at the end); reuse one built with the same settings."""
-    import pandas as pd
+    """Write the set to `out` (a new folder renamed at the end, as `aicoss demo-data` writes its
+    set); reuse one built with the same settings."""
+    from aicoss_cli.demo import reuse_existing, write_image_set
 
     out = Path(out)
     settings = {"n_train": n_train, "n_test": n_test, "size": size, "seed": seed}
-    if out.exists():
-        stamp = out / STAMP
-        if stamp.is_file() and json.loads(stamp.read_text()) == settings:
-            return out
-        if any(out.iterdir()):
-            raise SystemExit(f"{out}: folder exists and is not this data set; choose an empty or new folder")
+    if reuse_existing(out, STAMP, settings, "this data set"):
+        return out
     if size < 16 or size % 2:
-        raise SystemExit(f"--size must be an even number >= 16 (got {size})")
+        raise UserError(f"--size must be an even number >= 16 (got {size})")
     photos = {k: Image.open(p).convert("RGB") for k, p in photo_paths().items()}
     rng = np.random.default_rng(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        frames = {}
-        for part, count in (("train", n_train), ("test", n_test)):
-            (tmp / part).mkdir()
-            rows, labels = [], []
-            for i in range(count):
-                img, lab = _mosaic(rng, photos, part, size)
-                name = f"{part.upper()}_{i:05d}"
-                img.save(tmp / part / f"{name}.jpg", quality=90)
-                rows.append((name, f"./{part}/{name}.jpg"))
-                labels.append(lab)
-            frame = pd.DataFrame(rows, columns=["img_id", "img_path"])
-            frame[list(CLASSES)] = np.stack(labels)
-            frames[part] = frame
-        frames["train"].to_csv(tmp / "train.csv", index=False)
-        test = frames["test"]
-        test[["img_id", "img_path"]].to_csv(tmp / "test.csv", index=False)
-        sample = test[["img_id"]].copy()
-        sample[list(CLASSES)] = 0
-        sample.to_csv(tmp / "sample_submission.csv", index=False)
-        test.drop(columns=["img_path"]).to_csv(tmp / "test_labels.csv", index=False)
-        (tmp / STAMP).write_text(json.dumps(settings))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_image_set(out, list(CLASSES), {"train": n_train, "test": n_test},
+                           lambda part: _mosaic(rng, photos, part, size), STAMP, settings)
 
 
 def main() -> None:
@@ -175,7 +141,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    path = build_photo_data(args.out, args.n_train, args.n_test, args.size, args.seed)
+    try:
+        path = build_photo_data(args.out, args.n_train, args.n_test, args.size, args.seed)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(f"photo data in {path}: {args.n_train} train + {args.n_test} test images of {args.size}x{args.size}, "
           f"{len(CLASSES)} classes ({', '.join(CLASSES)})")
 
