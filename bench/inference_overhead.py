@@ -26,31 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import demo_test_set, interleaved, printer, random_checkpoint, scratch_folder  # noqa: E402  (puts the package on the path)
 
-from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD, read_test  # noqa: E402
-
-
-def save_model(path: Path, arch: str, size: int, classes: list[str], root: Path, seed: int) -> Path:
-    """A random-init checkpoint (throughput does not depend on the weights)."""
-    from aicoss_cli.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(arch, len(classes), img_size=size)
-    meta = CheckpointMeta(arch=arch, img_size=size, classes=classes, recipe_toml=f'[data]\nroot = "{root}"\n')
-    save_checkpoint(path, model.state_dict(), meta)
-    return path
 
 
 def premade_inputs(chunks: list[list[str]], size: int) -> list[torch.Tensor]:
@@ -85,27 +69,9 @@ def seed_dataset(root: Path, size: int):
     return SeedDataset(pd.read_csv(root / "test.csv"), transform)
 
 
-def interleaved(steps: dict, n_batches: int, rounds: int) -> dict[str, float]:
-    """Seconds per method, every method running on batch i before any runs on batch i+1; the
-    order flips from batch to batch so no method always finds the caches warmed by another."""
-    totals = dict.fromkeys(steps, 0.0)
-    names = list(steps)
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for i in range(n_batches):
-                for name in names if i % 2 == 0 else names[::-1]:
-                    t0 = time.perf_counter()
-                    steps[name](i)
-                    totals[name] += time.perf_counter() - t0
-    return totals
-
-
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="aicoss-bench-"))
-    try:
+    with scratch_folder() as tmp:
         measure(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def measure(tmp: Path) -> None:
@@ -128,24 +94,19 @@ def measure(tmp: Path) -> None:
     from aicoss_cli.predict import run_predict
     from aicoss_cli.runtime import make_runtime
 
-    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    root = args.data
-    if root is None:
-        from aicoss_cli.demo import build_demo_data
-
-        say(f"building {args.images} demo images of {args.size} px in {tmp / 'demo'}")
-        root = build_demo_data(tmp / "demo", n_train=10, n_test=args.images, size=args.size, seed=0)
+    say = printer(args.json)
+    root = args.data or demo_test_set(tmp / "demo", args.images, args.size, say)
     test = read_test(root)
     n, batch = len(test), args.batch_size
     chunks = [test.paths[i:i + batch] for i in range(0, n, batch)]
     rt = make_runtime("cpu", "fp32", None)  # the defaults a user gets on this machine
     cpu = rt.device
 
-    ckpt = save_model(tmp / "model.safetensors", args.arch, args.size, test.classes, root, 0)
+    ckpt = random_checkpoint(tmp / "model.safetensors", args.arch, args.size, test.classes, root, 0)
     single = load_members([MemberSource(ckpt)], rt)
     model = single[0].model  # (a), (b) and (c) run this very model object
     specs = [(s.split("@")[0], int(s.split("@")[1])) for s in args.members.split(",")]
-    member_ckpts = [save_model(tmp / f"member{i}.safetensors", a, s, test.classes, root, i + 1)
+    member_ckpts = [random_checkpoint(tmp / f"member{i}.safetensors", a, s, test.classes, root, i + 1)
                     for i, (a, s) in enumerate(specs)]
     members = load_members([MemberSource(p) for p in member_ckpts], rt)
     sizes = sorted({args.size, *(s for _, s in specs)})

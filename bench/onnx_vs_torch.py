@@ -17,38 +17,19 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import demo_test_set, interleaved, printer, random_checkpoint, scratch_folder  # noqa: E402  (puts the package on the path)
 
-from aicoss_cli.checkpoint import CheckpointMeta, model_from_checkpoint, save_checkpoint  # noqa: E402
+from aicoss_cli.checkpoint import model_from_checkpoint  # noqa: E402
 from aicoss_cli.data import normalize, read_test  # noqa: E402
 
 
-def save_model(path: Path, arch: str, size: int, classes: list[str], root: Path) -> Path:
-    """A random-init checkpoint (throughput does not depend on the weights)."""
-    from aicoss_cli.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(arch, len(classes), img_size=size)
-    meta = CheckpointMeta(arch=arch, img_size=size, classes=classes, recipe_toml=f'[data]\nroot = "{root}"\n')
-    save_checkpoint(path, model.state_dict(), meta)
-    return path
-
-
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="aicoss-bench-"))
-    try:
+    with scratch_folder() as tmp:
         measure(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def measure(tmp: Path) -> None:
@@ -66,21 +47,17 @@ def measure(tmp: Path) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
 
-    from aicoss_cli.onnx_model import OnnxModel, Probabilities, export_checkpoint
+    from aicoss_cli.export import Probabilities, export_checkpoint
+    from aicoss_cli.onnx_model import OnnxModel
     from aicoss_cli.inference import decode_batch
 
-    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    root = args.data
-    if root is None:
-        from aicoss_cli.demo import build_demo_data
-
-        say(f"building {args.images} demo images of {args.size} px in {tmp / 'demo'}")
-        root = build_demo_data(tmp / "demo", n_train=10, n_test=args.images, size=args.size, seed=0)
+    say = printer(args.json)
+    root = args.data or demo_test_set(tmp / "demo", args.images, args.size, say)
     test = read_test(root)
     chunks = [test.paths[i:i + args.batch_size] for i in range(0, len(test), args.batch_size)]
     inputs = [normalize(decode_batch(chunk, [args.size])[0][0]).contiguous() for chunk in chunks]
 
-    checkpoint = save_model(tmp / "model.safetensors", args.arch, args.size, test.classes, root)
+    checkpoint = random_checkpoint(tmp / "model.safetensors", args.arch, args.size, test.classes, root)
     say(f"exporting {args.arch} @ {args.size} px to ONNX")
     exported = export_checkpoint(checkpoint, "onnx", tmp / "model.onnx", data=root)
     if args.threads:
@@ -89,21 +66,15 @@ def measure(tmp: Path) -> None:
     model, _ = model_from_checkpoint(checkpoint)
     eager = Probabilities(model).eval()
 
-    steps = {"pytorch": lambda x: eager(x), "onnxruntime": lambda x: onnx_model.probabilities(x)}
-    totals = dict.fromkeys(steps, 0.0)
-    names = list(steps)
+    steps = {"pytorch": lambda i: eager(inputs[i]), "onnxruntime": lambda i: onnx_model.probabilities(inputs[i])}
     worst = 0.0
-    with torch.inference_mode():
-        for name in names:  # warm-up: first-call allocations and ORT's lazy initialisation
-            steps[name](inputs[0])
-        for _ in range(args.rounds):
-            for i, x in enumerate(inputs):
-                outputs = {}
-                for name in names if i % 2 == 0 else names[::-1]:
-                    t0 = time.perf_counter()
-                    outputs[name] = steps[name](x)
-                    totals[name] += time.perf_counter() - t0
-                worst = max(worst, float((outputs["pytorch"] - outputs["onnxruntime"]).abs().max()))
+
+    def compare(_, outputs) -> None:
+        nonlocal worst
+        worst = max(worst, float((outputs["pytorch"] - outputs["onnxruntime"]).abs().max()))
+
+    interleaved(steps, 1, 1)  # warm-up: first-call allocations and ORT's lazy initialisation
+    totals = interleaved(steps, len(inputs), args.rounds, after_batch=compare)
 
     n = len(test) * args.rounds
     result = {
@@ -123,7 +94,7 @@ def measure(tmp: Path) -> None:
           f"threads, onnxruntime {result['onnxruntime']} with {result['ort_threads']} threads "
           f"(spinning {'on' if args.ort_spin else 'off'})")
     print(f"{'':12s} {'seconds':>8s} {'img/s':>8s}")
-    for name in names:
+    for name in steps:
         print(f"{name:12s} {totals[name]:8.2f} {n / totals[name]:8.1f}")
     print(f"onnxruntime ÷ pytorch throughput: {result['ratio_onnxruntime_over_pytorch']:.3f}; "
           f"largest probability difference {worst:.2e}")

@@ -23,17 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import printer, scratch_folder  # noqa: E402  (puts the package on the path)
 
 RECIPE = """
 name = "bench"
@@ -145,11 +141,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="aicoss-train-bench-"))
-    try:
+    with scratch_folder("aicoss-train-bench-") as tmp:
         report = measure(tmp, args)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -174,7 +167,7 @@ def measure(tmp: Path, args) -> dict:
     from aicoss_cli.inference import Normalizer
     from aicoss_cli.train_state import rng_state
 
-    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = printer(args.json)
     n_train = int(args.steps * args.batch_size / 0.9) + 2
     say(f"building {n_train} demo images of 64 px in {tmp}")
     root = build_demo_data(tmp / "demo", n_train=n_train, n_test=16, size=64, seed=0)

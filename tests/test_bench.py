@@ -19,7 +19,15 @@ BENCHES = {
                           "--rounds", "1", "--device", "cpu"],
     "inference_overhead.py": ["--images", "16", "--arch", "tiny_convnet", "--size", "32", "--batch-size", "8",
                               "--rounds", "2", "--members", "tiny_convnet@32,tiny_convnet@48"],
+    "onnx_vs_torch.py": ["--images", "16", "--arch", "tiny_convnet", "--size", "32", "--batch-size", "8",
+                         "--rounds", "2"],
 }
+
+
+def ratios(report: dict) -> dict[str, float]:
+    if "ratios" in report:
+        return report["ratios"]
+    return {"onnxruntime / pytorch": report["ratio_onnxruntime_over_pytorch"]}
 
 
 @pytest.mark.slow
@@ -30,6 +38,8 @@ def test_a_bench_script_runs_and_prints_finite_ratios(script, tmp_path):
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    found = report.get("ratios", {})
+    found = ratios(report)
     assert found, sorted(report)
     assert all(math.isfinite(v) and v > 0 for v in found.values()), found
+    if script == "onnx_vs_torch.py":  # the same model in both runtimes
+        assert report["max_probability_difference"] < 1e-4
