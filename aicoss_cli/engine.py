@@ -4,8 +4,10 @@
     result = Trainer(recipe, out="runs").run()       # recipe: a resolved `aicoss_cli.recipe.Recipe`
 
 Set-up lives in `_setup_*` methods that return what they build; the loop prints nothing but its
-progress. Data checks (`prepare_data`), the learning-rate schedule and the run folder are free
-functions beside it.
+progress. The pieces it is built from live in their own modules: the data checks in `data.py`
+(`prepare_data`), the optimizer step, schedule and EMA in `step.py`, the batches in `samplers.py`,
+what an epoch keeps in `keep.py`, the run folder and its stops in `run_folder.py`, the resumable
+state in `train_state.py`.
 """
 
 from __future__ import annotations
@@ -75,9 +77,6 @@ class Callback:
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> bool | None: ...
 
     def on_run_end(self, trainer: Trainer, result: RunResult | None) -> None: ...
-
-
-# --------------------------------------------------------------------------- free pieces
 
 
 # --------------------------------------------------------------------------- the trainer
