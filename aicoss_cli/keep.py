@@ -21,9 +21,7 @@ KEEP_FILES = {"best": "best.safetensors", "last": "last.safetensors"}
 
 def score(row: dict[str, Any]) -> float:
     """The epoch's val mAP: the better of the raw and the EMA weights'; -inf for NaN."""
-    values = [row.get("val_map"), row.get(EMA_COLUMN)]
-    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return max(finite) if finite else -math.inf
+    return max(_finite(row.get("val_map")), _finite(row.get(EMA_COLUMN)))
 
 
 def uses_ema(row: dict[str, Any]) -> bool:
@@ -32,8 +30,12 @@ def uses_ema(row: dict[str, Any]) -> bool:
     return ema is not None and _finite(ema) > _finite(row["val_map"])
 
 
-def _finite(value: float) -> float:
-    return -math.inf if value is None or math.isnan(value) else float(value)
+def _finite(value: float | None) -> float:
+    """The value, or -inf for a missing or NaN one (it never beats a number)."""
+    if value is None:
+        return -math.inf
+    value = float(value)
+    return -math.inf if math.isnan(value) else value
 
 
 def is_better(row: dict[str, Any], best_epoch: int, best_map: float) -> bool:
