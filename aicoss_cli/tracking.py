@@ -119,7 +119,7 @@ class _Backend:
 
 class TensorBoardTracker(_Backend):
     """Event files in `<run dir>/tensorboard/`: train/loss, train/lr, train/img_per_s at every log
-    interval, val/loss, val/mAP and val/AP/<class> every epoch, all against the optimizer step; the
+    interval, val/loss, val/mAP (val/mAP_ema), val/AP/<class> every epoch, all against the optimizer step; the
     resolved recipe as text and its parameters in the HParams tab."""
 
     name = "tensorboard"
@@ -159,7 +159,8 @@ class TensorBoardTracker(_Backend):
 
     def log_epoch(self, epoch: int, step: int, values: dict[str, float], aps: dict[str, float]) -> None:
         self._ensure(step)
-        names = {"val_loss": "val/loss", "val_map": "val/mAP", "train_loss": "train/epoch_loss"}
+        names = {"val_loss": "val/loss", "val_map": "val/mAP", "val_map_ema": "val/mAP_ema",
+                 "train_loss": "train/epoch_loss"}
         for key, value in values.items():
             self.writer.add_scalar(names.get(key, f"epoch/{_tag(key)}"), value, step)
         self.writer.add_scalar("epoch", epoch, step)
@@ -224,7 +225,7 @@ class MlflowTracker(_Backend):
     def log_epoch(self, epoch: int, step: int, values: dict[str, float], aps: dict[str, float]) -> None:
         if epoch <= self.last_epoch:
             return
-        names = {"val_map": "val_mAP"}
+        names = {"val_map": "val_mAP", "val_map_ema": "val_mAP_ema"}
         metrics = {names.get(k, _tag(k)): v for k, v in values.items()}
         metrics.update({f"val_AP/{tag}": v for tag, v in _unique_tags(aps, self._tags).items()})
         self._log(metrics, epoch)

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from aicoss_cli.checkpoint import write_text_atomic
+from aicoss_cli.keep import EMA_COLUMN
 from aicoss_cli.metrics import average_precision_per_class
 from aicoss_cli.recipe import recipe_to_toml
 from aicoss_cli.runs import RUN_FORMAT
@@ -68,7 +69,7 @@ class RunWatch:
         if self.trackers is not None:
             aps = average_precision_per_class(trainer.val_targets, trainer.val_probs)
             per_class = {c: float(a) for c, a in zip(trainer.classes, aps) if not math.isnan(a)}
-            values = {k: row[k] for k in ("train_loss", "val_loss", "val_map")}
+            values = {k: row[k] for k in ("train_loss", "val_loss", "val_map", EMA_COLUMN) if k in row}
             self.trackers.log_epoch(row["epoch"], trainer.progress.global_step, values, per_class_ap=per_class)
 
     def on_run_end(self, trainer, result) -> None:

@@ -207,8 +207,8 @@ def test_recipe_params_are_the_flattened_resolved_recipe():
 
 def test_training_with_both_loggers_logs_what_metrics_csv_holds_and_a_resume_continues_one_mlflow_run(
         run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
-    """The Trainer end to end: every epoch's val mAP in TensorBoard and MLflow equals metrics.csv,
-    also across a stop and a resume (one MLflow run, every epoch once)."""
+    """The Trainer end to end: every epoch's val mAP (raw and EMA weights) in TensorBoard and MLflow
+    equals metrics.csv, also across a stop and a resume (one MLflow run, every epoch once)."""
     import csv
     import signal
 
@@ -219,6 +219,7 @@ def test_training_with_both_loggers_logs_what_metrics_csv_holds_and_a_resume_con
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = write_recipe(demo_root, epochs=3, extra="")
     text = recipe.read_text().replace("[runtime]\n", '[runtime]\nloggers = ["tensorboard", "mlflow"]\n')
+    text = text.replace("weight_decay = 0.0", "weight_decay = 0.0\nema_decay = 0.9")
     recipe.write_text(text)
     real = engine.Trainer._end_epoch
 
@@ -236,12 +237,14 @@ def test_training_with_both_loggers_logs_what_metrics_csv_holds_and_a_resume_con
     assert resumed.code == 0, resumed.stderr
 
     with open(run / "metrics.csv", newline="") as f:
-        val_map = [float(row["val_map"]) for row in csv.DictReader(f)]
-    assert len(val_map) == 3
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
     scalars, _ = _scalars(run)
-    assert [pytest.approx(v, rel=1e-5) for _, v in scalars["val/mAP"]] == val_map
     client, runs = _mlflow(run)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert _history(client, runs[0].info.run_id, "val_mAP") == [(e + 1, pytest.approx(v, rel=1e-5))
-                                                                 for e, v in enumerate(val_map)]
+    for column, board, mlflow_key in (("val_map", "val/mAP", "val_mAP"), ("val_map_ema", "val/mAP_ema", "val_mAP_ema")):
+        values = [float(row[column]) for row in rows]
+        assert [pytest.approx(v, rel=1e-5) for _, v in scalars[board]] == values
+        assert _history(client, runs[0].info.run_id, mlflow_key) == [(e + 1, pytest.approx(v, rel=1e-5))
+                                                                     for e, v in enumerate(values)]
     assert (run / "curves.png").is_file() and (run / "run.json").is_file()
