@@ -178,7 +178,7 @@ class TensorBoardTracker(_Backend):
 
 class MlflowTracker(_Backend):
     """One MLflow run per aicoss run (experiment = recipe name, run name = the run folder's name):
-    params = the flattened recipe; metrics train_loss, val_loss, val_mAP, val_AP/<class> per epoch
+    params = the flattened recipe; metrics train_loss, val_loss, val_mAP (val_mAP_ema), val_AP/<class> per epoch
     (step = epoch) and lr, train_batch_loss, train_img_per_s per log interval (step = optimizer
     step); artifacts at close. The store: MLFLOW_TRACKING_URI, else `sqlite:///<out>/mlflow.db`."""
 
