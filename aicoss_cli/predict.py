@@ -162,16 +162,14 @@ def run_prior(checkpoint: Path, *, data: Path | None = None, out: Path = Path("p
     from aicoss_cli.prior import write_prior_csv
 
     checkpoint, out = Path(checkpoint), Path(out)
-    check_outputs([out], [checkpoint], overwrite)
     meta = member_meta(checkpoint)
     root = meta.resolve_data_root(data, str(checkpoint))
+    check_outputs([out], [checkpoint, *data_inputs(root)], overwrite)
     table = read_train(root)
-    if table.classes != meta.classes:
-        raise UserError(f"{root}/train.csv: its classes differ from the checkpoint's ({len(meta.classes)} classes)")
+    meta.check_classes(table.classes, str(checkpoint), Path(root) / "train.csv")
     rows = training_rows(meta, table, str(checkpoint))
     paths = [table.paths[i] for i in rows]
     check_images(paths, Path(root) / "train.csv")
-    check_outputs([out], [checkpoint, *data_inputs(root)], overwrite)
     rt = make_runtime(device, "fp32", 0)
     members = load_members([MemberSource(checkpoint)], rt)
     probs = forward(members, paths, rt, batch_size, progress=progress, what="predicting the training split")[0]
