@@ -101,7 +101,7 @@ class Discovery:
 
 
 def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
-    """best.safetensors of every run folder runs_dir/<name>/<timestamp>/ whose classes and val split
+    """The kept checkpoint (`[runtime] keep`) of every run folder runs_dir/<name>/<timestamp>/ whose classes and val split
     match the data. Runs validated on another split than the largest group are skipped."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
@@ -122,7 +122,7 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
             skipped.append((ckpt, str(exc).removeprefix(f"{ckpt}: ")))
     if not readable:
         why = f" (skipped: {'; '.join(f'{p}: {r}' for p, r in skipped[:3])})" if skipped else ""
-        raise UserError(f"{runs_dir}: no run with a readable best.safetensors{why}; train one with `aicoss train RECIPE`")
+        raise UserError(f"{runs_dir}: no run with a readable kept checkpoint (best.safetensors, or last.safetensors where the recipe keeps the last){why}; train one with `aicoss train RECIPE`")
     if data is None:
         roots = sorted({str(m.data_root) for _, m in readable if m.data_root is not None})
         if len(roots) != 1:
