@@ -10,8 +10,10 @@ class UserError(Exception):
 
 class TrainingStopped(Exception):
     """A run stopped early (signal, non-finite loss, unreadable image); the message says why and
-    what was kept. `exit_code` is what the CLI returns."""
+    what was kept. `exit_code` is what the CLI returns; `diverged` tells a non-finite loss (the
+    recipe's values at fault, not the machine or the data) from the other stops."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = 1, *, diverged: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.diverged = diverged

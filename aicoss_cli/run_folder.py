@@ -101,7 +101,8 @@ def nonfinite_loss(run_dir: Path, epoch: int, step: int, global_step: int) -> Tr
     kept = [str(f) for f in (Path(run_dir) / "last.safetensors", Path(run_dir) / STATE_FILE) if f.is_file()]
     what = f"the last good checkpoint ({', '.join(kept)}) is kept" if kept else "no checkpoint had been written yet"
     return TrainingStopped(f"non-finite loss at epoch {epoch + 1}, step {step} (global step {global_step}); the "
-                           f"weights were not updated and {what}; lower [optim] lr or use precision = \"fp32\"")
+                           f"weights were not updated and {what}; lower [optim] lr or use precision = \"fp32\"",
+                           diverged=True)
 
 
 @contextlib.contextmanager

@@ -339,9 +339,8 @@ def _train_trial(trial, recipes: TrialRecipes, space: Space, study_dir: Path, co
         result = Trainer(recipe, study_dir, console=console, callbacks=[callback]).run()
     except TrainingStopped as exc:
         # a non-finite loss: these values diverged, a bad outcome rather than a broken study; any other
-        # stop (Ctrl-C, an unreadable image, a full disk) stops the study. TrainingStopped carries no
-        # reason code, so the engine's message (run_folder.nonfinite_loss) tells them apart.
-        if not str(exc).startswith("non-finite loss"):
+        # stop (Ctrl-C, an unreadable image, a full disk) stops the study
+        if not exc.diverged:
             raise
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
         return _Outcome("PRUNED", note=f"diverged: {exc}", message=f"[yellow]diverged[/] (counted as pruned): "
