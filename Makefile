@@ -22,10 +22,10 @@ demo: $(STAMP) $(DEMO_DATA)/train.csv
 	$(VENV)/bin/aicoss train recipes/demo.toml --data $(DEMO_DATA)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto -m "not slow"
+	$(PY) -m pytest -q -n auto -m "not slow" --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/inference_overhead.py

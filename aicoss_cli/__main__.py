@@ -1,3 +1,3 @@
-from aicoss_cli.cli import main
+from aicoss_cli.cli.app import main
 
 main()

@@ -14,12 +14,20 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from aicoss_cli.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
-from aicoss_cli.errors import UserError
-from aicoss_cli.losses import loss_param_fields
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.losses.registry import loss_param_fields
+from aicoss_cli.models.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
 
 
 class _Section(BaseModel):
@@ -57,7 +65,7 @@ class _LossSection(_Section):
 
 
 def _loss_section() -> type[_LossSection]:
-    """[loss] accepts every parameter of every loss (`losses.LossParams` models: the one
+    """[loss] accepts every parameter of every loss (`losses.params.LossParams` models: the one
     declaration of each, with its range and description), unset by default; which of them apply
     to the chosen loss is checked by `check_recipe_names`."""
     fields = {}
@@ -378,7 +386,7 @@ def _parse_value(annotation: Any, text: str) -> Any:
 def check_recipe_names(recipe: Recipe, source: str, blame=None) -> None:
     """Check the arch and loss names and the loss parameters (imports the registries, hence torch).
     Errors name `source`, or through `blame` the --set behind the key."""
-    from aicoss_cli.losses import loss_param_defaults, resolve_loss_name
+    from aicoss_cli.losses.registry import loss_param_defaults, resolve_loss_name
     from aicoss_cli.models import ARCHS
 
     blame = blame or (lambda loc: source)
@@ -401,7 +409,7 @@ def check_recipe_names(recipe: Recipe, source: str, blame=None) -> None:
 
 def resolve_recipe(recipe: Recipe, data_root: str | None = None) -> Recipe:
     """Make every default explicit (canonical loss name and parameters, image size, data root)."""
-    from aicoss_cli.losses import loss_param_defaults, resolve_loss_name
+    from aicoss_cli.losses.registry import loss_param_defaults, resolve_loss_name
     from aicoss_cli.models import default_img_size
 
     resolved = recipe.model_copy(deep=True)
@@ -450,3 +458,20 @@ def recipe_diff(old: Recipe, new: Recipe) -> list[str]:
             if a[section][key] != b[section][key]:
                 changes.append(f"[{section}] {key}: {a[section][key]!r} -> {b[section][key]!r}")
     return changes
+
+
+def bundled_recipes() -> Path:
+    """The recipes that ship with aicoss: aicoss_cli/recipes/ in an installed wheel, the top-level
+    recipes/ in a source checkout (pyproject.toml maps the one into the other)."""
+    here = Path(__file__).resolve().parent
+    return next((f for f in (here / "recipes", here.parent / "recipes") if f.is_dir()), here / "recipes")
+
+
+def find_recipe(recipe: Path) -> Path:
+    """`recipe` itself when it exists; else a bare name (`tresnet_xl_pasl` or `tresnet_xl_pasl.toml`)
+    is looked up among the bundled recipes. A path that exists nowhere is returned as given (the
+    recipe loader then says it is not found)."""
+    if recipe.exists() or recipe.name != str(recipe):
+        return recipe
+    bundled = bundled_recipes() / (recipe.name if recipe.suffix == ".toml" else f"{recipe.name}.toml")
+    return bundled if bundled.is_file() else recipe

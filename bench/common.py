@@ -33,7 +33,7 @@ def printer(quiet: bool) -> Callable[..., None]:
 
 def demo_test_set(folder: Path, images: int, size: int, say: Callable[..., None]) -> Path:
     """A demo data root whose test split holds `images` images of `size` px (10 train images)."""
-    from aicoss_cli.demo import build_demo_data
+    from aicoss_cli.data.demo import build_demo_data
 
     say(f"building {images} demo images of {size} px in {folder}")
     return build_demo_data(folder, n_train=10, n_test=images, size=size, seed=0)
@@ -43,8 +43,8 @@ def random_checkpoint(path: Path, arch: str, size: int, classes: list[str], root
     """A random-init checkpoint (throughput does not depend on the weights)."""
     import torch
 
-    from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint
     from aicoss_cli.models import build_model
+    from aicoss_cli.models.checkpoint import CheckpointMeta, save_checkpoint
 
     torch.manual_seed(seed)
     model = build_model(arch, len(classes), img_size=size)

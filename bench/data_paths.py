@@ -26,7 +26,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aicoss_cli.data import _resolve_paths  # noqa: E402
+from aicoss_cli.data.tables import _resolve_paths
 
 
 def string_only(frame: pd.DataFrame, root: Path, csv: Path) -> list[str]:

@@ -31,17 +31,17 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import demo_test_set, interleaved, printer, random_checkpoint, scratch_folder  # noqa: E402  (puts the package on the path)
 
-from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD, read_test  # noqa: E402
+from aicoss_cli.data.loading import IMAGENET_MEAN, IMAGENET_STD
+from aicoss_cli.data.tables import read_test
 
 
 def premade_inputs(chunks: list[list[str]], size: int) -> list[torch.Tensor]:
     """The batches decoded, resized and normalised ahead of time, in the memory format predict
     feeds the model on the CPU (contiguous NCHW)."""
-    from aicoss_cli.data import normalize
-    from aicoss_cli.inference import decode_batch
+    from aicoss_cli.data.images import decode_batch
+    from aicoss_cli.data.loading import normalize
 
     return [normalize(decode_batch(chunk, [size])[0][0]).contiguous() for chunk in chunks]
 
@@ -89,10 +89,11 @@ def measure(tmp: Path) -> None:
 
     from torch.utils.data import DataLoader, default_collate
 
-    from aicoss_cli.ensemble import run_ensemble
-    from aicoss_cli.inference import MemberSource, decode_batch, forward, load_members
-    from aicoss_cli.predict import run_predict
-    from aicoss_cli.runtime import make_runtime
+    from aicoss_cli.base.runtime import make_runtime
+    from aicoss_cli.data.images import decode_batch
+    from aicoss_cli.infer.ensemble import run_ensemble
+    from aicoss_cli.infer.forward import MemberSource, forward, load_members
+    from aicoss_cli.infer.predict import run_predict
 
     say = printer(args.json)
     root = args.data or demo_test_set(tmp / "demo", args.images, args.size, say)
@@ -151,13 +152,13 @@ def measure(tmp: Path) -> None:
         return whole(run)
 
     def loop_with(loader: str) -> float:
-        from aicoss_cli.runtime import Runtime
+        from aicoss_cli.base.runtime import Runtime
 
-        class ThreadRuntime(Runtime):  # a decode thread, as on CUDA, while the model runs on the CPU
-            background = True
+        class InlineRuntime(Runtime):  # decoding inline, between two forward passes
+            background = False
 
-        if loader == "thread":
-            custom = ThreadRuntime(cpu, None, 0, False)
+        if loader == "inline":
+            custom = InlineRuntime(cpu, None, 0, False)
         else:
             custom = Runtime(cpu, None, int(loader), False)
         return whole(lambda: forward(single, test.paths, custom, batch))
@@ -165,7 +166,7 @@ def measure(tmp: Path) -> None:
     wholes = {
         "predict end to end": lambda: whole(lambda: run_predict(ckpt, data=root, out=tmp / "pred.csv",
                                                                 batch_size=batch, precision="fp32", device="cpu", overwrite=True)),
-        "predict loop, 1 background decode thread": lambda: loop_with("thread"),
+        "predict loop, decoding inline": lambda: loop_with("inline"),
         "predict loop, 1 loader process": lambda: loop_with("1"),
         "predict loop, 2 loader processes": lambda: loop_with("2"),
         "naive seed loop, 2 loader workers": lambda: naive_workers(2),

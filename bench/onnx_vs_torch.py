@@ -20,11 +20,11 @@ import platform
 from pathlib import Path
 
 import torch
-
 from common import demo_test_set, interleaved, printer, random_checkpoint, scratch_folder  # noqa: E402  (puts the package on the path)
 
-from aicoss_cli.checkpoint import model_from_checkpoint  # noqa: E402
-from aicoss_cli.data import normalize, read_test  # noqa: E402
+from aicoss_cli.data.loading import normalize
+from aicoss_cli.data.tables import read_test
+from aicoss_cli.models.checkpoint import model_from_checkpoint
 
 
 def main() -> None:
@@ -47,9 +47,9 @@ def measure(tmp: Path) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
 
-    from aicoss_cli.export import Probabilities, export_checkpoint
-    from aicoss_cli.onnx_model import OnnxModel
-    from aicoss_cli.inference import decode_batch
+    from aicoss_cli.data.images import decode_batch
+    from aicoss_cli.export.writer import Probabilities, export_checkpoint
+    from aicoss_cli.infer.onnx_model import OnnxModel
 
     say = printer(args.json)
     root = args.data or demo_test_set(tmp / "demo", args.images, args.size, say)

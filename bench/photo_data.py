@@ -29,7 +29,7 @@ from PIL import Image, ImageEnhance
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aicoss_cli.errors import UserError  # noqa: E402
+from aicoss_cli.base.errors import UserError
 
 # class -> (photo, boxes (x0, y0, x1, y1) in the photo's pixels)
 CLASSES: dict[str, tuple[str, list[tuple[int, int, int, int]]]] = {
@@ -119,7 +119,7 @@ def _mosaic(rng: np.random.Generator, photos: dict[str, Image.Image], part: str,
 def build_photo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, size: int = 64, seed: int = 0) -> Path:
     """Write the set to `out` (a new folder renamed at the end, as `aicoss demo-data` writes its
     set); reuse one built with the same settings."""
-    from aicoss_cli.demo import reuse_existing, write_image_set
+    from aicoss_cli.data.demo import reuse_existing, write_image_set
 
     out = Path(out)
     settings = {"n_train": n_train, "n_test": n_test, "size": size, "seed": seed}

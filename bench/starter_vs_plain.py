@@ -120,8 +120,8 @@ def plain_loop(root: Path, arch: str, epochs: int, size: int, batch: int, seed: 
 def aicoss_run(recipe, out: Path) -> dict:
     import pandas as pd
 
-    from aicoss_cli.console import err
-    from aicoss_cli.engine import Trainer
+    from aicoss_cli.base.console import err
+    from aicoss_cli.train.trainer import Trainer
 
     t0 = time.perf_counter()
     result = Trainer(recipe, out, console=err).run()
@@ -175,7 +175,7 @@ def main() -> None:
         return
     from rich.table import Table
 
-    from aicoss_cli.console import out as console
+    from aicoss_cli.base.console import out as console
 
     table = Table(title=f"{args.data}: {o.epochs} epochs, {m.img_size} px, batch {o.batch_size}, seed "
                   f"{recipe.runtime.seed}, {setting['n_val']} val images", title_justify="left")

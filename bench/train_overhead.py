@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import printer, scratch_folder  # noqa: E402  (puts the package on the path)
 
 RECIPE = """
@@ -62,9 +61,9 @@ num_workers = {workers}
 
 def make_trainer(root: Path, out: Path, args, policy: str, workers: int):
     """A set-up Trainer whose epoch the bench can run again and again."""
-    from aicoss_cli import distributed
-    from aicoss_cli.engine import Trainer
+    from aicoss_cli.base import distributed
     from aicoss_cli.recipe import recipe_from_toml, resolve_recipe
+    from aicoss_cli.train.trainer import Trainer
 
     text = RECIPE.format(arch=args.arch, size=args.size, batch=args.batch_size, policy=policy, root=root,
                          precision=args.precision, workers=workers, device=args.device)
@@ -76,8 +75,8 @@ def make_trainer(root: Path, out: Path, args, policy: str, workers: int):
 
 def engine_epoch(trainer) -> tuple[float, int]:
     """(seconds, images) of one epoch of the engine's loop, from step 0."""
-    from aicoss_cli.console import progress_display
-    from aicoss_cli.run_folder import StopFlag
+    from aicoss_cli.base.console import progress_display
+    from aicoss_cli.train.run_dir import StopFlag
 
     p = trainer.progress
     p.epoch, p.step, p.loss_sum, p.loss_count, p.seconds = 0, 0, 0.0, 0, 0.0
@@ -107,7 +106,7 @@ def pure_steps(trainer, batches) -> tuple[float, int]:
 
 def loader_img_per_s(trainer, workers: int, steps: int) -> float:
     """The training loader alone (decode, resize, augment, collate), no model."""
-    from aicoss_cli.samplers import TrainBatches, make_loader
+    from aicoss_cli.data.samplers import TrainBatches, make_loader
 
     r = trainer.recipe
     sampler = TrainBatches(trainer.data.train_rows, r.optim.batch_size, 1, 0, 1, r.runtime.seed, 0,
@@ -163,9 +162,9 @@ def main() -> None:
 
 
 def measure(tmp: Path, args) -> dict:
-    from aicoss_cli.demo import build_demo_data
-    from aicoss_cli.inference import Normalizer
-    from aicoss_cli.train_state import rng_state
+    from aicoss_cli.data.demo import build_demo_data
+    from aicoss_cli.data.loading import Normalizer
+    from aicoss_cli.train.state import rng_state
 
     say = printer(args.json)
     n_train = int(args.steps * args.batch_size / 0.9) + 2
@@ -180,7 +179,7 @@ def measure(tmp: Path, args) -> dict:
         other.step = base.step
 
     normalize = Normalizer(base.rt.device, torch.channels_last if base.rt.channels_last else torch.contiguous_format)
-    from aicoss_cli.samplers import TrainBatches, make_loader
+    from aicoss_cli.data.samplers import TrainBatches, make_loader
 
     sampler = TrainBatches(base.data.train_rows, args.batch_size, 1, 0, 1, 41, 0, augment=False)
     batches = [(normalize(images.to(base.rt.device)), targets.to(base.rt.device))

@@ -30,7 +30,7 @@ def run_cli(capsys, monkeypatch):
     """Run `aicoss ARGS...` through its real entry point (exit code, stdout, stderr)."""
 
     def run(*args: str | Path) -> CliResult:
-        from aicoss_cli.cli import main
+        from aicoss_cli.cli.app import main
 
         monkeypatch.setattr(sys, "argv", ["aicoss", *map(str, args)])
         capsys.readouterr()
@@ -48,7 +48,7 @@ def run_cli(capsys, monkeypatch):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """240 train + 40 test digit mosaics of 32×32 (built once per session; read-only for tests)."""
-    from aicoss_cli.demo import build_demo_data
+    from aicoss_cli.data.demo import build_demo_data
 
     return build_demo_data(tmp_path_factory.mktemp("data") / "demo", n_train=240, n_test=40, size=32, seed=0)
 
@@ -56,7 +56,7 @@ def demo_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_root_partial(tmp_path_factory) -> Path:
     """Like demo_root, with 30 % of the train labels not annotated (-1)."""
-    from aicoss_cli.demo import build_demo_data
+    from aicoss_cli.data.demo import build_demo_data
 
     return build_demo_data(tmp_path_factory.mktemp("data") / "partial", n_train=240, n_test=40, size=32, seed=1,
                            unannotated=0.3)

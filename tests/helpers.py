@@ -64,10 +64,10 @@ def save_random_checkpoint(path: Path, root: Path, *, arch: str = "tiny_convnet"
     """A random-init checkpoint with the metadata `aicoss train` writes (split verified on `root`)."""
     import torch
 
-    from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint
-    from aicoss_cli.data import read_train
-    from aicoss_cli.splits import split_fingerprint, split_indices
+    from aicoss_cli.data.splits import split_fingerprint, split_indices
+    from aicoss_cli.data.tables import read_train
     from aicoss_cli.models import build_model
+    from aicoss_cli.models.checkpoint import CheckpointMeta, save_checkpoint
 
     table = read_train(root)
     classes = classes or table.classes
@@ -130,3 +130,21 @@ def exact_recipe(write_recipe, root, epochs=2):
     text = path.read_text()
     path.write_text(text[: text.index("[runtime]")] + EXACT.lstrip())
     return path
+
+
+def pil_pixels(path, size: int | None = None):
+    """The pixels aicoss must give, computed with PIL alone (an independent reference of the one
+    decoder): RGB, a JPEG drafted at the scale PIL picks for size×size, a bilinear resize;
+    (3, H, W) uint8."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if size is not None and img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+

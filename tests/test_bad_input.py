@@ -136,8 +136,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory, demo_root) -> Path:
     """One tiny trained checkpoint for the cases that need one."""
-    from aicoss_cli.engine import train
     from aicoss_cli.recipe import recipe_from_toml, resolve_recipe
+    from aicoss_cli.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("ckpt")
     recipe = resolve_recipe(recipe_from_toml(RECIPE.format(root=demo_root), "test"))

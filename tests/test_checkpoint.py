@@ -7,9 +7,16 @@ import os
 import pytest
 import torch
 
-from aicoss_cli.checkpoint import CheckpointMeta, atomic_path, load_checkpoint, model_from_checkpoint, read_meta, save_checkpoint
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.base.files import atomic_path
 from aicoss_cli.models import build_model
+from aicoss_cli.models.checkpoint import (
+    CheckpointMeta,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 
 
 def meta(**kw) -> CheckpointMeta:

@@ -36,8 +36,8 @@ def test_count_params_unknown_arch(run_cli):
 
 
 def test_import_weights_makes_a_checkpoint_predict_can_use(run_cli, demo_root, tmp_path):
-    from aicoss_cli.checkpoint import load_checkpoint
     from aicoss_cli.models import build_model
+    from aicoss_cli.models.checkpoint import load_checkpoint
 
     torch.manual_seed(0)
     model = build_model("tiny_convnet", 10)
@@ -101,9 +101,9 @@ def read_prior(path: Path) -> dict[str, float]:
 
 
 def test_prior_command_and_the_three_prior_sources(run_cli, demo_root_partial, write_recipe, tmp_path):
-    from aicoss_cli.checkpoint import load_checkpoint
-    from aicoss_cli.data import read_train
-    from aicoss_cli.splits import split_indices
+    from aicoss_cli.data.splits import split_indices
+    from aicoss_cli.data.tables import read_train
+    from aicoss_cli.models.checkpoint import load_checkpoint
 
     # labels: positive frequency of each class over the annotated training entries
     assert run_cli("train", pasl_recipe(write_recipe, demo_root_partial, "labels"), "--out", tmp_path / "a").code == 0

@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from aicoss_cli.data import (
-    Cutout,
-    ImageDataset,
-    build_train_transform,
-    check_images,
-    read_test,
-    read_train,
-    sample_seed,
-)
-from aicoss_cli.splits import class_ratio_gap, split_indices
-from aicoss_cli.errors import UserError
-from aicoss_cli.samplers import TrainBatches, shard
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.data.images import check_images
+from aicoss_cli.data.loading import ImageDataset
+from aicoss_cli.data.samplers import TrainBatches, shard
+from aicoss_cli.data.splits import class_ratio_gap, split_indices
+from aicoss_cli.data.tables import read_test, read_train
+from aicoss_cli.data.transforms import Cutout, build_train_transform, sample_seed
 
 
 @pytest.fixture

@@ -36,9 +36,10 @@ def test_written_files_follow_the_umask(mask, umask, tmp_path):
     import numpy as np
     import torch
 
-    from aicoss_cli.checkpoint import CheckpointMeta, save_checkpoint, write_text_atomic
-    from aicoss_cli.inference import write_scores_csv
-    from aicoss_cli.prior import write_prior_csv
+    from aicoss_cli.base.files import write_text_atomic
+    from aicoss_cli.data.submission import write_scores_csv
+    from aicoss_cli.models.checkpoint import CheckpointMeta, save_checkpoint
+    from aicoss_cli.train.prior import write_prior_csv
 
     umask(mask)
     expected = 0o666 & ~mask
@@ -76,7 +77,7 @@ def test_help_keeps_bracketed_section_names(run_cli):
 
 
 def test_flags_are_shown_without_a_value(run_cli):
-    from aicoss_cli.cli import COMMANDS
+    from aicoss_cli.cli.app import COMMANDS
 
     assert "--json" in run_cli("count-params", "--help").stdout
     for name, _ in COMMANDS:
@@ -159,8 +160,8 @@ def test_training_log_has_no_blank_lines(run_cli, demo_root, write_recipe, tmp_p
 
 @pytest.mark.parametrize("kind", ["random", "stratified"])
 def test_split_suggests_every_key_of_the_split_it_searched(run_cli, demo_root, kind):
-    from aicoss_cli.data import read_train
-    from aicoss_cli.splits import split_search
+    from aicoss_cli.data.splits import split_search
+    from aicoss_cli.data.tables import read_train
 
     result = run_cli("split", demo_root, "--kind", kind, "--search", "4", "--val-fraction", "0.2")
     assert result.code == 0, result.stderr
@@ -176,7 +177,7 @@ RECIPE = ROOT / "recipes" / "demo.toml"
 
 
 def recipe_error(*overrides: str, path: Path = RECIPE) -> str:
-    from aicoss_cli.errors import UserError
+    from aicoss_cli.base.errors import UserError
     from aicoss_cli.recipe import load_recipe
 
     with pytest.raises(UserError) as info:
@@ -252,7 +253,7 @@ def test_seeds_are_bounded_to_what_numpy_accepts(override, expected):
 def test_the_seed_bound_is_numpys():
     import numpy as np
 
-    from aicoss_cli.splits import split_indices
+    from aicoss_cli.data.splits import split_indices
     from aicoss_cli.recipe import load_recipe
 
     with pytest.raises(ValueError):
@@ -338,8 +339,9 @@ def data_copy(demo_root, tmp_path) -> Path:
 
 
 def data_error(root: Path, what: str = "train") -> str:
-    from aicoss_cli.data import check_images, read_test, read_train
-    from aicoss_cli.errors import UserError
+    from aicoss_cli.base.errors import UserError
+    from aicoss_cli.data.images import check_images
+    from aicoss_cli.data.tables import read_test, read_train
 
     with pytest.raises(UserError) as info:
         if what == "train":
@@ -362,7 +364,7 @@ def test_a_duplicated_class_column_is_refused_by_name(data_copy, name):
 
 
 def test_a_class_named_like_a_pandas_rename_is_fine(data_copy):
-    from aicoss_cli.data import read_train
+    from aicoss_cli.data.tables import read_train
 
     path = data_copy / "train.csv"
     path.write_text(path.read_text().replace("digit_4", "digit_3.1", 1))
@@ -389,7 +391,7 @@ def test_a_symlink_out_of_the_data_root_is_refused(data_copy, tmp_path, target):
 
 
 def test_symlinks_inside_the_data_root_and_a_linked_root_are_fine(data_copy, tmp_path):
-    from aicoss_cli.data import read_train
+    from aicoss_cli.data.tables import read_train
 
     image = data_copy / "train" / "TRAIN_00004.jpg"
     (data_copy / "store").mkdir()
@@ -419,7 +421,7 @@ def edit_metadata(path: Path, **changes: str | None) -> Path:
     """Rewrite a checkpoint's metadata (None removes a key), as a hand edit would."""
     from safetensors.torch import load_file, save_file
 
-    from aicoss_cli.checkpoint import read_safetensors
+    from aicoss_cli.base.files import read_safetensors
 
     meta = read_safetensors(path, tensors=False)[1]
     for key, value in changes.items():
@@ -457,8 +459,8 @@ SPLIT = ('{{"kind": {kind}, "val_fraction": {fraction}, "split_seed": {seed}, "n
     ("prior", "[0.1, 0.2]", "10 values"), ("prior", "[" + ", ".join(["NaN"] * 10) + "]", "[0, 1]"),
 ])
 def test_checkpoint_metadata_is_range_checked(checkpoint_file, key, value, expected):
-    from aicoss_cli.checkpoint import read_meta
-    from aicoss_cli.errors import UserError
+    from aicoss_cli.base.errors import UserError
+    from aicoss_cli.models.checkpoint import read_meta
 
     edit_metadata(checkpoint_file, **{key: value})
     with pytest.raises(UserError) as info:
@@ -476,7 +478,7 @@ def test_an_edited_image_size_is_refused_before_any_allocation(run_cli, checkpoi
 
 
 def test_a_checkpoint_without_a_val_map_or_with_nan_reads_as_unknown(checkpoint_file):
-    from aicoss_cli.checkpoint import CheckpointMeta, read_meta
+    from aicoss_cli.models.checkpoint import CheckpointMeta, read_meta
 
     assert read_meta(edit_metadata(checkpoint_file, val_map="")).val_map is None
     assert read_meta(edit_metadata(checkpoint_file, val_map="nan")).val_map is None  # as older runs wrote it
@@ -492,8 +494,10 @@ def test_jpegs_are_decoded_by_the_public_torchvision_decoder_quietly(demo_root, 
     import torch
     import torchvision.io
 
-    from aicoss_cli import inference
-    from aicoss_cli.data import load_image, pil_to_uint8, read_test
+    from aicoss_cli.data import images as inference
+    from aicoss_cli.data.tables import read_test
+
+    from helpers import pil_pixels
 
     calls = []
     public = torchvision.io.decode_jpeg
@@ -508,9 +512,9 @@ def test_jpegs_are_decoded_by_the_public_torchvision_decoder_quietly(demo_root, 
     path = read_test(demo_root).paths[0]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        decoded = inference.decode_sizes(path, [32])[32]
+        decoded = inference.decode_image(path, 32)
     assert calls and inference._fast_jpeg_ok is True
-    assert torch.equal(decoded, pil_to_uint8(load_image(path, 32)))
+    assert torch.equal(decoded, pil_pixels(path, 32))
     assert not [w for w in seen if issubclass(w.category, DeprecationWarning)]
 
 
@@ -536,7 +540,8 @@ def test_spec_weights_must_be_finite_with_a_finite_sum(run_cli, two_members, tmp
 def test_non_finite_probabilities_are_never_written(run_cli, demo_root, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from aicoss_cli.checkpoint import read_safetensors
+    from aicoss_cli.base.files import read_safetensors
+
     from helpers import save_random_checkpoint
 
     path = save_random_checkpoint(tmp_path / "nan.safetensors", demo_root)
@@ -549,7 +554,7 @@ def test_non_finite_probabilities_are_never_written(run_cli, demo_root, tmp_path
 
 
 def test_a_weak_ensemble_note_names_the_best_member():
-    from aicoss_cli.ensemble import MemberReport, weaker_than_best
+    from aicoss_cli.infer.ensemble import MemberReport, weaker_than_best
 
     members = [MemberReport("a.safetensors", "x", 32, "none", 0.5, 0.61, None),
                MemberReport("b.safetensors", "x", 32, "none", 0.5, 0.42, None)]
@@ -593,8 +598,8 @@ def test_auto_weights_on_a_val_split_too_small_to_fit_fall_back_to_equal(run_cli
 def test_import_weights_takes_any_output_name(run_cli, demo_root, tmp_path, name, recipe_name):
     import torch
 
-    from aicoss_cli.checkpoint import read_meta
     from aicoss_cli.models import build_model
+    from aicoss_cli.models.checkpoint import read_meta
     from aicoss_cli.recipe import recipe_from_toml
 
     pt = tmp_path / "seed.pt"
@@ -607,7 +612,7 @@ def test_import_weights_takes_any_output_name(run_cli, demo_root, tmp_path, name
 
 
 def test_import_weights_image_size_is_range_checked_in_one_line(run_cli, demo_root, tmp_path):
-    from aicoss_cli.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
+    from aicoss_cli.models.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
 
     args = ["import-weights", tmp_path / "seed.pt", "--arch", "tiny_convnet", "--classes", demo_root / "train.csv",
             "--out", tmp_path / "x.safetensors", "--img-size"]

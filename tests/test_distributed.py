@@ -34,7 +34,7 @@ def ddp_recipe(write_recipe, root, **kw):
 
 
 def weights(run):
-    from aicoss_cli.checkpoint import load_checkpoint
+    from aicoss_cli.models.checkpoint import load_checkpoint
 
     return load_checkpoint(run / "last.safetensors")[0]
 

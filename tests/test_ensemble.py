@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aicoss_cli.data import read_train
-from aicoss_cli.splits import split_indices
-from aicoss_cli.metrics import mean_average_precision
-from helpers import TINY_RECIPE, only_run_dir
-from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
+from aicoss_cli.data.splits import split_indices
+from aicoss_cli.data.tables import read_train
+from aicoss_cli.evaluation.metrics import mean_average_precision
+
+from helpers import TINY_RECIPE, assert_one_line_error, leftovers, only_run_dir, read_csv, save_random_checkpoint
 
 
 def _cli(*args) -> int:
     """The real entry point, for module-scoped fixtures (run_cli is per test)."""
-    from aicoss_cli.cli import main
+    from aicoss_cli.cli.app import main
 
     saved = sys.argv
     sys.argv = ["aicoss", *map(str, args)]
@@ -171,7 +171,7 @@ def test_benchmark_val_map_is_the_ensembles(run_cli, runs, demo_root, tmp_path):
 
 
 def _other_classes(ckpt: Path, tmp: Path) -> Path:
-    from aicoss_cli.checkpoint import load_checkpoint, save_checkpoint
+    from aicoss_cli.models.checkpoint import load_checkpoint, save_checkpoint
 
     state, meta = load_checkpoint(ckpt)
     meta.classes = [c.replace("digit_3", "digit_three") for c in meta.classes]
@@ -205,7 +205,7 @@ def test_incompatible_members_are_a_one_line_error_and_write_nothing(run_cli, ru
 
 
 def read_train_root(ckpt: Path) -> Path:
-    from aicoss_cli.checkpoint import read_meta
+    from aicoss_cli.models.checkpoint import read_meta
 
     return read_meta(ckpt).data_root
 
@@ -239,7 +239,7 @@ def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, runs, demo_root, tmp
 def test_ensemble_writes_a_result_file_that_report_reads(run_cli, runs, demo_root, tmp_path):
     import json
 
-    from aicoss_cli.metrics import mean_average_precision
+    from aicoss_cli.evaluation.metrics import mean_average_precision
 
     out = tmp_path / "sub.csv"
     result = run_cli("ensemble", runs["a32"], runs["b48"], "--out", out)
@@ -252,7 +252,7 @@ def test_ensemble_writes_a_result_file_that_report_reads(run_cli, runs, demo_roo
     # the ensemble's val mAP, recomputed from the members' own val predictions
     preds = [read_csv(_predict_val(run_cli, runs[k], tmp_path / f"{k}.csv"))[2] for k in ("a32", "b48")]
     ids = read_csv(tmp_path / "a32.csv")[1]
-    from aicoss_cli.data import read_train
+    from aicoss_cli.data.tables import read_train
 
     table = read_train(demo_root)
     targets = np.stack([table.labels[table.ids.index(i)] for i in ids])

@@ -8,15 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx  # the export extra: installed with the dev environment, so these tests run it
 import numpy as np
+import onnx  # the export extra: installed with the dev environment, so these tests run it
 import pytest
 import torch
 
-from aicoss_cli.checkpoint import model_from_checkpoint, read_meta
-from aicoss_cli.data import IMAGENET_MEAN, IMAGENET_STD, normalize, read_test
-from aicoss_cli.errors import UserError
-from aicoss_cli.inference import decode_batch
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.data.images import decode_batch
+from aicoss_cli.data.loading import IMAGENET_MEAN, IMAGENET_STD, normalize
+from aicoss_cli.data.tables import read_test
+from aicoss_cli.models.checkpoint import model_from_checkpoint, read_meta
+
 from helpers import assert_one_line_error, leftovers, only_run_dir, save_random_checkpoint
 
 
@@ -51,7 +53,7 @@ def tiny_checkpoint(demo_root, tmp_path) -> Path:
 
 def test_onnx_of_a_trained_run_matches_pytorch_and_carries_the_checkpoint_metadata(run_cli, demo_root, write_recipe,
                                                                                     tmp_path):
-    from aicoss_cli.onnx_model import OnnxModel
+    from aicoss_cli.infer.onnx_model import OnnxModel
 
     assert run_cli("train", write_recipe(demo_root, epochs=2), "--out", tmp_path / "runs").code == 0
     checkpoint = only_run_dir(tmp_path / "runs") / "best.safetensors"
@@ -81,7 +83,7 @@ def test_onnx_of_a_trained_run_matches_pytorch_and_carries_the_checkpoint_metada
 
 
 def test_fixed_batch_onnx_has_that_batch_and_onnx_model_splits_and_pads(run_cli, tiny_checkpoint, demo_root, tmp_path):
-    from aicoss_cli.onnx_model import OnnxModel
+    from aicoss_cli.infer.onnx_model import OnnxModel
 
     out = tmp_path / "fixed.onnx"
     export_ok(run_cli, tiny_checkpoint, "--batch", "3", "--out", out)
@@ -93,7 +95,7 @@ def test_fixed_batch_onnx_has_that_batch_and_onnx_model_splits_and_pads(run_cli,
 
 
 def test_fp16_onnx_holds_half_weights_and_stays_within_1e_2(run_cli, tiny_checkpoint, demo_root, tmp_path):
-    from aicoss_cli.onnx_model import OnnxModel
+    from aicoss_cli.infer.onnx_model import OnnxModel
 
     out = tmp_path / "half.onnx"
     stdout = export_ok(run_cli, tiny_checkpoint, "--fp16", "--out", out, "--data", demo_root)
@@ -109,7 +111,7 @@ def test_fp16_onnx_holds_half_weights_and_stays_within_1e_2(run_cli, tiny_checkp
 
 
 def test_class_names_with_quotes_commas_and_emoji_survive_the_metadata(run_cli, demo_root, tmp_path):
-    from aicoss_cli.onnx_model import OnnxModel
+    from aicoss_cli.infer.onnx_model import OnnxModel
 
     names = ['a,b', 'say "hi"', "🛰️ orbit", "tab\there", "back\\slash", "ünïcode", "x'y", "semi;colon", "<b>", "0"]
     checkpoint = save_random_checkpoint(tmp_path / "odd.safetensors", demo_root, classes=names)
@@ -170,7 +172,7 @@ def test_a_missing_checkpoint_or_an_onnx_file_instead_is_a_one_line_error(run_cl
 
 def test_a_failed_check_exits_1_and_leaves_no_file(run_cli, tiny_checkpoint, monkeypatch):
     """An exporter that writes a slightly different model (here: one weight changed) is caught."""
-    from aicoss_cli import export
+    from aicoss_cli.export import writer as export
 
     real = export._export_onnx
 
@@ -189,7 +191,7 @@ def test_a_failed_check_exits_1_and_leaves_no_file(run_cli, tiny_checkpoint, mon
 
 def test_a_timm_folder_is_replaced_only_with_overwrite_and_only_by_a_checked_one(run_cli, demo_root, tmp_path,
                                                                                  monkeypatch):
-    from aicoss_cli import export
+    from aicoss_cli.export import writer as export
 
     checkpoint = save_random_checkpoint(tmp_path / "r18.safetensors", demo_root, arch="resnet18_mldecoder")
     folder = tmp_path / "r18_timm"
@@ -214,7 +216,7 @@ def test_a_timm_folder_is_replaced_only_with_overwrite_and_only_by_a_checked_one
 def test_corrupt_truncated_missing_and_foreign_onnx_files_are_one_line_errors(run_cli, tiny_checkpoint, tmp_path):
     from onnx import TensorProto, helper
 
-    from aicoss_cli.onnx_model import OnnxModel
+    from aicoss_cli.infer.onnx_model import OnnxModel
 
     export_ok(run_cli, tiny_checkpoint)
     good = tiny_checkpoint.with_suffix(".onnx").read_bytes()
@@ -237,7 +239,7 @@ def test_corrupt_truncated_missing_and_foreign_onnx_files_are_one_line_errors(ru
 
 
 def test_a_missing_export_extra_names_the_pip_command(run_cli, tiny_checkpoint, monkeypatch):
-    from aicoss_cli.onnx_model import OnnxModel
+    from aicoss_cli.infer.onnx_model import OnnxModel
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     assert_one_line_error(run_cli("export", tiny_checkpoint), "onnxruntime", "pip install 'aicoss[export]'")
@@ -254,7 +256,7 @@ def test_the_cli_imports_no_export_library_for_help():
 
 
 def test_cvt_is_not_a_timm_model():
-    from aicoss_cli.export_timm import timm_parts
+    from aicoss_cli.export.timm_weights import timm_parts
     from aicoss_cli.models import build_model
 
     with torch.device("meta"):
@@ -279,7 +281,7 @@ class Family:
             self.want = torch.sigmoid(self.model(self.x))
 
     def check_onnx(self, run_cli) -> None:
-        from aicoss_cli.onnx_model import OnnxModel
+        from aicoss_cli.infer.onnx_model import OnnxModel
 
         export_ok(run_cli, self.checkpoint, "--data", self.data)
         got = OnnxModel.load(self.checkpoint.with_suffix(".onnx")).probabilities(self.x)

@@ -13,7 +13,7 @@ from helpers import ROOT, only_run_dir
 
 @pytest.fixture(scope="module")
 def demo64(tmp_path_factory):
-    from aicoss_cli.demo import build_demo_data
+    from aicoss_cli.data.demo import build_demo_data
 
     return build_demo_data(tmp_path_factory.mktemp("data") / "demo64", n_train=400, n_test=10, size=64, seed=2)
 

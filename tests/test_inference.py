@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from aicoss_cli.checkpoint import save_checkpoint
-from aicoss_cli.data import load_image, pil_to_uint8, read_test, read_train
-from aicoss_cli.splits import split_indices
-from aicoss_cli.errors import UserError
-from aicoss_cli.metrics import average_precision_per_class, mean_average_precision
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.data.splits import split_indices
+from aicoss_cli.data.tables import read_test, read_train
+from aicoss_cli.evaluation.metrics import average_precision_per_class, mean_average_precision
+from aicoss_cli.models.checkpoint import save_checkpoint
 
-
-from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
+from helpers import assert_one_line_error, leftovers, pil_pixels, read_csv, save_random_checkpoint
 
 
 @pytest.fixture
@@ -49,28 +48,30 @@ def _image_files(tmp_path: Path) -> list[Path]:
     return paths
 
 
-def test_decode_sizes_gives_the_pixels_of_load_image(demo_root, tmp_path):
-    from aicoss_cli.inference import decode_sizes
-
-    from aicoss_cli import inference
+def test_the_one_decoder_gives_pils_pixels_at_every_size_in_training_and_inference(demo_root, tmp_path):
+    from aicoss_cli.data import images
+    from aicoss_cli.data.loading import ImageDataset
 
     paths = [Path(p) for p in read_test(demo_root).paths[:6]] + _image_files(tmp_path)
     sizes = [16, 32, 48, 100]
     for path in paths:
-        got = decode_sizes(str(path), sizes)
-        for size in sizes:
-            assert torch.equal(got[size], pil_to_uint8(load_image(str(path), size))), (path.name, size)
+        batches, error = images.decode_batch([str(path)], sizes)  # inference: one decode, every size
+        assert error == ""
+        for size, batch in zip(sizes, batches):
+            want = pil_pixels(str(path), size)
+            assert torch.equal(batch[0], want), (path.name, size)
+            assert torch.equal(ImageDataset([str(path)], None, size)[0][0], want), (path.name, size)  # training
     # the fast decoder was used and agreed with PIL (without it, decoding costs about twice as much)
-    assert inference.torchvision_jpeg() is not False and inference._fast_jpeg_ok is True
+    assert images.torchvision_jpeg() is not False and images._fast_jpeg_ok is True
 
 
 def test_batches_are_the_same_inline_from_a_thread_and_from_loader_processes(demo_root):
-    from aicoss_cli.inference import ImageBatches
+    from aicoss_cli.data.loading import ImageBatches
 
     paths = read_test(demo_root).paths[:23]
     inline = list(ImageBatches(paths, [32, 40], batch_size=8))
     assert [b[0].shape for b in inline] == [(8, 3, 32, 32), (8, 3, 32, 32), (7, 3, 32, 32)]
-    assert torch.equal(inline[2][1][6], pil_to_uint8(load_image(paths[22], 40)))
+    assert torch.equal(inline[2][1][6], pil_pixels(paths[22], 40))
     for other in (ImageBatches(paths, [32, 40], batch_size=8, background=True),
                   ImageBatches(paths, [32, 40], batch_size=8, workers=2)):
         for a, b in zip(inline, other, strict=True):
@@ -79,7 +80,7 @@ def test_batches_are_the_same_inline_from_a_thread_and_from_loader_processes(dem
 
 @pytest.mark.parametrize("loader", [{}, {"background": True}, {"workers": 1}], ids=["inline", "thread", "process"])
 def test_an_unreadable_image_is_a_one_line_error_naming_it(demo_root, tmp_path, loader):
-    from aicoss_cli.inference import ImageBatches
+    from aicoss_cli.data.loading import ImageBatches
 
     paths = read_test(demo_root).paths[:5]
     broken = tmp_path / "broken.jpg"
@@ -93,15 +94,15 @@ def test_an_unreadable_image_is_a_one_line_error_naming_it(demo_root, tmp_path, 
 
 
 def _member(checkpoint: Path, tta: str = "none"):
-    from aicoss_cli.checkpoint import model_from_checkpoint
-    from aicoss_cli.inference import Member
+    from aicoss_cli.infer.forward import Member
+    from aicoss_cli.models.checkpoint import model_from_checkpoint
 
     model, meta = model_from_checkpoint(checkpoint)
     return Member(path=str(checkpoint), model=model, img_size=meta.img_size, classes=meta.classes, tta=tta, meta=meta)
 
 
 def _cpu():
-    from aicoss_cli.runtime import make_runtime
+    from aicoss_cli.base.runtime import make_runtime
 
     return make_runtime("cpu", "fp32", 0)
 
@@ -109,13 +110,13 @@ def _cpu():
 def test_forward_gives_the_model_outputs_on_pil_pixels(demo_root, checkpoint):
     """The one forward loop (validation, submission, predict, ensemble) equals the model applied, by
     hand, to PIL's pixels normalised with ImageNet statistics in float64."""
-    from aicoss_cli.inference import forward
+    from aicoss_cli.infer.forward import forward
 
     member = _member(checkpoint)
     paths = read_test(demo_root).paths
     mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
-    pixels = torch.stack([pil_to_uint8(load_image(p, 32)) for p in paths]).double()
+    pixels = torch.stack([pil_pixels(p, 32) for p in paths]).double()
     x = ((pixels / 255.0 - mean) / std).float()
     with torch.inference_mode():
         expected = member.model(x)
@@ -127,8 +128,8 @@ def test_forward_gives_the_model_outputs_on_pil_pixels(demo_root, checkpoint):
 
 
 def test_tta_flips_average_the_sigmoid_of_each_flipped_view(demo_root, checkpoint):
-    from aicoss_cli.data import normalize
-    from aicoss_cli.inference import ImageBatches, forward
+    from aicoss_cli.data.loading import ImageBatches, normalize
+    from aicoss_cli.infer.forward import forward
 
     paths = read_test(demo_root).paths[:20]
     plain, flips = _member(checkpoint), _member(checkpoint, tta="flips")
@@ -143,7 +144,7 @@ def test_tta_flips_average_the_sigmoid_of_each_flipped_view(demo_root, checkpoin
 
 
 def test_combine_is_the_weighted_mean_of_members():
-    from aicoss_cli.inference import combine
+    from aicoss_cli.infer.forward import combine
 
     probs = torch.rand(3, 5, 4)
     torch.testing.assert_close(combine(probs), probs.mean(0))
@@ -164,7 +165,7 @@ def _synthetic_members(seed: int = 0):
 
 
 def test_auto_weights_are_non_negative_sum_to_one_and_favour_the_informative_member():
-    from aicoss_cli.ensemble import fit_weights
+    from aicoss_cli.infer.ensemble import fit_weights
 
     probs, targets = _synthetic_members()
     w = fit_weights(probs, targets)
@@ -175,7 +176,7 @@ def test_auto_weights_are_non_negative_sum_to_one_and_favour_the_informative_mem
 
 
 def test_held_out_gain_fits_on_one_half_and_scores_on_the_other():
-    from aicoss_cli.ensemble import fit_weights, held_out_gain
+    from aicoss_cli.infer.ensemble import fit_weights, held_out_gain
 
     probs, targets = _synthetic_members(1)
     h = held_out_gain(probs, targets, seed=0)
@@ -353,7 +354,7 @@ def test_a_write_that_fails_at_the_end_leaves_no_partial_csv(run_cli, checkpoint
 def test_members_load_without_random_init_and_compute_what_the_checkpoint_model_computes(demo_root, tmp_path, arch,
                                                                                          size):
     """tf_efficientnet_lite0_mldecoder re-normalises its input with non-persistent buffers: built the normal way."""
-    from aicoss_cli.checkpoint import model_from_checkpoint
+    from aicoss_cli.models.checkpoint import model_from_checkpoint
 
     ckpt = save_random_checkpoint(tmp_path / f"{arch}.safetensors", demo_root, arch=arch, img_size=size, seed=4)
     fast, meta = model_from_checkpoint(ckpt)
@@ -366,7 +367,7 @@ def test_members_load_without_random_init_and_compute_what_the_checkpoint_model_
 
 
 def test_weights_that_do_not_fit_the_arch_are_a_one_line_error(run_cli, checkpoint, tmp_path):
-    from aicoss_cli.checkpoint import load_checkpoint
+    from aicoss_cli.models.checkpoint import load_checkpoint
 
     state, meta = load_checkpoint(checkpoint)
     state.pop(next(iter(state)))

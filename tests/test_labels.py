@@ -17,7 +17,7 @@ def trained(demo_root, tmp_path_factory) -> Path:
     """best.safetensors of a short real run (thresholds need a model better than chance)."""
     import sys
 
-    from aicoss_cli.cli import main
+    from aicoss_cli.cli.app import main
 
     base = tmp_path_factory.mktemp("labels")
     recipe = base / "tiny.toml"
@@ -52,7 +52,7 @@ def test_a_number_labels_every_class_at_that_threshold(run_cli, trained, demo_ro
 
 
 def test_auto_labels_on_the_test_set_fit_on_val_and_report_the_held_out_gain(run_cli, trained, demo_root, tmp_path):
-    from aicoss_cli.thresholds import resolve_thresholds
+    from aicoss_cli.evaluation.thresholds import resolve_thresholds
 
     out = tmp_path / "sub.csv"
     result = run_cli("predict", trained, "--out", out, "--labels", "auto")
@@ -69,7 +69,7 @@ def test_auto_labels_on_the_test_set_fit_on_val_and_report_the_held_out_gain(run
     # the thresholds are those fit on the checkpoint's own val predictions
     val = tmp_path / "val.csv"
     assert run_cli("predict", trained, "--split", "val", "--out", val).code == 0
-    from aicoss_cli.data import read_train
+    from aicoss_cli.data.tables import read_train
 
     vh, vids, vprobs = read_csv(val)
     table = read_train(demo_root)
@@ -115,8 +115,8 @@ def test_bad_labels_are_one_line_errors_before_any_output(run_cli, trained, tmp_
 
 
 def test_validate_and_split_json_is_json_only(run_cli, demo_root, write_recipe):
-    from aicoss_cli.data import read_train
-    from aicoss_cli.splits import split_search
+    from aicoss_cli.data.splits import split_search
+    from aicoss_cli.data.tables import read_train
 
     result = run_cli("validate", write_recipe(demo_root), "--data", demo_root, "--json")
     assert result.code == 0, result.stderr

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from aicoss_cli.errors import UserError
-from aicoss_cli.losses import LOSSES, build_loss, loss_param_defaults, resolve_loss_name
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.losses.registry import LOSSES, build_loss, loss_param_defaults, resolve_loss_name
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from aicoss_cli.metrics import average_precision_per_class, mean_average_precision, skipped_classes
+from aicoss_cli.evaluation.metrics import average_precision_per_class, mean_average_precision, skipped_classes
 
 
 def test_hand_computed_average_precision():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError
 from aicoss_cli.models import ARCHS, arch_display, build_model, count_parameters, default_img_size
 from aicoss_cli.models.backbones import CvtFeatures, InputRenorm
 from aicoss_cli.models.ml_decoder import MLDecoder

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError
 from aicoss_cli.models import build_model, load_state_dict_file
 from aicoss_cli.models import pretrained as pretrained_mod
 from aicoss_cli.models.backbones import InputRenorm

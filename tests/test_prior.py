@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from aicoss_cli import prior as prior_module
-from aicoss_cli.errors import UserError
-from aicoss_cli.losses import build_loss
-from aicoss_cli.prior import label_prior, prior_has_effect, read_prior_csv, write_prior_csv
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.losses.registry import build_loss
+from aicoss_cli.train import prior as prior_module
+from aicoss_cli.train.prior import label_prior, prior_has_effect, read_prior_csv, write_prior_csv
 
 CLASSES = ["forest", "river", "road", "farm", "urban"]
 VALUES = {"forest": 0.5, "river": 0.02, "road": 0.25, "farm": 0.01, "urban": 0.125}

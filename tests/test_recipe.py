@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError
 from aicoss_cli.recipe import load_recipe, recipe_diff, recipe_from_toml, recipe_to_toml, resolve_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

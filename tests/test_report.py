@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from aicoss_cli.console import clock
+from aicoss_cli.base.console import clock
+
 from helpers import TINY_RECIPE, assert_one_line_error
 
 PICTURES = ("curves.png", "per_class_ap.png", "ensemble_tradeoff.png")
@@ -26,7 +27,7 @@ def _cli(*args) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from aicoss_cli.cli import main
+    from aicoss_cli.cli.app import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
@@ -199,7 +200,7 @@ def test_a_run_still_training_is_reported_from_its_partial_metrics_and_its_run_j
 
 
 def test_draw_curves_is_what_the_trainer_calls_after_each_epoch(runs):
-    from aicoss_cli.report import draw_curves, is_report_picture
+    from aicoss_cli.results.pictures import draw_curves, is_report_picture
 
     path = draw_curves([runs[0]], runs[0] / "curves.png")
     assert path == runs[0] / "curves.png" and is_report_picture(path)
@@ -301,8 +302,8 @@ def test_missing_data_skips_the_per_class_picture_with_a_note(run_cli, runs, tmp
 
 
 def test_class_names_with_quotes_commas_emoji_and_dollars_are_drawn(runs, tmp_path):
-    from aicoss_cli.report import draw_per_class_ap
-    from aicoss_cli.runs import ClassAP, load_run
+    from aicoss_cli.results.pictures import draw_per_class_ap
+    from aicoss_cli.results.runs import ClassAP, load_run
 
     names = ['say "hi"', "a,b", "rain 🌧", "$x$ cost", "$", "no positive"] + [f"c{i}" for i in range(70)]
     ap = np.linspace(0.1, 0.9, len(names))
@@ -313,8 +314,8 @@ def test_class_names_with_quotes_commas_emoji_and_dollars_are_drawn(runs, tmp_pa
 
 
 def test_ap_table_sorts_weakest_first_and_marks_five():
-    from aicoss_cli.report import ap_table
-    from aicoss_cli.runs import ClassAP
+    from aicoss_cli.results.pictures import ap_table
+    from aicoss_cli.results.runs import ClassAP
 
     a = ClassAP(["a", "b", "c", "d", "e", "f", "g"], np.array([0.9, 0.2, np.nan, 0.5, 0.1, 0.7, 0.35]),
                 np.ones(7, int), 10)
@@ -328,7 +329,7 @@ def test_ap_table_sorts_weakest_first_and_marks_five():
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
-    from aicoss_cli.report import pareto_front
+    from aicoss_cli.results.pictures import pareto_front
 
     points = [{"x": 10, "y": 0.5}, {"x": 20, "y": 0.7}, {"x": 30, "y": 0.6}, {"x": 5, "y": 0.3}, {"x": 40, "y": 0.8}]
     assert [p["x"] for p in pareto_front(points, lower_x_is_better=True)] == [5, 10, 20, 40]
@@ -342,3 +343,50 @@ def test_help_imports_neither_matplotlib_nor_torch():
             "assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules, 'heavy import'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--ensemble" in out.stdout
+
+
+# --------------------------------------------------------------------------- one "best epoch"
+
+
+def test_with_an_ema_the_reported_best_epoch_is_the_one_best_safetensors_holds(runs, run_cli):
+    """metrics.csv where the raw weights peak at epoch 1 and the EMA weights at epoch 2: the
+    Trainer's rule (`keep`) keeps epoch 2's EMA weights, and `report` must name that epoch and that
+    value, not the raw weights' best."""
+    from aicoss_cli.results.layout import best_row
+    from aicoss_cli.train.keep import is_better
+
+    run = runs[0]
+    rows = [{"epoch": 1, "lr": 0.003, "train_loss": 0.6, "val_loss": 0.5, "val_map": 0.62, "val_map_ema": 0.55,
+             "seconds": 1.0},
+            {"epoch": 2, "lr": 0.003, "train_loss": 0.5, "val_loss": 0.4, "val_map": 0.60, "val_map_ema": 0.66,
+             "seconds": 1.0}]
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (run / "run.json").unlink(missing_ok=True)
+    best_epoch, best_map = 0, -1.0  # what the Trainer does, epoch by epoch
+    for row in rows:
+        if is_better(row, best_epoch, best_map):
+            best_epoch, best_map = row["epoch"], max(row["val_map"], row["val_map_ema"])
+    assert (best_epoch, best_map) == (2, 0.66) == (best_row(rows)["epoch"], 0.66)
+    result = run_cli("report", run, "--json", "--out", run.parent / "pictures")
+    assert result.code == 0, result.stderr
+    reported = json.loads(result.stdout)["runs"][0]
+    assert (reported["best_epoch"], reported["best_val_map"]) == (2, 0.66)
+
+
+def test_a_trained_ema_run_reports_the_epoch_and_value_of_its_best_checkpoint(run_cli, demo_root, write_recipe,
+                                                                             tmp_path):
+    from aicoss_cli.models.checkpoint import read_meta
+
+    recipe = write_recipe(demo_root, epochs=3, policy="none")
+    recipe.write_text(recipe.read_text().replace("weight_decay = 0.0", "weight_decay = 0.0\nema_decay = 0.8"))
+    assert run_cli("train", recipe, "--out", tmp_path / "runs").code == 0
+    run = next((tmp_path / "runs" / "tiny").iterdir())
+    meta = read_meta(run / "best.safetensors")
+    result = run_cli("report", run, "--json")
+    assert result.code == 0, result.stderr
+    reported = json.loads(result.stdout)["runs"][0]
+    assert reported["best_epoch"] == meta.epoch
+    assert reported["best_val_map"] == pytest.approx(meta.val_map, abs=1e-6)

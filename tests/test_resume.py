@@ -17,13 +17,14 @@ import torch
 
 from helpers import ROOT, exact_recipe, only_run_dir, state_progress
 
+
 def metrics_without_seconds(run: Path) -> list[list[str]]:
     with open(run / "metrics.csv", newline="") as f:
         return [row[:-1] for row in csv.reader(f)]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    from aicoss_cli.checkpoint import load_checkpoint
+    from aicoss_cli.models.checkpoint import load_checkpoint
 
     return load_checkpoint(path)[0]
 
@@ -135,7 +136,7 @@ def test_a_new_run_never_reuses_an_existing_folder(run_cli, demo_root, write_rec
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
-    import aicoss_cli.losses as losses
+    import aicoss_cli.losses.registry as losses
 
     real_build = losses.build_loss
     train_calls = {"n": 0}
@@ -174,19 +175,19 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 def test_an_image_that_breaks_during_training_stops_cleanly_and_resumes(
         run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
-    import aicoss_cli.data as data
+    import aicoss_cli.data.loading as data
 
-    real_load = data.load_image
+    real_load = data.decode_image
     seen = {"n": 0, "bad": None}
 
-    def breaks_once(path, size=None):
+    def breaks_once(path, size):
         seen["n"] += 1
         if seen["n"] == 2 * 32 + 5:  # an image of epoch 1, step 3 (passed the up-front check, then went bad)
             seen["bad"] = path
             raise OSError("image file is truncated")
         return real_load(path, size)
 
-    monkeypatch.setattr(data, "load_image", breaks_once)
+    monkeypatch.setattr(data, "decode_image", breaks_once)
     recipe = write_recipe(demo_root, epochs=2)
     result = run_cli("train", recipe, "--out", tmp_path)
     run = only_run_dir(tmp_path)
@@ -198,7 +199,7 @@ def test_an_image_that_breaks_during_training_stops_cleanly_and_resumes(
     progress = state_progress(run)
     assert (progress["epoch"], progress["step"]) == (0, 2)
 
-    monkeypatch.setattr(data, "load_image", real_load)
+    monkeypatch.setattr(data, "decode_image", real_load)
     resumed = run_cli("train", "--resume", run)
     assert resumed.code == 0, resumed.stderr
     assert len(metrics_without_seconds(run)) == 3 and (run / "submission.csv").is_file()
@@ -206,7 +207,7 @@ def test_an_image_that_breaks_during_training_stops_cleanly_and_resumes(
 
 def _interrupted_run(run_cli, recipe, out, monkeypatch) -> Path:
     """A run stopped (as by Ctrl-C) after its first optimizer step of epoch 1."""
-    from aicoss_cli.step import TrainStep
+    from aicoss_cli.train.step import TrainStep
 
     real = TrainStep.optimize
 

@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
 
-from aicoss_cli.errors import UserError
-from aicoss_cli.metrics import threshold_scores
-from aicoss_cli.thresholds import (fit_thresholds, held_out_threshold_gain, label_output_paths, parse_threshold_spec,
-                                   per_class_rows, read_thresholds_csv, resolve_thresholds, write_label_outputs,
-                                   write_per_class_csv)
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.evaluation.metrics import threshold_scores
+from aicoss_cli.evaluation.score import per_class_rows, write_per_class_csv
+from aicoss_cli.evaluation.thresholds import (
+    fit_thresholds,
+    held_out_threshold_gain,
+    label_output_paths,
+    parse_threshold_spec,
+    read_thresholds_csv,
+    resolve_thresholds,
+    write_label_outputs,
+)
+
 from helpers import ROOT, assert_one_line_error, leftovers
 
 CLASSES = [f"digit_{d}" for d in range(10)]
@@ -440,7 +448,7 @@ def test_fitted_thresholds_round_trip_exactly(tmp_path):
 
 
 def test_label_outputs_are_all_or_nothing(tmp_path, monkeypatch):
-    import aicoss_cli.thresholds as module
+    import aicoss_cli.evaluation.thresholds as module
 
     target = tmp_path / "sub_labels.csv"
     target.write_text("what the user had\n")
@@ -478,8 +486,9 @@ def test_per_class_rows_and_csv(tmp_path):
 
 def test_auto_thresholds_on_a_trained_run_label_its_submission(run_cli, demo_root, write_recipe, tmp_path):
     """The pieces the lead wires into predict: fit on a run's val_scores.csv, label its submission, score it."""
-    from aicoss_cli.data import read_train
-    from aicoss_cli.scoring import read_labels_csv, read_probabilities_csv
+    from aicoss_cli.data.submission import read_labels_csv, read_probabilities_csv
+    from aicoss_cli.data.tables import read_train
+
     from helpers import only_run_dir
 
     assert run_cli("train", write_recipe(demo_root, epochs=1), "--out", tmp_path / "runs").code == 0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aicoss_cli.errors import UserError
-from aicoss_cli.tracking import open_trackers, recipe_params
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.train.tracking import open_trackers, recipe_params
 
 RECIPE_TOML = 'name = "tiny"\n\n[optim]\nlr = 0.003\nepochs = 3\n'
 PARAMS = {"name": "tiny", "optim.lr": 0.003, "optim.epochs": 3, "model.pretrained": False, "data.root": "data/demo"}
@@ -212,7 +212,8 @@ def test_training_with_both_loggers_logs_what_metrics_csv_holds_and_a_resume_con
     import csv
     import signal
 
-    import aicoss_cli.engine as engine
+    import aicoss_cli.train.trainer as engine
+
     from helpers import only_run_dir
 
     monkeypatch.chdir(tmp_path)

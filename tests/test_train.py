@@ -47,7 +47,7 @@ def test_one_epoch_writes_every_run_file(run_cli, demo_root, write_recipe, tmp_p
     val_scores = read_rows(run / "val_scores.csv")
     assert val_scores[0] == ["img_id"] + sample[0][1:] and len(val_scores) - 1 == 48  # 20 % of 240
 
-    from aicoss_cli.checkpoint import load_checkpoint
+    from aicoss_cli.models.checkpoint import load_checkpoint
     from aicoss_cli.recipe import recipe_from_toml
 
     _, meta = load_checkpoint(run / "best.safetensors")
@@ -62,8 +62,8 @@ def test_one_epoch_writes_every_run_file(run_cli, demo_root, write_recipe, tmp_p
 
 
 def test_val_map_in_metrics_is_the_map_of_val_scores(run_cli, demo_root, write_recipe, tmp_path):
-    from aicoss_cli.data import read_train
-    from aicoss_cli.metrics import mean_average_precision
+    from aicoss_cli.data.tables import read_train
+    from aicoss_cli.evaluation.metrics import mean_average_precision
 
     assert run_cli("train", write_recipe(demo_root), "--out", tmp_path).code == 0
     run = only_run_dir(tmp_path)
@@ -132,8 +132,8 @@ def test_demo_data_command_is_deterministic_and_never_overwrites(run_cli, tmp_pa
 def test_split_search_lists_the_most_balanced_seeds_first(run_cli, demo_root):
     result = run_cli("split", demo_root, "--search", "20", "--top", "5")
     assert result.code == 0, result.stderr
-    from aicoss_cli.data import read_train
-    from aicoss_cli.splits import split_search
+    from aicoss_cli.data.splits import split_search
+    from aicoss_cli.data.tables import read_train
 
     best = split_search(read_train(demo_root).labels, 0.1, range(20))[0]
     assert f"--set data.split_seed={best['split_seed']}" in result.stdout

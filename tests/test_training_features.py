@@ -53,7 +53,7 @@ def test_ema_is_timms_update_computed_by_hand(run_cli, demo_root, write_recipe, 
     assert not all(torch.equal(ema[k].double(), w2[k]) for k in ema if ema[k].is_floating_point())
     rows = metrics(run)
     assert "val_map_ema" in rows[0]
-    from aicoss_cli.checkpoint import load_checkpoint
+    from aicoss_cli.models.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(run / "best.safetensors")
     better = "ema" if float(rows[0]["val_map_ema"]) > float(rows[0]["val_map"]) else "raw"
@@ -86,7 +86,7 @@ def test_keep_top_2_leaves_exactly_the_two_best_epochs(run_cli, demo_root, write
     rows = metrics(run)
     best_two = sorted(sorted(range(1, 5), key=lambda e: (-float(rows[e - 1]["val_map"]), e))[:2])
     assert sorted(p.name for p in run.glob("epoch*.safetensors")) == [f"epoch{e:02d}.safetensors" for e in best_two]
-    from aicoss_cli.checkpoint import read_meta
+    from aicoss_cli.models.checkpoint import read_meta
 
     assert [read_meta(run / f"epoch{e:02d}.safetensors").epoch for e in best_two] == best_two
 
@@ -108,8 +108,8 @@ def test_early_stopping_stops_on_a_plateau_and_finishes_the_run(run_cli, demo_ro
 
 
 def test_training_in_bf16_validates_in_fp32_as_predict_does(run_cli, demo_root, write_recipe, tmp_path):
-    from aicoss_cli.data import read_train
-    from aicoss_cli.metrics import mean_average_precision
+    from aicoss_cli.data.tables import read_train
+    from aicoss_cli.evaluation.metrics import mean_average_precision
 
     recipe = write_recipe(demo_root, epochs=1, extra="")
     recipe.write_text(recipe.read_text().replace('precision = "fp32"', 'precision = "bf16"'))
@@ -129,10 +129,10 @@ def test_training_in_bf16_validates_in_fp32_as_predict_does(run_cli, demo_root, 
 def test_a_val_split_without_any_positive_is_refused_before_training(run_cli, demo_root, write_recipe, tmp_path):
     import shutil
 
-    from helpers import assert_one_line_error
+    from aicoss_cli.data.splits import split_indices
+    from aicoss_cli.data.tables import read_train
 
-    from aicoss_cli.data import read_train
-    from aicoss_cli.splits import split_indices
+    from helpers import assert_one_line_error
 
     data = tmp_path / "data"
     shutil.copytree(demo_root, data)
@@ -192,7 +192,7 @@ def test_a_full_disk_stops_the_run_naming_the_folder_and_the_space_and_keeps_the
 
 def test_a_non_finite_loss_before_any_checkpoint_names_no_file_as_kept(run_cli, demo_root, write_recipe, tmp_path,
                                                                         monkeypatch):
-    import aicoss_cli.losses as losses
+    import aicoss_cli.losses.registry as losses
 
     real_build = losses.build_loss
 

@@ -171,7 +171,7 @@ def test_an_interrupted_study_resumes_without_repeating_finished_trials(run_cli,
 
 
 def test_a_trial_whose_process_died_is_marked_failed_and_others_are_left_alone(tmp_path):
-    from aicoss_cli.tune import mark_dead_trials
+    from aicoss_cli.tune.study import mark_dead_trials
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
     study = optuna.create_study(study_name="s", storage=storage)
@@ -254,7 +254,7 @@ def test_tune_without_optuna_names_the_extra(run_cli, demo_root, tmp_path, monke
 
 
 def test_the_default_space_searches_the_loss_only_where_labels_are_missing(demo_root, demo_root_partial, tmp_path):
-    from aicoss_cli.tune import TrialRecipes, load_space
+    from aicoss_cli.tune.space import TrialRecipes, load_space
 
     recipe = tiny_recipe(tmp_path, demo_root)
     for root, epochs, partial in ((demo_root, 1, False), (demo_root_partial, 4, True)):
@@ -270,7 +270,7 @@ def test_the_default_space_searches_the_loss_only_where_labels_are_missing(demo_
 
 
 def test_a_space_file_extends_the_default_and_changes_one_entry(demo_root, tmp_path):
-    from aicoss_cli.tune import TrialRecipes, load_space
+    from aicoss_cli.tune.space import TrialRecipes, load_space
 
     space = tmp_path / "space.toml"
     space.write_text('extends = "default"\n[augment.policy]\nchoices = ["none", "weak"]\n'
@@ -312,7 +312,7 @@ def test_photo_data_keeps_test_crops_off_the_training_pixels_and_the_starter_rec
 
 
 def test_the_readme_space_example_is_accepted(demo_root, tmp_path):
-    from aicoss_cli.tune import TrialRecipes, load_space
+    from aicoss_cli.tune.space import TrialRecipes, load_space
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("**`--space SPACE.toml`**", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
@@ -328,8 +328,8 @@ def test_the_readme_space_example_is_accepted(demo_root, tmp_path):
 @pytest.mark.parametrize("stop", ["non-finite loss", "full disk"])
 def test_a_diverged_trial_counts_as_pruned_and_a_full_disk_stops_the_study(run_cli, demo_root, tmp_path,
                                                                             monkeypatch, stop):
-    from aicoss_cli import run_folder
-    from aicoss_cli.engine import Trainer
+    from aicoss_cli.train import run_dir as run_folder
+    from aicoss_cli.train.trainer import Trainer
 
     run = Trainer.run
 
@@ -376,3 +376,11 @@ def test_the_readme_python_api_example_runs(demo_root, tmp_path, monkeypatch, ca
     assert printed[-1].endswith(str(Path("runs/tune/starter-demo/best.toml")))
     assert (tmp_path / "val.csv").is_file() and (tmp_path / "val_labels.csv").is_file()
     assert len(list((tmp_path / "runs" / "demo").glob("*/best.safetensors"))) == 1
+
+
+def test_tune_takes_a_bundled_recipe_by_name_as_train_does(demo_root):
+    from aicoss_cli.recipe import bundled_recipes
+    from aicoss_cli.tune import TrialRecipes
+
+    recipes = TrialRecipes("starter", data=demo_root, epochs=1)
+    assert recipes.path == bundled_recipes() / "starter.toml" and recipes.base.name == "starter"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError
 
 LOCAL_WEIGHTS_HINT = (
     'set [model] pretrained = "path/to/weights.safetensors" (or a .pth state dict), or pretrained = false'

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError, one_line
 
 log = logging.getLogger("aicoss_cli.models")
 
@@ -29,11 +29,6 @@ _RUNTIME_PREFIXES = ("module.", "_orig_mod.")
 _KEY_PREFIXES = ("", "backbone.", "backbone.cvt.")
 _MIN_MATCH = 0.5  # fewer than this share of the target's tensors matching = wrong file
 _SHOW = 3  # keys quoted in messages
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:160] + "...") if len(text) > 160 else (text or type(exc).__name__)
 
 
 def _is_safetensors(path: Path, head: bytes) -> bool:
@@ -83,7 +78,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             obj = load_file(str(p), device="cpu")
         except Exception as exc:  # SafetensorError, OSError: a damaged file
             raise UserError(
-                f"{name}: cannot read safetensors weights (corrupt or truncated?): {_one_line(exc)}"
+                f"{name}: cannot read safetensors weights (corrupt or truncated?): {one_line(exc, 160)}"
             ) from exc
     else:
         try:
@@ -99,7 +94,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             ) from exc
         except Exception as exc:  # RuntimeError/EOFError/...: damaged zip or pickle
             raise UserError(
-                f"{name}: cannot read PyTorch weights (corrupt or truncated?): {_one_line(exc)}"
+                f"{name}: cannot read PyTorch weights (corrupt or truncated?): {one_line(exc, 160)}"
             ) from exc
     return _unwrap(obj, name)
 

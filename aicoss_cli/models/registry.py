@@ -1,59 +1,25 @@
 """The arch registry: arch name -> builder, and the one door in (`build_model`).
 
-An arch is registered with a small decorated builder (see `zoo.py`); the CLI and recipes only
-ever see names. Building on the `meta` device (`count_parameters`) allocates no memory, so the
-whole parameter table is cheap.
+An arch is registered with a small decorated builder in `zoo.py` (adding one touches that file
+only); the CLI and recipes only ever see names. Building on the `meta` device
+(`count_parameters`) allocates no memory, so the whole parameter table is cheap.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.models.spec import ArchSpec
+from aicoss_cli.models.zoo import ZOO
 
-Builder = Callable[..., nn.Module]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What the registry knows about one arch."""
-
-    name: str
-    builder: Builder  # builder(num_classes, *, pretrained: bool, img_size: int, arch: str) -> nn.Module
-    description: str
-    backbone: str  # display name, as the seed's parameter table writes it
-    decoder: str
-    img_size: int = 224
-
-
-_REGISTRY: dict[str, ArchSpec] = {}
+_REGISTRY = ZOO.specs
 
 #: arch name -> one-line description, for every registered arch.
-ARCHS: dict[str, str] = {}
-
-
-def register_arch(
-    name: str,
-    *,
-    description: str,
-    display: tuple[str, str],
-    img_size: int = 224,
-) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder(num_classes, *, pretrained, img_size, arch)` under `name`."""
-
-    def decorate(builder: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"arch {name!r} registered twice")
-        _REGISTRY[name] = ArchSpec(name, builder, description, display[0], display[1], img_size)
-        ARCHS[name] = description
-        return builder
-
-    return decorate
+ARCHS: dict[str, str] = ZOO.descriptions
 
 
 def get_spec(arch: str) -> ArchSpec:

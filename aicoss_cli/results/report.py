@@ -1,0 +1,135 @@
+"""`aicoss report`: read runs and ensemble results (every check first), draw the pictures into
+one folder, and the summary as JSON. A file in that folder that `report` did not write is never
+replaced. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from aicoss_cli.base.checks import json_ready
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.results.ensembles import EnsembleResult, load_ensemble
+from aicoss_cli.results.layout import METRICS_FILE, VAL_SCORES_FILE
+from aicoss_cli.results.pictures import draw_curves, draw_per_class_ap, draw_tradeoff, is_report_picture
+from aicoss_cli.results.runs import ClassAP, Run, class_ap, load_run, weakest
+
+REPORT_FORMAT = "aicoss-report/1"
+PICTURES = {"curves": "curves.png", "per_class_ap": "per_class_ap.png", "ensemble_tradeoff": "ensemble_tradeoff.png"}
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+# --------------------------------------------------------------------------- the whole report
+
+
+@dataclass
+class Report:
+    runs: list[Run]
+    class_aps: list[ClassAP | None]
+    ensembles: list[EnsembleResult]
+    pictures: dict[str, Path]
+    notes: list[str]
+
+
+def default_out(run_dirs: Sequence[Path]) -> Path:
+    """The run's own folder for one run, else ./report."""
+    return Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report")
+
+
+def check_targets(out: Path) -> dict[str, Path]:
+    """The picture paths under `out`; a file there that this command did not write is never replaced."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out must be a folder (it is a file)")
+    targets = {key: out / name for key, name in PICTURES.items()}
+    for path in targets.values():
+        if path.exists() and not is_report_picture(path):
+            raise UserError(f"{path}: exists and was not written by aicoss report; choose another --out")
+    return targets
+
+
+def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+                 ensembles: Sequence[str | Path] = (), data: str | Path | None = None) -> Report:
+    """Read every run and ensemble result (all checks first), then draw the three pictures into
+    `out` (default: `default_out`). With no run named, the ensembles' member runs are reported."""
+    results = [load_ensemble(p) for p in ensembles]
+    notes: list[str] = []
+    if not run_dirs:
+        member_dirs = [m.run_dir for e in results for m in e.members if m.run_dir is not None]
+        run_dirs = list(dict.fromkeys(member_dirs))
+        if not run_dirs:
+            raise UserError("name at least one run folder (runs/<recipe name>/<timestamp>), or an --ensemble "
+                            "result whose members' run folders exist")
+    runs = [load_run(r) for r in dict.fromkeys(Path(r) for r in run_dirs)]
+    if data is not None and not Path(data).is_dir():
+        raise UserError(f"{data}: --data folder not found")
+    class_aps: list[ClassAP | None] = []
+    for run in runs:
+        root = Path(data) if data is not None else Path(run.data_root)
+        if not (run.run_dir / VAL_SCORES_FILE).is_file():
+            class_aps.append(None)
+            notes.append(f"{run.label}: no per-class AP (no val_scores.csv in {run.run_dir})")
+            continue
+        if not (root / "train.csv").is_file():
+            if data is not None:
+                raise UserError(f"{root}: no train.csv in the --data folder")
+            class_aps.append(None)
+            notes.append(f"{run.label}: no per-class AP ({root / 'train.csv'} not found); "
+                         "pass --data DIR with the data it trained on")
+            continue
+        class_aps.append(class_ap(run, root))
+        if abs(class_aps[-1].val_map - run.best_val_map) > 2e-3:
+            notes.append(f"{run.label}: the per-class AP average {class_aps[-1].val_map:.4f} differs from the best "
+                         f"val mAP {run.best_val_map:.4f}: is --data the data this run trained on?")
+    for r in results:
+        if r.val_map is None:
+            notes.append(f"{r.path}: no val mAP recorded; the ensemble is left out of the trade-off picture")
+        elif r.train_seconds is None:
+            notes.append(f"{r.path}: a member's run folder is not found, so the ensemble's training time is "
+                         "unknown; it is left out of the training-time panel")
+    if any(run.source == METRICS_FILE for run in runs):
+        notes.append("runs without run.json: training time = the sum of metrics.csv seconds (validation "
+                     "included); no img/s recorded")
+
+    out = Path(out) if out is not None else default_out([r.run_dir for r in runs])
+    targets = check_targets(out)
+    pictures = {"curves": draw_curves(runs, targets["curves"])}
+    with_ap = [(run, a) for run, a in zip(runs, class_aps) if a is not None]
+    if with_ap:
+        pictures["per_class_ap"] = draw_per_class_ap([r for r, _ in with_ap], [a for _, a in with_ap],
+                                                     targets["per_class_ap"])
+    pictures["ensemble_tradeoff"] = draw_tradeoff(runs, results, targets["ensemble_tradeoff"])
+    return Report(runs=runs, class_aps=class_aps, ensembles=results, pictures=pictures, notes=notes)
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    """The report as JSON-able data (non-finite numbers as null)."""
+    runs = []
+    for run, a in zip(report.runs, report.class_aps):
+        runs.append({
+            "run_dir": str(run.run_dir), "label": run.label, "name": run.name, "arch": run.arch, "loss": run.loss,
+            "epochs": run.epochs, "epochs_done": run.epochs_done, "best_epoch": run.best_epoch,
+            "best_val_map": run.best_val_map, "train_seconds": run.train_seconds,
+            "train_img_per_s": run.train_img_per_s, "eval_img_per_s": run.eval_img_per_s, "device": run.device,
+            "precision": run.precision, "status": run.status, "source": run.source,
+            "metrics": [{k: (int(v) if k == "epoch" else v) for k, v in row.items()} for row in run.rows],
+            "per_class_ap": None if a is None else {
+                "classes": a.classes, "ap": [float(v) for v in a.ap], "positives": [int(v) for v in a.positives],
+                "n_val": a.n_val, "weakest": [a.classes[i] for i in weakest(a.ap)]},
+        })
+    ensembles = [{
+        "path": str(e.path), "label": e.label, "val_map": e.val_map, "equal_val_map": e.equal_val_map,
+        "weighting": e.weighting, "n_val": e.n_val, "n_test": e.n_test, "img_per_s": e.img_per_s,
+        "seconds": e.seconds, "device": e.device, "precision": e.precision, "train_seconds": e.train_seconds,
+        "members": [{"path": m.path, "arch": m.arch, "img_size": m.img_size, "weight": m.weight,
+                     "val_map": m.val_map, "run_dir": None if m.run_dir is None else str(m.run_dir),
+                     "train_seconds": m.train_seconds} for m in e.members],
+    } for e in report.ensembles]
+    data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles,
+            "pictures": {k: str(v) for k, v in report.pictures.items()}, "notes": report.notes}
+    return json_ready(data)
+
+

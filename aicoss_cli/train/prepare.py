@@ -1,0 +1,47 @@
+"""Everything a run trains on, read and checked before any compute: the CSVs, the labels, every
+image file, the split, and that the split can be trained and judged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aicoss_cli.base.errors import UserError
+from aicoss_cli.data.images import check_images
+from aicoss_cli.data.splits import split_record
+from aicoss_cli.data.tables import LabeledTable, TestTable, read_test, read_train
+
+
+@dataclass
+class PreparedData:
+    table: LabeledTable
+    test: TestTable
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    split: dict[str, Any]
+
+
+def prepare_data(recipe, progress=None) -> PreparedData:
+    """Read and check every input before any compute: CSVs, labels, split, every image file."""
+    table = read_train(recipe.data.root)
+    test = read_test(recipe.data.root, table.classes)
+    if len(test) == 0:
+        raise UserError(f"{test.root / 'test.csv'}: no test images")
+    for paths, csv in ((table.paths, table.root / "train.csv"), (test.paths, test.root / "test.csv")):
+        task = progress.add_task(f"checking {csv.name} images", total=len(paths)) if progress else None
+        check_images(paths, csv, (lambda n, t=task: progress.advance(t, n)) if progress else None)
+        if progress:
+            progress.remove_task(task)
+    train_rows, val_rows, split = split_record(table, recipe.data.split, recipe.data.val_fraction,
+                                               recipe.data.split_seed)
+    if not (table.labels[val_rows] > 0).any():
+        raise UserError(
+            f"{table.root / 'train.csv'}: the val split ({len(val_rows)} images) has no positive label for any class, "
+            "so val mAP is undefined and no checkpoint could be judged; raise [data] val_fraction, try another "
+            "split_seed, or use split = \"stratified\"")
+    if len(train_rows) < recipe.optim.batch_size:
+        raise UserError(f"[optim] batch_size {recipe.optim.batch_size} is larger than the training split "
+                        f"({len(train_rows)} images); lower it with --set optim.batch_size=N")
+    return PreparedData(table, test, train_rows, val_rows, split)
