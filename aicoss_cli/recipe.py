@@ -1,7 +1,7 @@
 """Recipes: one TOML file = one model row. Pydantic models are the format's documentation.
 
-A recipe has the sections `[model] [loss] [optim] [augment] [data] [runtime]`; every key is
-checked (unknown keys, types, ranges) before any compute is spent, and errors name the file,
+A recipe has the sections `[model] [loss] [optim] [augment] [data] [runtime]`, and optionally
+`[distill]` (train against an ensemble's outputs, `train.distill`); every key is checked (unknown keys, types, ranges) before any compute is spent, and errors name the file,
 the key, the value and what was expected. The [loss] parameters come from the loss registry's
 parameter models (`aicoss_cli.losses`), so importing this module imports torch.
 """
@@ -174,6 +174,27 @@ class RuntimeConfig(_Section):
         raise ValueError('expected "auto", "cpu", "cuda" or "cuda:N"')
 
 
+class DistillConfig(_Section):
+    """[distill] (optional): learn an ensemble's probabilities as well as the labels (`aicoss distill`)."""
+
+    teachers: list[str] = Field(min_length=1, description="checkpoint files, run folders (their kept checkpoint) "
+                                "or ENSEMBLE.toml specs; the teacher is their weighted mean, as `aicoss ensemble` "
+                                "computes it")
+    weight: float = Field(0.9, ge=0, le=1, description="weight of the teacher term (BCE against the teacher's "
+                          "probabilities); 1 - weight goes to the recipe's loss on the labels")
+    mode: Literal["online", "cached"] = Field("online", description='"online": the teachers see every augmented '
+                                              'batch; "cached": their outputs on the clean images, computed once')
+    unlabeled: list[str] = Field(default_factory=list, description='images without labels that get the teacher term '
+                                 'only: "test" (test.csv) and/or CSVs of img_id,img_path')
+
+    @field_validator("teachers", "unlabeled", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        if isinstance(value, str):  # --set distill.unlabeled=test
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
 class Recipe(_Section):
     """One model row: what to train, on what, and how."""
 
@@ -185,9 +206,17 @@ class Recipe(_Section):
     augment: AugmentConfig = AugmentConfig()
     data: DataConfig = DataConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    distill: DistillConfig | None = Field(None, description="optional: distil an ensemble into this model")
 
 
-SECTIONS = ("model", "loss", "optim", "augment", "data", "runtime")
+SECTIONS = ("model", "loss", "optim", "augment", "data", "runtime")  # every recipe has them
+OPTIONAL_SECTIONS = ("distill",)  # only a recipe that has the table; `aicoss tune` never searches them
+ALL_SECTIONS = SECTIONS + OPTIONAL_SECTIONS
+
+
+def section_model(section: str) -> type[_Section]:
+    """The pydantic model of a section (an optional one's, not its `X | None`)."""
+    return DistillConfig if section == "distill" else Recipe.model_fields[section].annotation  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- loading
@@ -270,7 +299,7 @@ def _describe(exc: ValidationError, blame) -> str:
 def _field_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
     """The key a pydantic error is about: (section, key) or (key,); union member tags are dropped."""
     loc = tuple(str(p) for p in loc)
-    depth = 2 if loc and loc[0] in SECTIONS else 1
+    depth = 2 if loc and loc[0] in ALL_SECTIONS else 1
     return loc[:depth]
 
 
@@ -283,15 +312,13 @@ def _describe_one(loc: tuple[str, ...], err: dict[str, Any]) -> str:
         return f"{where} is required"
     msg = err["msg"].removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:] if msg else msg
-    if len(loc) == 1 and loc[0] in SECTIONS:
+    if len(loc) == 1 and loc[0] in ALL_SECTIONS:
         return f"[{loc[0]}] {msg}"
     return f"{where} {msg} (got {_show(err.get('input'))})"
 
 
 def _field_description(loc: tuple[str, ...]) -> str:
-    model: Any = Recipe
-    for part in loc[:-1]:
-        model = model.model_fields[part].annotation
+    model: Any = section_model(loc[0]) if len(loc) > 1 else Recipe
     field = model.model_fields.get(loc[-1])
     return field.description if field is not None and field.description else "another value"
 
@@ -299,17 +326,17 @@ def _field_description(loc: tuple[str, ...]) -> str:
 def _key_name(loc: list[str]) -> str:
     if not loc:
         return "recipe"
-    if loc[0] in SECTIONS and len(loc) > 1:
+    if loc[0] in ALL_SECTIONS and len(loc) > 1:
         return f"[{loc[0]}] {'.'.join(loc[1:])}"
-    if loc[0] in SECTIONS:
+    if loc[0] in ALL_SECTIONS:
         return f"section [{loc[0]}]"
     return f"key '{'.'.join(loc)}'"
 
 
 def _suggest(loc: list[str]) -> str:
     model: type[BaseModel] = Recipe
-    if len(loc) == 2 and loc[0] in SECTIONS:
-        model = Recipe.model_fields[loc[0]].annotation  # type: ignore[assignment]
+    if len(loc) == 2 and loc[0] in ALL_SECTIONS:
+        model = section_model(loc[0])
     names = list(model.model_fields)
     close = difflib.get_close_matches(loc[-1], names, n=2, cutoff=0.6)
     if close:
@@ -337,12 +364,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
     parts = key.split(".")
     if len(parts) == 1:
         model, field = Recipe, parts[0]
-        if field in SECTIONS:
+        if field in ALL_SECTIONS:
             raise UserError(f"--set {item}: '{field}' is a section; set one of its keys, e.g. {field}.<key>=...")
-    elif len(parts) == 2 and parts[0] in SECTIONS:
-        model, field = Recipe.model_fields[parts[0]].annotation, parts[1]
+    elif len(parts) == 2 and parts[0] in ALL_SECTIONS:
+        model, field = section_model(parts[0]), parts[1]
     else:
-        raise UserError(f"--set {item}: unknown key '{key}'; keys look like section.key with a section in {', '.join(SECTIONS)}")
+        raise UserError(f"--set {item}: unknown key '{key}'; keys look like section.key with a section in {', '.join(ALL_SECTIONS)}")
     if field not in model.model_fields:  # type: ignore[union-attr]
         close = difflib.get_close_matches(field, list(model.model_fields), n=2, cutoff=0.6)  # type: ignore[union-attr]
         hint = f"; did you mean {' or '.join(repr('.'.join(parts[:-1] + [c])) for c in close)}?" if close else ""
@@ -432,8 +459,9 @@ def recipe_to_toml(recipe: Recipe) -> str:
     doc: dict[str, Any] = {"name": data["name"]}
     if data.get("description"):
         doc["description"] = data["description"]
-    for section in SECTIONS:
-        doc[section] = {key: value for key, value in data[section].items() if value is not None}
+    for section in ALL_SECTIONS:
+        if data[section] is not None:  # an optional section the recipe does not have stays out
+            doc[section] = {key: value for key, value in data[section].items() if value is not None}
     return tomli_w.dumps(doc)
 
 
@@ -453,7 +481,11 @@ def recipe_diff(old: Recipe, new: Recipe) -> list[str]:
     for key in ("name", "description"):
         if a[key] != b[key]:
             changes.append(f"{key}: {a[key]!r} -> {b[key]!r}")
-    for section in SECTIONS:
+    for section in ALL_SECTIONS:
+        if a[section] is None or b[section] is None:  # an optional section added or removed
+            if a[section] != b[section]:
+                changes.append(f"[{section}]: {a[section]!r} -> {b[section]!r}")
+            continue
         for key in a[section]:
             if a[section][key] != b[section][key]:
                 changes.append(f"[{section}] {key}: {a[section][key]!r} -> {b[section][key]!r}")

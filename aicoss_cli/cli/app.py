@@ -17,6 +17,7 @@ from rich.markup import escape
 from aicoss_cli.base.console import err, is_main_process
 from aicoss_cli.base.errors import TrainingStopped, UserError
 from aicoss_cli.cli import data as cli_data
+from aicoss_cli.cli import distill as cli_distill
 from aicoss_cli.cli import export as cli_export
 from aicoss_cli.cli import infer as cli_infer
 from aicoss_cli.cli import models as cli_models
@@ -74,6 +75,7 @@ _flags_take_no_value()
 
 COMMANDS = [
     ("train", cli_train.train),
+    ("distill", cli_distill.distill),
     ("validate", cli_train.validate),
     ("recipes", cli_train.recipes),
     ("tune", cli_tune.tune),

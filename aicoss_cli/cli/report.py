@@ -43,6 +43,11 @@ def report(
     _print_class_ap(result)
     if result.ensembles:
         _print_ensembles(result)
+    if result.distilled:
+        from aicoss_cli.cli.distill import print_teachers
+
+        for run, record in result.distilled:
+            print_teachers(run, record)
     for text in result.notes:
         note(text)
     for path in result.pictures.values():

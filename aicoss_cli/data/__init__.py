@@ -15,6 +15,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "splits": ["SEED_SPLIT", "split_fingerprint", "split_from_record", "split_indices", "split_record",
                "training_rows"],
     "submission": ["ScoreTable", "read_labels_csv", "read_probabilities_csv", "write_scores_csv"],
-    "tables": ["LabeledTable", "TestTable", "read_test", "read_train"],
+    "tables": ["LabeledTable", "TestTable", "read_image_list", "read_test", "read_train"],
     "transforms": ["Cutout", "build_train_transform"],
 })

@@ -226,6 +226,17 @@ def read_test(root: str | Path, classes: Sequence[str] | None = None) -> TestTab
     return TestTable(root=root, ids=sub_ids, paths=[by_id[i] for i in sub_ids], classes=sub_classes)
 
 
+def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:
+    """(ids, absolute paths) of an img_id,img_path CSV of images without labels (as test.csv is laid
+    out); img_path values are relative to the CSV's folder and must stay inside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image list not found; give a CSV with the columns img_id,img_path")
+    frame = _read_csv(path, "image list")
+    _check_columns(frame, path, ID_COLUMNS)
+    return _check_ids(frame, path), _resolve_paths(frame, path.parent, path)
+
+
 # --------------------------------------------------------------------------- image checks
 
 

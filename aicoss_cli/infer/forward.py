@@ -174,6 +174,6 @@ def combine(probs: torch.Tensor, weights: Sequence[float] | np.ndarray | None = 
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not 0 < float(w.sum()) < float("inf"):
         raise ValueError(f"member weights must be finite, ≥ 0 and have a positive finite sum (got {w.tolist()})")
     w = w / w.sum()
-    return torch.einsum("m,mnk->nk", w, probs.double()).float()
+    return torch.einsum("m,mnk->nk", w.to(probs.device), probs.double()).float()
 
 

@@ -11,6 +11,8 @@ and the one definition of an epoch's score and of the best epoch.
         submission.csv           the kept checkpoint's test probabilities
         train_state.safetensors  everything `--resume` needs
         run.json                 the run's summary (speed, device, status), for `aicoss report`
+        distill.json             a distilled run's teachers: files, weights, val mAP and img/s
+        distill_cache.safetensors  the teachers' probabilities ([distill] mode = "cached")
         curves.png, prior.csv, mlflow_run.json, .aicoss.lock
 
 This module imports neither torch nor anything of aicoss above `base`.
@@ -33,6 +35,8 @@ STATE_FILE = "train_state.safetensors"
 RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
 PRIOR_FILE = "prior.csv"
+DISTILL_FILE = "distill.json"  # results.distillation
+DISTILL_CACHE_FILE = "distill_cache.safetensors"
 MLFLOW_RUN_FILE = "mlflow_run.json"  # the MLflow run id of this run folder, so a resumed run continues it
 LOCK_FILE = ".aicoss.lock"
 # what a fork (`--resume RUN --out DIR`) copies into its new folder before it continues
@@ -44,6 +48,7 @@ EMA_COLUMN = "val_map_ema"
 
 RUN_FORMAT = "aicoss-run/1"  # run.json
 ENSEMBLE_FORMAT = "aicoss-ensemble-result/1"  # the JSON `aicoss ensemble` writes beside its CSV
+DISTILL_FORMAT = "aicoss-distill/1"  # distill.json
 
 
 def is_run_dir(folder: str | Path) -> bool:

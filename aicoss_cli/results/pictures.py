@@ -19,6 +19,7 @@ import numpy as np
 
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import atomic_path
+from aicoss_cli.results.distillation import DistillRecord
 from aicoss_cli.results.ensembles import EnsembleResult
 from aicoss_cli.results.layout import EMA_COLUMN
 from aicoss_cli.results.runs import N_WEAKEST, ClassAP, Run, load_run
@@ -155,12 +156,15 @@ def draw_per_class_ap(runs: Sequence[Run], aps: Sequence[ClassAP], out_png: str 
     return _save(fig, out_png)
 
 
-def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_png: str | Path) -> Path:
+def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_png: str | Path,
+                  distilled: Sequence[tuple[Run, DistillRecord]] = ()) -> Path:
     """ensemble_tradeoff.png: val mAP against total training time and against inference img/s, for
-    single runs (●) and ensembles (★), with the Pareto front of each panel."""
+    single runs (●) and ensembles (★), with the Pareto front of each panel; a distilled run's
+    teachers (each member ●, their weighted mean ★) in its colour on the speed panel."""
     fig = _figure(14, 5.6)
     axes = fig.subplots(1, 2)
     points_time, points_speed = tradeoff_points(runs, ensembles)
+    points_speed += teacher_points(distilled, runs)
     panels = ((axes[0], points_time, "total training time [s]", "val mAP against training cost", "lower"),
               (axes[1], points_speed, "inference speed [img/s]", "val mAP against inference speed", "higher"))
     for ax, points, xlabel, title, better in panels:
@@ -210,6 +214,22 @@ def tradeoff_points(runs: Sequence[Run], ensembles: Sequence[EnsembleResult]) ->
             by_time.append({**point, "x": ens.train_seconds})
         by_speed.append({**point, "x": ens.img_per_s})
     return by_time, by_speed
+
+
+def teacher_points(distilled: Sequence[tuple[Run, DistillRecord]], runs: Sequence[Run]) -> list[dict]:
+    """(img/s, val mAP) of each distilled run's teacher members and of the teacher, as its
+    distill.json measured them on the run's val split, in the colour of the run."""
+    points = []
+    for run, record in distilled:
+        color = f"C{runs.index(run) % 10}"
+        for m in record.members:
+            if m.val_map is not None:
+                points.append({"kind": "run", "label": f"teacher {Path(m.path).stem}", "y": m.val_map,
+                               "x": m.img_per_s, "color": color})
+        if record.val_map is not None:
+            points.append({"kind": "ensemble", "label": f"teachers of {run.label} ({len(record.members)} members)",
+                           "y": record.val_map, "x": record.img_per_s, "color": color})
+    return points
 
 
 def pareto_front(points: Sequence[dict], lower_x_is_better: bool) -> list[dict]:

@@ -5,14 +5,15 @@ replaced. This module does not import torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
+from aicoss_cli.results.distillation import DistillRecord, gain_recovered, load_distill_record
 from aicoss_cli.results.ensembles import EnsembleResult, load_ensemble
-from aicoss_cli.results.layout import METRICS_FILE, VAL_SCORES_FILE
+from aicoss_cli.results.layout import DISTILL_FILE, METRICS_FILE, VAL_SCORES_FILE
 from aicoss_cli.results.pictures import draw_curves, draw_per_class_ap, draw_tradeoff, is_report_picture
 from aicoss_cli.results.runs import ClassAP, Run, class_ap, load_run, weakest
 
@@ -33,6 +34,7 @@ class Report:
     ensembles: list[EnsembleResult]
     pictures: dict[str, Path]
     notes: list[str]
+    distilled: list[tuple[Run, DistillRecord]] = field(default_factory=list)  # runs with a distill.json
 
 
 def default_out(run_dirs: Sequence[Path]) -> Path:
@@ -64,6 +66,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
             raise UserError("name at least one run folder (runs/<recipe name>/<timestamp>), or an --ensemble "
                             "result whose members' run folders exist")
     runs = [load_run(r) for r in dict.fromkeys(Path(r) for r in run_dirs)]
+    distilled = [(run, load_distill_record(run.run_dir / DISTILL_FILE)) for run in runs
+                 if (run.run_dir / DISTILL_FILE).is_file()]
     if data is not None and not Path(data).is_dir():
         raise UserError(f"{data}: --data folder not found")
     class_aps: list[ClassAP | None] = []
@@ -101,8 +105,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     if with_ap:
         pictures["per_class_ap"] = draw_per_class_ap([r for r, _ in with_ap], [a for _, a in with_ap],
                                                      targets["per_class_ap"])
-    pictures["ensemble_tradeoff"] = draw_tradeoff(runs, results, targets["ensemble_tradeoff"])
-    return Report(runs=runs, class_aps=class_aps, ensembles=results, pictures=pictures, notes=notes)
+    pictures["ensemble_tradeoff"] = draw_tradeoff(runs, results, targets["ensemble_tradeoff"], distilled)
+    return Report(runs=runs, class_aps=class_aps, ensembles=results, pictures=pictures, notes=notes,
+                  distilled=distilled)
 
 
 def report_json(report: Report) -> dict[str, Any]:
@@ -128,7 +133,14 @@ def report_json(report: Report) -> dict[str, Any]:
                      "val_map": m.val_map, "run_dir": None if m.run_dir is None else str(m.run_dir),
                      "train_seconds": m.train_seconds} for m in e.members],
     } for e in report.ensembles]
-    data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles,
+    distilled = []
+    for run, record in report.distilled:
+        best = record.best_member
+        distilled.append({"run_dir": str(run.run_dir), "teachers": record.to_json(),
+                          "student": {"val_map": run.best_val_map, "img_per_s": run.eval_img_per_s},
+                          "gain_recovered": gain_recovered(best.val_map if best else None, record.val_map,
+                                                           run.best_val_map)})
+    data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles, "distilled": distilled,
             "pictures": {k: str(v) for k, v in report.pictures.items()}, "notes": report.notes}
     return json_ready(data)
 

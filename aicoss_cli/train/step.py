@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from aicoss_cli.base.runtime import Runtime
+
+if TYPE_CHECKING:
+    from aicoss_cli.train.distill import TeacherTargets
 
 
 def learning_rate(optim, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -62,13 +66,15 @@ class TrainStep:
     clip_grad_norm: float | None = None
     distributed: bool = False
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, loss) of one micro-batch, both detached, after its backward pass."""
+    def backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool,
+                 teacher: TeacherTargets | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) of one micro-batch, both detached, after its backward pass; with a `teacher`
+        the loss is the distillation loss (`distill.distill_loss`) around the recipe's."""
         no_sync = self.distributed and not last_micro
         with (self.model.no_sync() if no_sync else contextlib.nullcontext()):
             with self.rt.autocast():
                 logits = self.model(x)
-            loss = self.loss_fn(logits.float(), y)
+            loss = self.loss_fn(logits.float(), y) if teacher is None else teacher.loss(self.loss_fn, logits.float(), y)
             self.scaler.scale(loss * self.micro_scale).backward()
         return logits.detach(), loss.detach()
 

@@ -61,7 +61,7 @@ def recipe_params(recipe) -> dict[str, bool | int | float | str]:
     data = recipe.model_dump()
     flat: dict[str, Any] = {"name": data.pop("name"), "description": data.pop("description")}
     for section, values in data.items():
-        for key, value in values.items():
+        for key, value in (values or {}).items():  # an optional section the recipe lacks is None
             if value is not None:
                 flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
     return flat

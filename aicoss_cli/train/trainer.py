@@ -7,7 +7,7 @@ Set-up lives in `_setup_*` methods that return what they build; the loop prints 
 progress. The pieces it is built from live in their own modules: the data checks in `prepare`,
 the optimizer step, schedule and EMA in `step`, the batches in `data.samplers`, what an epoch
 keeps in `keep` (its file names and the best epoch in `results.layout`), the run folder and its
-stops in `run_dir`, the resumable state in `state`, the live summary and curves in `watch`.
+stops in `run_dir`, the resumable state in `state`, the live summary and curves in `watch`, a teacher in `distill`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from aicoss_cli.recipe import Recipe, recipe_to_toml
 from aicoss_cli.results import layout
 from aicoss_cli.results.layout import PRIOR_FILE, RECIPE_FILE, STATE_FILE, SUBMISSION_FILE
 from aicoss_cli.train import keep
+from aicoss_cli.train.distill import Distillation, build_distillation, distill_meta, train_items
 from aicoss_cli.train.prepare import PreparedData, prepare_data
 from aicoss_cli.train.prior import PriorTracker, write_prior_csv
 from aicoss_cli.train.run_dir import (
@@ -112,6 +113,7 @@ class Trainer:
       (the step is skipped on the device; the loop notices at its next sync, at most a second later,
       and before anything is saved).
     - `callbacks`: see `Callback` (tracking, live pictures, tuners).
+    - Distillation (a recipe's `[distill]` table): the loss also learns an ensemble's outputs (`distill`).
 
     Limits: the loop reads the running loss from the device about once a second (the progress
     display updates its loss then); resuming on another number of processes keeps the data order
@@ -180,6 +182,8 @@ class Trainer:
         self.data = self._setup_data()
         self.classes = self.data.table.classes
         self.val_targets = self.data.table.labels[self.data.val_rows]
+        self.eval_batch = r.runtime.eval_batch_size or self.micro_batch
+        self.distill = self._setup_distill()
         self.raw_model, self.model = self._setup_model(pretrained=r.model.pretrained if state is None else False)
         self.loss_fn, self.prior = self._setup_loss()
         self.optimizer, self.scaler = build_optimizer(self.raw_model, r.optim, self.rt)
@@ -194,8 +198,8 @@ class Trainer:
             self.prior.apply(self.loss_fn)
         transform = build_train_transform(r.augment.policy, r.augment.magnitude, r.augment.num_ops,
                                           r.augment.cutout_factor)
-        self.train_set = ImageDataset(self.data.table.paths, self.data.table.labels, r.model.img_size, transform)
-        self.eval_batch = r.runtime.eval_batch_size or self.micro_batch
+        paths, labels, self.train_rows = train_items(self.data, self.distill)
+        self.train_set = ImageDataset(paths, labels, r.model.img_size, transform)
         # DDP averages gradients over ranks and accumulation sums them: scale so that one optimizer step
         # follows the gradient of the recipe's loss on the whole global batch
         micro_scale = self.info.world if self.loss_fn.reduction == "sum" else 1.0 / r.optim.grad_accumulation
@@ -255,6 +259,11 @@ class Trainer:
                                          self.rt.device, self.notes)
         return loss_fn, prior
 
+    def _setup_distill(self) -> Distillation | None:
+        """The teacher of a recipe with a [distill] table, every check first; None without one."""
+        return build_distillation(self.recipe, self.data, self.eval_rt, self.eval_batch, self.resume, self.notes,
+                                  self.console if self.info.main else None)
+
     def _restore(self, state) -> None:
         self.progress = restore(state, self.raw_model, self.optimizer, self.scaler, self.ema, self.info, self.notes)
         if self.progress.prior is not None and self.prior is not None:
@@ -266,6 +275,8 @@ class Trainer:
         if self.info.main:
             self.lock = RunLock(run_dir).acquire()
             write_text_atomic(run_dir / RECIPE_FILE, recipe_to_toml(self.recipe))
+            if self.distill is not None:
+                self.distill.write(run_dir)
         return run_dir
 
     # -- one epoch
@@ -273,7 +284,7 @@ class Trainer:
     def _train_epoch(self, bar, stop: StopFlag) -> None:
         r, info, rt, p = self.recipe, self.info, self.rt, self.progress
         epoch, start_step = p.epoch, p.step
-        sampler = TrainBatches(self.data.train_rows, r.optim.batch_size, r.optim.grad_accumulation, info.rank,
+        sampler = TrainBatches(self.train_rows, r.optim.batch_size, r.optim.grad_accumulation, info.rank,
                                info.world, r.runtime.seed, epoch, start_step=start_step,
                                augment=r.augment.policy != "none")
         loader = make_loader(self.train_set, sampler, rt.workers, rt.pin,
@@ -292,12 +303,12 @@ class Trainer:
         seen, bad = 0, ""
         boundary = self._boundary(loss_sum, loss_count, base_seconds)
         self.model.train()
-        for images, targets, _, errors in loader:
+        for images, targets, index, errors in loader:
             bad = bad or next((e for e in errors if e), "")
-            x = normalize(images.to(rt.device, non_blocking=rt.pin))
-            y = targets.to(rt.device, non_blocking=rt.pin)
+            batch = images.to(rt.device, non_blocking=rt.pin)
+            x, y = normalize(batch), targets.to(rt.device, non_blocking=rt.pin)
             last_micro = micro == accumulation - 1
-            logits, detached = self.step.backward(x, y, last_micro)
+            logits, detached = self.step.backward(x, y, last_micro, self.distill and self.distill.targets(batch, index))
             step_finite &= torch.isfinite(detached)
             loss_sum += detached.double() / len(images) if self.loss_fn.reduction == "sum" else detached.double()
             loss_count += 1
@@ -427,7 +438,7 @@ class Trainer:
         meta = CheckpointMeta(arch=r.model.arch, img_size=r.model.img_size, classes=self.classes,
                               recipe_toml=recipe_to_toml(r), epoch=row["epoch"], val_map=layout.score(row),
                               split=self.data.split, prior=used_prior,
-                              extra={"weights": "ema" if layout.uses_ema(row) else "raw"})
+                              extra={"weights": "ema" if layout.uses_ema(row) else "raw", **distill_meta(self.distill)})
         self.val_probs = torch.sigmoid(logits).numpy()
         val_ids = [self.data.table.ids[i] for i in self.data.val_rows]
         best = keep.keep_epoch(self.run_dir, r, p, weights, meta, val_ids, self.val_probs, ema=self.ema is not None)

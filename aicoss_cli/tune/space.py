@@ -24,13 +24,14 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aicoss_cli.base.errors import UserError
-from aicoss_cli.recipe import SECTIONS, Recipe, read_toml, resolve_recipe, validate_recipe
+from aicoss_cli.recipe import OPTIONAL_SECTIONS, SECTIONS, Recipe, read_toml, resolve_recipe, validate_recipe
 
 # keys a search may not change: they name the run or define the val split every trial is scored on
 
 FIXED_KEYS = {"name": "it names the runs", "description": "it describes the recipe",
               "optim.epochs": "use --epochs"}
 FIXED_SECTIONS = {"data": "it defines the val split every trial is scored on"}
+NOT_SEARCHED = "the teachers and the distillation weight stay as the recipe sets them"  # OPTIONAL_SECTIONS
 
 
 Value = bool | int | float | str
@@ -182,6 +183,8 @@ def _parse_space(path: Path, recipes: TrialRecipes) -> Space:
     settings = _settings(src, raw.pop("tune", {}))
     entries: dict[str, Any] = {}
     for section, table in raw.items():
+        if section in OPTIONAL_SECTIONS:
+            raise UserError(f"{src}: [{section}] cannot be searched ({NOT_SEARCHED})")
         if section not in SECTIONS:
             if section in FIXED_KEYS:
                 _check_key(src, section)
