@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aicoss_cli.base.console import err, is_main_process, out
+from aicoss_cli.base.errors import UserError
 
 
 def distill(
@@ -39,11 +40,13 @@ def distill(
     """
     from aicoss_cli.cli.train import _launch_torchrun, _print_epochs
     from aicoss_cli.recipe import find_recipe, load_recipe, resolve_recipe
-    from aicoss_cli.train.distill import with_teachers
+    from aicoss_cli.train.distill import distill_overrides
 
     path = find_recipe(recipe)
-    loaded = with_teachers(load_recipe(path, overrides or []), teachers or [], weight, mode, unlabeled,
-                           source=str(path))
+    loaded = load_recipe(path, [*(overrides or []), *distill_overrides(teachers or [], weight, mode, unlabeled)])
+    if loaded.distill is None:
+        raise UserError(f"{path}: no teacher; give --teacher PATH (a checkpoint, a run folder or an ENSEMBLE.toml), "
+                        "or [distill] teachers in the recipe")
     resolved = resolve_recipe(loaded, data_root=data)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)
@@ -75,7 +78,8 @@ def print_teachers(run, record) -> None:
     for m in record.members:
         table.add_row(escape(m.path), escape(m.arch), str(m.img_size), f"{m.weight:.3f}", _num(m.val_map),
                       f"{m.img_per_s:.1f}")
-    table.add_row(f"teacher: the {len(record.members)} members' weighted mean", "", "", "", _num(record.val_map),
+    n = len(record.members)
+    table.add_row(f"teacher: weighted mean of {n} member{'s' * (n != 1)}", "", "", "", _num(record.val_map),
                   f"{record.img_per_s:.1f}", style="bold")
     table.add_row(f"student ({record.mode}, weight {record.weight:g}"
                   f"{f', {record.n_unlabeled} unlabeled images' if record.n_unlabeled else ''})",

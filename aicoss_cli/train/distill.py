@@ -258,21 +258,13 @@ def distill_meta(distill: Distillation | None) -> dict[str, str]:
     return {} if distill is None else distill.record.checkpoint_meta()
 
 
-def with_teachers(recipe, teachers: Sequence[str | Path] = (), weight: float | None = None, mode: str | None = None,
-                  unlabeled: Sequence[str] | None = None, source: str = "aicoss distill"):
-    """`recipe` (as loaded, before `resolve_recipe`) with its [distill] table set by `aicoss distill`'s
-    options: each one given replaces the recipe's value; teachers are required somewhere."""
-    from aicoss_cli.recipe import validate_recipe
-
+def distill_overrides(teachers: Sequence[str | Path] = (), weight: float | None = None, mode: str | None = None,
+                      unlabeled: Sequence[str] | None = None) -> list[str]:
+    """`aicoss distill`'s options as `--set` items of the [distill] table: each one given replaces
+    the recipe's value (TOML values: JSON strings and lists of them are TOML too)."""
     given = {"teachers": [str(t) for t in teachers] or None, "weight": weight, "mode": mode,
              "unlabeled": None if unlabeled is None else list(unlabeled)}
-    raw = recipe.model_dump()
-    table = {**(raw.get("distill") or {}), **{k: v for k, v in given.items() if v is not None}}
-    if not table.get("teachers"):
-        raise UserError(f"{source}: no teacher; give --teacher PATH (a checkpoint, a run folder or an ENSEMBLE.toml), "
-                        "or [distill] teachers in the recipe")
-    raw["distill"] = table
-    return validate_recipe(raw, source)
+    return [f"distill.{key}={json.dumps(value, ensure_ascii=False)}" for key, value in given.items() if value is not None]
 
 
 def build_distillation(recipe, data: PreparedData, rt: Runtime, batch_size: int, resume: Resume | None,

@@ -33,7 +33,7 @@ def test_distill_trains_a_student_that_records_its_teachers(run_cli, demo_root, 
                      teachers[1], "--mode", mode, "--unlabeled", "test", "--weight", "0.8", "--out", tmp_path / "runs")
     assert result.code == 0, result.stderr
     run = only_run_dir(tmp_path / "runs")
-    assert "teacher: the 2 members' weighted mean" in result.stdout
+    assert "teacher: weighted mean of 2 members" in result.stdout
     meta = json.loads(read_meta(run / "best.safetensors").extra["distill"])
     assert meta["teachers"] == [{"file": t.name, "sha256": sha256(t), "weight": 0.5} for t in teachers]
     record = json.loads((run / "distill.json").read_text())
@@ -59,7 +59,7 @@ def test_report_shows_a_distilled_run_beside_its_teachers(run_cli, demo_root, wr
     assert entry["student"]["val_map"] == pytest.approx(json.loads((run / "run.json").read_text())["best_val_map"], abs=1e-6)
     assert (tmp_path / "report" / "ensemble_tradeoff.png").is_file()
     table = run_cli("report", run, "--out", tmp_path / "report")
-    assert "t1.safetensors" in table.stdout and "teacher: the 2 members' weighted mean" in table.stdout
+    assert "t1.safetensors" in table.stdout and "teacher: weighted mean of 2 members" in table.stdout
 
 
 def test_teachers_from_a_run_folder_and_a_spec(run_cli, demo_root, write_recipe, teachers, tmp_path):
