@@ -1,8 +1,9 @@
 """Recipes: one TOML file = one model row. Pydantic models are the format's documentation.
 
 A recipe has the sections `[model] [loss] [optim] [augment] [data] [runtime]`, and optionally
-`[distill]` (train against an ensemble's outputs, `train.distill`); every key is checked (unknown keys, types, ranges) before any compute is spent, and errors name the file,
-the key, the value and what was expected. The [loss] parameters come from the loss registry's
+`[distill]` (learn an ensemble's outputs too, `train.distill`); every key is checked (unknown
+keys, types, ranges) before any compute is spent, and errors name the file, the key, the value
+and what was expected. The [loss] parameters come from the loss registry's
 parameter models (`aicoss_cli.losses`), so importing this module imports torch.
 """
 

@@ -18,7 +18,9 @@ see exactly the clean images, so the targets are the same at a fraction of the c
 
     python bench/photo_data.py data/photos --n-train 1500 --n-test 500
     python bench/distill.py --data data/photos
-    python bench/distill.py --data data/digits --weights 0.9
+    python bench/distill.py --data data/digits
+    python bench/distill.py --data data/photos --member-runs runs/starter_member/* --seeds 41 --weights "" \
+        --student-set augment.policy=weak                 # online teachers on the augmented batch
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ def test_map(submission: Path, root: Path) -> float | None:
     return score_files(submission, labels)["map"] if labels.is_file() else None
 
 
+def finished_member(run_dir: Path) -> tuple[int, dict]:
+    """(seed, row) of a member run trained before (--member-runs)."""
+    from aicoss_cli.recipe import recipe_from_toml
+    from aicoss_cli.results.runs import load_run
+
+    run = load_run(run_dir)
+    recipe = recipe_from_toml((run_dir / "recipe.toml").read_text(encoding="utf-8"), str(run_dir))
+    return recipe.runtime.seed, {"run_dir": str(run_dir), "val_map": run.best_val_map, "seconds": run.train_seconds,
+                                 "test_map": test_map(run_dir / "submission.csv", Path(recipe.data.root))}
+
+
 def kept(row: dict) -> Path:
     from aicoss_cli.results.layout import kept_file, run_keep
 
@@ -76,6 +89,9 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "starter.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every run")
     parser.add_argument("--member-seeds", type=csv_ints, default=[41, 7, 1])
+    parser.add_argument("--member-runs", type=Path, nargs="+", help="members trained before (instead of training)")
+    parser.add_argument("--student-set", action="append", default=[],
+                        help="override for the students and their labels-only twins (then trained, not the members)")
     parser.add_argument("--seeds", type=csv_ints, default=[41, 7], help="student seeds")
     parser.add_argument("--weight", type=float, default=0.9, help="the students' weight")
     parser.add_argument("--weights", type=csv_floats, default=[0.5, 1.0], help="other weights, (a) at the first seed")
@@ -93,12 +109,15 @@ def main() -> None:
     from aicoss_cli.results.distillation import gain_recovered
     from aicoss_cli.train.distill import distill_overrides
 
-    base = recipe_for(args, "probe", args.member_seeds[0])
+    base = recipe_for(args, "probe", args.seeds[0], args.student_set)
     mode = args.mode or ("cached" if base.augment.policy == "none" else "online")
     stem = base.name if base.name != "probe" else args.recipe.stem
     with scratch_folder("aicoss-bench-distill-") as scratch:
         out = args.out or scratch
-        members = {s: train(recipe_for(args, f"{stem}_member", s), out, say) for s in args.member_seeds}
+        if args.member_runs:
+            members = dict(finished_member(run) for run in args.member_runs)
+        else:
+            members = {s: train(recipe_for(args, f"{stem}_member", s), out, say) for s in args.member_seeds}
         best_seed = max(members, key=lambda s: members[s]["val_map"])
         ens = run_ensemble([kept(m) for m in members.values()], data=args.data, out=scratch / "ensemble.csv",
                            batch_size=args.batch_size, overwrite=True)
@@ -106,12 +125,13 @@ def main() -> None:
         teachers = [m["run_dir"] for m in members.values()]
         rows = []
         for i, seed in enumerate(args.seeds):
-            twin = members.get(seed) or train(recipe_for(args, f"{stem}_labels", seed), out, say)
+            twin = (None if args.student_set else members.get(seed)) or train(
+                recipe_for(args, f"{stem}_labels", seed, args.student_set), out, say)
             rows.append({"model": "labels only", "seed": seed, "weight": None, **twin})
             variants = [("(a) train split", w, None) for w in ([args.weight] + (args.weights if i == 0 else []))]
             variants.insert(1, ("(b) + test unlabeled", args.weight, ["test"]))
             for label, weight, unlabeled in variants:
-                extra = distill_overrides(teachers, weight, mode, unlabeled)
+                extra = [*args.student_set, *distill_overrides(teachers, weight, mode, unlabeled)]
                 tag = f"{stem}_distill_{'b' if unlabeled else 'a'}_w{weight:g}"
                 rows.append({"model": label, "seed": seed, "weight": weight,
                              **train(recipe_for(args, tag, seed, extra), out, say)})
@@ -127,9 +147,10 @@ def main() -> None:
     for r in [*members.values(), *rows]:
         r["val_gain"] = gain_recovered(best["val_map"], ensemble["val_map"], r["val_map"])
         r["test_gain"] = gain_recovered(best["test_map"], ensemble["test_map"], r["test_map"])
-    setting = {"data": str(args.data), "recipe": str(args.recipe), "overrides": args.overrides, "mode": mode,
+    setting = {"data": str(args.data), "recipe": str(args.recipe), "overrides": args.overrides,
+               "student_overrides": args.student_set, "mode": mode,
                "epochs": base.optim.epochs, "img_size": base.model.img_size, "arch": base.model.arch,
-               "member_seeds": args.member_seeds, "best_member_seed": best_seed, "threads": torch.get_num_threads(),
+               "member_seeds": list(members), "best_member_seed": best_seed, "threads": torch.get_num_threads(),
                "cpu": _cpu(), "load_avg": os.getloadavg()}
     report = {"setting": setting, "members": members, "ensemble": ensemble, "rows": rows, "img_per_s": speeds,
               "ratios": {"student / ensemble img/s": speeds["student"] / speeds["ensemble"]}}
@@ -173,7 +194,7 @@ def print_table(report, members, best_seed, ensemble, rows, speeds) -> None:
           f"one student {speeds['student']:.0f} ({speeds['student'] / speeds['ensemble']:.1f}x)")
     load = ", ".join(f"{v:.1f}" for v in s["load_avg"])
     print(f"{s['cpu']}; torch threads {s['threads']}; load average at the end {load}; overrides: "
-          f"{s['overrides'] or 'none'}")
+          f"{s['overrides'] or 'none'}; student overrides: {s['student_overrides'] or 'none'}")
 
 
 def _cpu() -> str:

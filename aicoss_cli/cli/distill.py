@@ -32,9 +32,10 @@ def distill(
 ) -> None:
     """Distil an ensemble of teachers into one model trained by RECIPE.
 
-    The student's loss is weight × BCE against the teachers' probabilities (their weighted mean, as
-    `aicoss ensemble` computes it) + (1 − weight) × the recipe's loss on the labels; online, the
-    teachers see every augmented batch the student sees. Resume a distilled run with `aicoss train --resume RUN_DIR` (its recipe.toml holds the teachers).
+    The loss: weight × BCE against the teacher's probabilities + (1 − weight) × the recipe's loss on the labels.
+    The teacher is the weighted mean of the members' probabilities, as `aicoss ensemble` computes it.
+    Online (default), the teachers see every augmented batch the student sees; cached, their outputs on the clean images.
+    Resume with `aicoss train --resume RUN_DIR`: the run's recipe.toml holds the teachers.
 
     Example: [bold]aicoss distill recipes/starter.toml --teacher runs/starter/A --teacher runs/starter/B --data data/own[/]
     """

@@ -21,7 +21,7 @@ from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import atomic_path
 from aicoss_cli.results.distillation import DistillRecord
 from aicoss_cli.results.ensembles import EnsembleResult
-from aicoss_cli.results.layout import EMA_COLUMN
+from aicoss_cli.results.layout import EMA_COLUMN, KEEP_FILES
 from aicoss_cli.results.runs import N_WEAKEST, ClassAP, Run, load_run
 
 PNG_KEY = "aicoss-report"  # a PNG text chunk: a picture that holds it may be redrawn, any other file is left alone
@@ -224,12 +224,19 @@ def teacher_points(distilled: Sequence[tuple[Run, DistillRecord]], runs: Sequenc
         color = f"C{runs.index(run) % 10}"
         for m in record.members:
             if m.val_map is not None:
-                points.append({"kind": "run", "label": f"teacher {Path(m.path).stem}", "y": m.val_map,
+                points.append({"kind": "run", "label": f"teacher {_member_label(m.path)}", "y": m.val_map,
                                "x": m.img_per_s, "color": color})
         if record.val_map is not None:
             points.append({"kind": "ensemble", "label": f"teachers of {run.label} ({len(record.members)} members)",
                            "y": record.val_map, "x": record.img_per_s, "color": color})
     return points
+
+
+def _member_label(path: str) -> str:
+    """A member's checkpoint as a legend names it: "<recipe name> <timestamp>" for a run folder's
+    kept checkpoint (as runs are labelled), else the file name."""
+    p = Path(path)
+    return f"{p.parent.parent.name} {p.parent.name}" if p.name in KEEP_FILES.values() else p.name
 
 
 def pareto_front(points: Sequence[dict], lower_x_is_better: bool) -> list[dict]:

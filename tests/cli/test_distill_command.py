@@ -63,15 +63,17 @@ def test_report_shows_a_distilled_run_beside_its_teachers(run_cli, demo_root, wr
 
 
 def test_teachers_from_a_run_folder_and_a_spec(run_cli, demo_root, write_recipe, teachers, tmp_path):
-    """A run folder teaches with its kept checkpoint; a spec with its weights (normalised)."""
+    """A run folder teaches with its kept checkpoint; a spec with its weights (normalised); --set
+    reaches the [distill] table that the options make."""
     assert run_cli("train", write_recipe(demo_root), "--out", tmp_path / "members").code == 0
     member_run = only_run_dir(tmp_path / "members")
     spec = tmp_path / "spec.toml"
     spec.write_text('[[member]]\npath = "t1.safetensors"\nweight = 3\n[[member]]\npath = "t2.safetensors"\n')
-    result = run_cli("distill", write_recipe(demo_root), "--teacher", member_run, "--teacher", spec, "--weight", "1",
+    result = run_cli("distill", write_recipe(demo_root), "--teacher", member_run, "--teacher", spec, "--set", "distill.weight=1",
                      "--out", tmp_path / "runs")
     assert result.code == 0, result.stderr
     record = json.loads((only_run_dir(tmp_path / "runs") / "distill.json").read_text())
+    assert record["weight"] == 1.0
     assert [Path(m["path"]).name for m in record["members"]] == ["best.safetensors", "t1.safetensors",
                                                                  "t2.safetensors"]
     assert [m["weight"] for m in record["members"]] == pytest.approx([0.2, 0.6, 0.2])

@@ -263,3 +263,15 @@ def test_tune_never_searches_the_distill_table(demo_root, write_recipe, tmp_path
     with pytest.raises(UserError) as info:
         load_space(space, TrialRecipes(write_recipe(demo_root)))
     assert "[distill] cannot be searched" in str(info.value)
+
+
+def test_aicoss_distill_options_reach_the_table_as_set_items_whatever_the_path(tmp_path):
+    from aicoss_cli.recipe import load_recipe
+    from aicoss_cli.train.distill import distill_overrides
+
+    path = tmp_path / "r.toml"
+    path.write_text('name = "s"\n[model]\narch = "tiny_convnet"\n[distill]\nteachers = ["old"]\nweight = 0.3\n')
+    odd = ['runs/a "quoted" é/1', "b\\c.safetensors"]
+    recipe = load_recipe(path, distill_overrides(odd, None, "cached", ["test", "x,y.csv"]))
+    assert recipe.distill.teachers == odd and recipe.distill.weight == 0.3
+    assert recipe.distill.mode == "cached" and recipe.distill.unlabeled == ["test", "x,y.csv"]
