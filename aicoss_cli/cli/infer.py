@@ -1,4 +1,4 @@
-"""The `predict`, `ensemble` and `benchmark-fp16` commands: parse, call `aicoss_cli.ensemble`, print.
+"""The `predict`, `ensemble` and `benchmark-fp16` commands: parse, call the `infer` job, print.
 
 Plain functions with annotated parameters, registered on the app by `cli.app`. Nothing heavy is
 imported at module level (torch is imported by the jobs), so `aicoss --help` stays instant.
@@ -128,7 +128,7 @@ def _print_labels(th, labels_path, thresholds_path) -> None:
 
 
 def ensemble(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Member checkpoints (default: best.safetensors of every run under --runs).", show_default=False)] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Member checkpoints (default: the kept checkpoint of every run under --runs, best.safetensors unless its recipe keeps the last).", show_default=False)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="ENSEMBLE.toml: `data = DIR` (optional) and \\[\\[member]] tables with path, weight, tta (paths relative to the spec's folder).")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Half precision: fp16 on CUDA, bf16 on the CPU.")] = False,
     weights: Annotated[Optional[Literal["equal", "auto"]], typer.Option("--weights", help="auto: fit non-negative weights on val, report the gain on a held-out half. Default: the spec's weights, else equal.", show_default=False)] = None,

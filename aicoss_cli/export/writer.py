@@ -1,5 +1,6 @@
 """Take a model out of aicoss: ONNX and TorchScript files verified against PyTorch as they are
-written, the backbone in timm's naming, and ONNX Runtime inference (`OnnxModel`).
+written, and the backbone in timm's naming (`timm_weights`). An exported ONNX file runs in ONNX
+Runtime through `infer.onnx_model.OnnxModel`, wherever a checkpoint is taken.
 
 Every exported model takes `images`, float32 N×3×S×S, RGB resized to S×S (bilinear) and normalised
 as training did ((pixel / 255 − ImageNet mean) / std), and returns `probabilities`, the sigmoid of
