@@ -314,7 +314,7 @@ def test_photo_data_keeps_test_crops_off_the_training_pixels_and_the_starter_rec
 def test_the_readme_space_example_is_accepted(demo_root, tmp_path):
     from aicoss_cli.tune.space import TrialRecipes, load_space
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "tune.md").read_text()
     block = readme.split("**`--space SPACE.toml`**", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
     space = tmp_path / "space.toml"
     space.write_text(block)
@@ -360,10 +360,10 @@ def test_a_diverged_trial_counts_as_pruned_and_a_full_disk_stops_the_study(run_c
 
 @pytest.mark.slow
 def test_the_readme_python_api_example_runs(demo_root, tmp_path, monkeypatch, capsys):
-    """The README's Python API block as a user would paste it, on the tests' small data, with one
+    """The docs' Python API block as a user would paste it, on the tests' small data, with one
     epoch and two trials."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    readme = (ROOT / "docs" / "python-api.md").read_text()
+    block = readme.split("# Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     shorter = {'"data/demo"': repr(str(demo_root)), "trials=20": "trials=2", "epochs=3)": "epochs=1)",
                '["optim.epochs=3"]': '["optim.epochs=1", "optim.warmup_epochs=0"]'}
     for old, new in shorter.items():
@@ -371,7 +371,7 @@ def test_the_readme_python_api_example_runs(demo_root, tmp_path, monkeypatch, ca
         block = block.replace(old, new)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    exec(compile(block, "README.md (Python API)", "exec"), {})
+    exec(compile(block, "docs/python-api.md", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].endswith(str(Path("runs/tune/starter-demo/best.toml")))
     assert (tmp_path / "val.csv").is_file() and (tmp_path / "val_labels.csv").is_file()
