@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,38 @@ device = "cpu"
 num_workers = 0
 """
 
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def cli_exit_code(*args: str | Path) -> int:
+    """Run `aicoss ARGS...` through its real entry point in this process; its exit code."""
+    from aicoss_cli.cli.app import main
+
+    saved = sys.argv
+    sys.argv = ["aicoss", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def cli_in_process(*args: str | Path) -> CliResult:
+    """`cli_exit_code` with stdout and stderr captured, for session fixtures (capsys is per test)."""
+    import contextlib
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli_exit_code(*args)
+    return CliResult(code, stdout.getvalue(), stderr.getvalue())
 
 
 def only_run_dir(out: Path) -> Path:

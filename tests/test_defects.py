@@ -329,15 +329,6 @@ def test_demo_data_says_it_reused_an_existing_set(run_cli, tmp_path):
 # --------------------------------------------------------------------------- 19, 28, 29: data the checks missed
 
 
-@pytest.fixture
-def data_copy(demo_root, tmp_path) -> Path:
-    import shutil
-
-    root = tmp_path / "data"
-    shutil.copytree(demo_root, root)
-    return root
-
-
 def data_error(root: Path, what: str = "train") -> str:
     from aicoss_cli.base.errors import UserError
     from aicoss_cli.data.images import check_images
@@ -433,13 +424,6 @@ def edit_metadata(path: Path, **changes: str | None) -> Path:
     return path
 
 
-@pytest.fixture
-def checkpoint_file(demo_root, tmp_path) -> Path:
-    from helpers import save_random_checkpoint
-
-    return save_random_checkpoint(tmp_path / "edited.safetensors", demo_root)
-
-
 SPLIT = ('{{"kind": {kind}, "val_fraction": {fraction}, "split_seed": {seed}, "n_rows": 240, "n_val": 48, '
          '"val_fingerprint": "x"}}')
 
@@ -458,30 +442,30 @@ SPLIT = ('{{"kind": {kind}, "val_fraction": {fraction}, "split_seed": {seed}, "n
     ("split", SPLIT.format(kind='"random"', fraction='"a"', seed=78), "val_fraction"),
     ("prior", "[0.1, 0.2]", "10 values"), ("prior", "[" + ", ".join(["NaN"] * 10) + "]", "[0, 1]"),
 ])
-def test_checkpoint_metadata_is_range_checked(checkpoint_file, key, value, expected):
+def test_checkpoint_metadata_is_range_checked(random_checkpoint, key, value, expected):
     from aicoss_cli.base.errors import UserError
     from aicoss_cli.models.checkpoint import read_meta
 
-    edit_metadata(checkpoint_file, **{key: value})
+    edit_metadata(random_checkpoint, **{key: value})
     with pytest.raises(UserError) as info:
-        read_meta(checkpoint_file)
+        read_meta(random_checkpoint)
     message = str(info.value)
-    assert message.startswith(f"{checkpoint_file}: ") and key in message and expected in message, message
+    assert message.startswith(f"{random_checkpoint}: ") and key in message and expected in message, message
     assert "\n" not in message
 
 
-def test_an_edited_image_size_is_refused_before_any_allocation(run_cli, checkpoint_file, demo_root, tmp_path):
-    edit_metadata(checkpoint_file, img_size="100000")
-    result = run_cli("predict", checkpoint_file, "--data", demo_root, "--out", tmp_path / "p.csv")
-    assert_one_line_error(result, str(checkpoint_file), "img_size", "100000")
+def test_an_edited_image_size_is_refused_before_any_allocation(run_cli, random_checkpoint, demo_root, tmp_path):
+    edit_metadata(random_checkpoint, img_size="100000")
+    result = run_cli("predict", random_checkpoint, "--data", demo_root, "--out", tmp_path / "p.csv")
+    assert_one_line_error(result, str(random_checkpoint), "img_size", "100000")
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_a_checkpoint_without_a_val_map_or_with_nan_reads_as_unknown(checkpoint_file):
+def test_a_checkpoint_without_a_val_map_or_with_nan_reads_as_unknown(random_checkpoint):
     from aicoss_cli.models.checkpoint import CheckpointMeta, read_meta
 
-    assert read_meta(edit_metadata(checkpoint_file, val_map="")).val_map is None
-    assert read_meta(edit_metadata(checkpoint_file, val_map="nan")).val_map is None  # as older runs wrote it
+    assert read_meta(edit_metadata(random_checkpoint, val_map="")).val_map is None
+    assert read_meta(edit_metadata(random_checkpoint, val_map="nan")).val_map is None  # as older runs wrote it
     assert CheckpointMeta("tiny_convnet", 32, ["a"], val_map=float("nan")).to_strings()["val_map"] == ""
 
 

@@ -9,28 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY_RECIPE, assert_one_line_error, only_run_dir, read_csv
+from helpers import assert_one_line_error, read_csv
 
 
-@pytest.fixture(scope="module")
-def trained(demo_root, tmp_path_factory) -> Path:
-    """best.safetensors of a short real run (thresholds need a model better than chance)."""
-    import sys
-
-    from aicoss_cli.cli.app import main
-
-    base = tmp_path_factory.mktemp("labels")
-    recipe = base / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=3, policy="none", root=demo_root))
-    saved = sys.argv
-    sys.argv = ["aicoss", "train", str(recipe), "--out", str(base / "runs")]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code
-    finally:
-        sys.argv = saved
-    return only_run_dir(base / "runs") / "best.safetensors"
+@pytest.fixture
+def trained(two_runs) -> Path:
+    """best.safetensors of a short real run (thresholds need a model better than chance); read-only."""
+    return two_runs[0] / "best.safetensors"
 
 
 def _rows(path: Path) -> list[list[str]]:

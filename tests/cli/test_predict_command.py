@@ -19,19 +19,6 @@ from aicoss_cli.models.checkpoint import save_checkpoint
 
 from helpers import assert_one_line_error, leftovers, pil_pixels, read_csv, save_random_checkpoint
 
-
-@pytest.fixture
-def data_copy(demo_root, tmp_path) -> Path:
-    root = tmp_path / "data"
-    shutil.copytree(demo_root, root)
-    return root
-
-
-@pytest.fixture
-def checkpoint(demo_root, tmp_path) -> Path:
-    return save_random_checkpoint(tmp_path / "ckpt" / "model.safetensors", demo_root)
-
-
 # --------------------------------------------------------------------------- decoding
 
 
@@ -107,12 +94,12 @@ def _cpu():
     return make_runtime("cpu", "fp32", 0)
 
 
-def test_forward_gives_the_model_outputs_on_pil_pixels(demo_root, checkpoint):
+def test_forward_gives_the_model_outputs_on_pil_pixels(demo_root, random_checkpoint):
     """The one forward loop (validation, submission, predict, ensemble) equals the model applied, by
     hand, to PIL's pixels normalised with ImageNet statistics in float64."""
     from aicoss_cli.infer.forward import forward
 
-    member = _member(checkpoint)
+    member = _member(random_checkpoint)
     paths = read_test(demo_root).paths
     mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
@@ -127,12 +114,12 @@ def test_forward_gives_the_model_outputs_on_pil_pixels(demo_root, checkpoint):
     torch.testing.assert_close(probs[0], torch.sigmoid(expected), rtol=0, atol=1e-6)
 
 
-def test_tta_flips_average_the_sigmoid_of_each_flipped_view(demo_root, checkpoint):
+def test_tta_flips_average_the_sigmoid_of_each_flipped_view(demo_root, random_checkpoint):
     from aicoss_cli.data.loading import ImageBatches, normalize
     from aicoss_cli.infer.forward import forward
 
     paths = read_test(demo_root).paths[:20]
-    plain, flips = _member(checkpoint), _member(checkpoint, tta="flips")
+    plain, flips = _member(random_checkpoint), _member(random_checkpoint, tta="flips")
     images = next(iter(ImageBatches(paths, [32], 20)))[0]
     x = normalize(images)
     with torch.inference_mode():
@@ -191,9 +178,9 @@ def test_held_out_gain_fits_on_one_half_and_scores_on_the_other():
 # --------------------------------------------------------------------------- aicoss predict
 
 
-def test_predict_writes_the_sample_submission_layout(run_cli, demo_root, checkpoint, tmp_path):
+def test_predict_writes_the_sample_submission_layout(run_cli, demo_root, random_checkpoint, tmp_path):
     out = tmp_path / "pred" / "sub.csv"
-    result = run_cli("predict", checkpoint, "--out", out)
+    result = run_cli("predict", random_checkpoint, "--out", out)
     assert result.code == 0, result.stderr
     header, ids, probs = read_csv(out)
     sample_header, sample_ids, _ = read_csv(demo_root / "sample_submission.csv")
@@ -202,10 +189,10 @@ def test_predict_writes_the_sample_submission_layout(run_cli, demo_root, checkpo
     assert "submission:" in result.stdout and "fp32" in result.stdout
 
 
-def test_predict_default_out_is_beside_the_checkpoint_and_data_comes_from_its_recipe(run_cli, checkpoint):
-    result = run_cli("predict", checkpoint)
+def test_predict_default_out_is_beside_the_checkpoint_and_data_comes_from_its_recipe(run_cli, random_checkpoint):
+    result = run_cli("predict", random_checkpoint)
     assert result.code == 0, result.stderr
-    assert (checkpoint.parent / "predictions_model_test.csv").is_file()
+    assert (random_checkpoint.parent / "predictions_model_test.csv").is_file()
 
 
 def test_predict_val_reports_the_map_of_its_own_probabilities(run_cli, demo_root, tmp_path):
@@ -252,7 +239,8 @@ def test_two_val_predictions_in_one_folder_keep_their_own_tables_and_nothing_is_
     assert (tmp_path / "a_per_class.csv").read_text() == b
 
 
-def test_tta_hflip_is_the_mean_of_the_two_views_predicted_independently(run_cli, demo_root, checkpoint, tmp_path):
+def test_tta_hflip_is_the_mean_of_the_two_views_predicted_independently(run_cli, demo_root, random_checkpoint,
+                                                                        tmp_path):
     flipped = tmp_path / "flipped"
     (flipped / "test").mkdir(parents=True)
     lines = (demo_root / "test.csv").read_text().splitlines()
@@ -266,18 +254,18 @@ def test_tta_hflip_is_the_mean_of_the_two_views_predicted_independently(run_cli,
     runs = {"plain": ("--tta", "none"), "mirror": ("--data", flipped), "tta": ("--tta", "hflip")}
     probs = {}
     for name, extra in runs.items():
-        result = run_cli("predict", checkpoint, "--out", tmp_path / f"{name}.csv", *extra)
+        result = run_cli("predict", random_checkpoint, "--out", tmp_path / f"{name}.csv", *extra)
         assert result.code == 0, result.stderr
         probs[name] = read_csv(tmp_path / f"{name}.csv")[2]
     np.testing.assert_allclose(probs["tta"], (probs["plain"] + probs["mirror"]) / 2, atol=1e-6)
     assert np.abs(probs["plain"] - probs["mirror"]).max() > 1e-4
 
 
-def test_predict_fp16_on_the_cpu_runs_bf16_and_says_so(run_cli, checkpoint, tmp_path):
-    result = run_cli("predict", checkpoint, "--precision", "fp16", "--out", tmp_path / "half.csv")
+def test_predict_fp16_on_the_cpu_runs_bf16_and_says_so(run_cli, random_checkpoint, tmp_path):
+    result = run_cli("predict", random_checkpoint, "--precision", "fp16", "--out", tmp_path / "half.csv")
     assert result.code == 0, result.stderr
     assert "bf16" in result.stdout and "fp16 needs CUDA" in result.stdout
-    assert run_cli("predict", checkpoint, "--out", tmp_path / "full.csv").code == 0
+    assert run_cli("predict", random_checkpoint, "--out", tmp_path / "full.csv").code == 0
     np.testing.assert_allclose(read_csv(tmp_path / "half.csv")[2], read_csv(tmp_path / "full.csv")[2], atol=0.05)
 
 
@@ -313,29 +301,30 @@ def _truncate(path: Path) -> Path:
     ids=["missing", "truncated", "submission-mismatch", "empty-test", "other-train-csv", "other-classes", "tta",
          "split"],
 )
-def test_bad_input_is_a_one_line_error_and_writes_nothing(run_cli, checkpoint, data_copy, tmp_path, damage, needle):
-    args, _ = damage(checkpoint, data_copy)
+def test_bad_input_is_a_one_line_error_and_writes_nothing(run_cli, random_checkpoint, data_copy, tmp_path, damage,
+                                                         needle):
+    args, _ = damage(random_checkpoint, data_copy)
     out = tmp_path / "out" / "sub.csv"
     result = run_cli(*args, "--out", out)
     assert_one_line_error(result, needle)
     assert not out.exists() and not leftovers(out.parent)
 
 
-def test_out_that_cannot_be_written_is_refused_before_any_work(run_cli, checkpoint, demo_root, tmp_path):
+def test_out_that_cannot_be_written_is_refused_before_any_work(run_cli, random_checkpoint, demo_root, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert_one_line_error(run_cli("predict", checkpoint, "--out", blocker / "sub.csv"), "cannot be written")
-    assert_one_line_error(run_cli("predict", checkpoint, "--out", tmp_path), "is a folder")
-    before = checkpoint.read_bytes()
-    assert_one_line_error(run_cli("predict", checkpoint, "--out", checkpoint), "is an input")
-    assert checkpoint.read_bytes() == before
+    assert_one_line_error(run_cli("predict", random_checkpoint, "--out", blocker / "sub.csv"), "cannot be written")
+    assert_one_line_error(run_cli("predict", random_checkpoint, "--out", tmp_path), "is a folder")
+    before = random_checkpoint.read_bytes()
+    assert_one_line_error(run_cli("predict", random_checkpoint, "--out", random_checkpoint), "is an input")
+    assert random_checkpoint.read_bytes() == before
     sample = demo_root / "sample_submission.csv"
     text = sample.read_text()
-    assert_one_line_error(run_cli("predict", checkpoint, "--out", sample), "is an input")
+    assert_one_line_error(run_cli("predict", random_checkpoint, "--out", sample), "is an input")
     assert sample.read_text() == text
 
 
-def test_a_write_that_fails_at_the_end_leaves_no_partial_csv(run_cli, checkpoint, tmp_path, monkeypatch):
+def test_a_write_that_fails_at_the_end_leaves_no_partial_csv(run_cli, random_checkpoint, tmp_path, monkeypatch):
     import pandas as pd
 
     def failing_to_csv(self, path, *args, **kwargs):
@@ -345,7 +334,7 @@ def test_a_write_that_fails_at_the_end_leaves_no_partial_csv(run_cli, checkpoint
     monkeypatch.setattr(pd.DataFrame, "to_csv", failing_to_csv)
     out = tmp_path / "o" / "sub.csv"
     out.parent.mkdir()
-    assert_one_line_error(run_cli("predict", checkpoint, "--out", out), "No space left on device")
+    assert_one_line_error(run_cli("predict", random_checkpoint, "--out", out), "No space left on device")
     assert not out.exists() and not leftovers(out.parent)
 
 
@@ -366,10 +355,10 @@ def test_members_load_without_random_init_and_compute_what_the_checkpoint_model_
         torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=0)
 
 
-def test_weights_that_do_not_fit_the_arch_are_a_one_line_error(run_cli, checkpoint, tmp_path):
+def test_weights_that_do_not_fit_the_arch_are_a_one_line_error(run_cli, random_checkpoint, tmp_path):
     from aicoss_cli.models.checkpoint import load_checkpoint
 
-    state, meta = load_checkpoint(checkpoint)
+    state, meta = load_checkpoint(random_checkpoint)
     state.pop(next(iter(state)))
     save_checkpoint(tmp_path / "broken.safetensors", state, meta)
     out = tmp_path / "sub.csv"
@@ -377,7 +366,7 @@ def test_weights_that_do_not_fit_the_arch_are_a_one_line_error(run_cli, checkpoi
     assert not out.exists()
 
 
-def test_temporaries_left_by_a_killed_writer_are_removed_on_the_next_write(run_cli, checkpoint, tmp_path):
+def test_temporaries_left_by_a_killed_writer_are_removed_on_the_next_write(run_cli, random_checkpoint, tmp_path):
     import os
     import subprocess
     import sys
@@ -390,5 +379,5 @@ def test_temporaries_left_by_a_killed_writer_are_removed_on_the_next_write(run_c
     other = tmp_path / f".other.csv.{gone.pid}-0bad.tmp"  # another file's: not ours to judge here
     for path in (stale, live, other):
         path.write_bytes(b"")
-    assert run_cli("predict", checkpoint, "--out", out).code == 0
+    assert run_cli("predict", random_checkpoint, "--out", out).code == 0
     assert not stale.exists() and live.exists() and other.exists()

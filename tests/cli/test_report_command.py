@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,52 +16,9 @@ from sklearn.metrics import average_precision_score
 
 from aicoss_cli.base.console import clock
 
-from helpers import TINY_RECIPE, assert_one_line_error
+from helpers import assert_one_line_error
 
 PICTURES = ("curves.png", "per_class_ap.png", "ensemble_tradeoff.png")
-
-
-def _cli(*args) -> tuple[int, str, str]:
-    """The real entry point in-process, for module-scoped fixtures (capsys is per test)."""
-    import contextlib
-    import io
-
-    from aicoss_cli.cli.app import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["aicoss", *map(str, args)])
-        code = 0
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 0
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
-@pytest.fixture(scope="module")
-def two_runs(demo_root, tmp_path_factory) -> list[Path]:
-    """Two finished 2-epoch runs of tiny_convnet that differ in lr (read-only for the tests)."""
-    base = tmp_path_factory.mktemp("report_runs")
-    recipe = base / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy="none", root=demo_root))
-    for lr in ("3e-3", "1e-2"):
-        code, _, stderr = _cli("train", recipe, "--out", base / "runs", "--set", f"optim.lr={lr}")
-        assert code == 0, stderr
-    runs = sorted(p for p in (base / "runs" / "tiny").iterdir() if p.is_dir())
-    assert len(runs) == 2
-    return runs
-
-
-@pytest.fixture
-def runs(two_runs, tmp_path) -> list[Path]:
-    """Copies of the two runs that a test may change."""
-    copies = []
-    for run in two_runs:
-        copies.append(tmp_path / "runs" / "tiny" / run.name)
-        shutil.copytree(run, copies[-1])
-    return copies
 
 
 def _metrics(run: Path) -> list[dict[str, float]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,6 @@ from aicoss_cli.data.samplers import TrainBatches, shard
 from aicoss_cli.data.splits import class_ratio_gap, split_indices
 from aicoss_cli.data.tables import read_test, read_train
 from aicoss_cli.data.transforms import Cutout, build_train_transform, sample_seed
-
-
-@pytest.fixture
-def data_copy(demo_root, tmp_path) -> Path:
-    """A private copy of the demo data that a test may damage."""
-    root = tmp_path / "data"
-    shutil.copytree(demo_root, root)
-    return root
 
 
 def error_of(fn, *args) -> str:
