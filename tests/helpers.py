@@ -182,3 +182,40 @@ def pil_pixels(path, size: int | None = None):
         array = np.asarray(img, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    """A CSV of a header and rows, written with the csv module."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def random_scores(seed: int, n: int = 80, k: int = 6, unannotated: float = 0.0):
+    """Scores to threshold: targets (with -1 where unannotated) and probabilities that carry some signal, rounded to
+    two decimals so there are ties at the thresholds."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, k)) < 0.3).astype(np.int8)
+    p = np.clip(0.35 * y + rng.random((n, k)) * 0.65, 0, 1).round(2)
+    if unannotated:
+        y[rng.random((n, k)) < unannotated] = -1
+    return y, p
+
+
+def assert_picture(path: Path) -> None:
+    """A whole PNG of at least 800×300 pixels (the report's pictures)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decodes the whole image
+        assert img.format == "PNG" and img.width >= 800 and img.height >= 300, (path, img.size)
+
+
+def tune_recipe(tmp_path: Path, root: Path, *, policy: str = "none", min_lr: float = 1e-4) -> Path:
+    """The tests' tiny recipe for tune (2 epochs) with a weight decay a log scale can hold, so trial 0 is the recipe."""
+    path = tmp_path / "tiny.toml"
+    text = TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy=policy, root=root)
+    path.write_text(text.replace("weight_decay = 0.0", "weight_decay = 1e-4").replace("min_lr = 1e-4",
+                                                                                      f"min_lr = {min_lr}"))
+    return path

@@ -97,20 +97,3 @@ def test_bad_labels_are_one_line_errors_before_any_output(run_cli, trained, tmp_
         out = tmp_path / "o.csv"
         assert_one_line_error(run_cli(*command, "--out", out, "--labels", spec), needle)
         assert not list(tmp_path.glob("o*"))
-
-
-def test_validate_and_split_json_is_json_only(run_cli, demo_root, write_recipe):
-    from aicoss_cli.data.splits import split_search
-    from aicoss_cli.data.tables import read_train
-
-    result = run_cli("validate", write_recipe(demo_root), "--data", demo_root, "--json")
-    assert result.code == 0, result.stderr
-    data = json.loads(result.stdout)
-    assert data["valid"] and data["resolved"]["model"]["arch"] == "tiny_convnet"
-    assert (data["data"]["train"], data["data"]["val"], data["data"]["test"]) == (192, 48, 40)
-    split = run_cli("split", demo_root, "--search", "20", "--top", "3", "--json")
-    assert split.code == 0, split.stderr
-    rows = json.loads(split.stdout)["rows"]
-    expected = split_search(read_train(demo_root).labels, 0.1, range(20))[:3]
-    assert [r["split_seed"] for r in rows] == [e["split_seed"] for e in expected]
-    assert rows[0]["mean"] == pytest.approx(expected[0]["mean"])

@@ -1,4 +1,5 @@
-"""The inference core and `aicoss predict`: exact pixels, the batch loop, TTA, weights, outputs and bad input."""
+"""`aicoss predict` through the real CLI: the submission layout, the val tables, TTA, precision, outputs and bad
+input."""
 
 from __future__ import annotations
 
@@ -8,174 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from aicoss_cli.base.errors import UserError
 from aicoss_cli.data.splits import split_indices
-from aicoss_cli.data.tables import read_test, read_train
+from aicoss_cli.data.tables import read_train
 from aicoss_cli.evaluation.metrics import average_precision_per_class, mean_average_precision
 from aicoss_cli.models.checkpoint import save_checkpoint
 
-from helpers import assert_one_line_error, leftovers, pil_pixels, read_csv, save_random_checkpoint
-
-# --------------------------------------------------------------------------- decoding
-
-
-def _image_files(tmp_path: Path) -> list[Path]:
-    """A large RGB JPEG (PIL decodes it at a reduced DCT scale), a grayscale JPEG, a PNG and a CMYK JPEG."""
-    rng = np.random.default_rng(0)
-    big = Image.fromarray(rng.integers(0, 255, (200, 260, 3), dtype=np.uint8)).filter(
-        __import__("PIL.ImageFilter", fromlist=["SMOOTH"]).SMOOTH)
-    paths = [tmp_path / "big.jpg", tmp_path / "gray.jpg", tmp_path / "small.png", tmp_path / "cmyk.jpg"]
-    big.save(paths[0], quality=85)
-    big.convert("L").resize((40, 30)).save(paths[1], quality=90)
-    big.resize((24, 24)).save(paths[2])
-    big.resize((40, 40)).convert("CMYK").save(paths[3], quality=90)
-    return paths
-
-
-def test_the_one_decoder_gives_pils_pixels_at_every_size_in_training_and_inference(demo_root, tmp_path):
-    from aicoss_cli.data import images
-    from aicoss_cli.data.loading import ImageDataset
-
-    paths = [Path(p) for p in read_test(demo_root).paths[:6]] + _image_files(tmp_path)
-    sizes = [16, 32, 48, 100]
-    for path in paths:
-        batches, error = images.decode_batch([str(path)], sizes)  # inference: one decode, every size
-        assert error == ""
-        for size, batch in zip(sizes, batches):
-            want = pil_pixels(str(path), size)
-            assert torch.equal(batch[0], want), (path.name, size)
-            assert torch.equal(ImageDataset([str(path)], None, size)[0][0], want), (path.name, size)  # training
-    # the fast decoder was used and agreed with PIL (without it, decoding costs about twice as much)
-    assert images.torchvision_jpeg() is not False and images._fast_jpeg_ok is True
-
-
-def test_batches_are_the_same_inline_from_a_thread_and_from_loader_processes(demo_root):
-    from aicoss_cli.data.loading import ImageBatches
-
-    paths = read_test(demo_root).paths[:23]
-    inline = list(ImageBatches(paths, [32, 40], batch_size=8))
-    assert [b[0].shape for b in inline] == [(8, 3, 32, 32), (8, 3, 32, 32), (7, 3, 32, 32)]
-    assert torch.equal(inline[2][1][6], pil_pixels(paths[22], 40))
-    for other in (ImageBatches(paths, [32, 40], batch_size=8, background=True),
-                  ImageBatches(paths, [32, 40], batch_size=8, workers=2)):
-        for a, b in zip(inline, other, strict=True):
-            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-@pytest.mark.parametrize("loader", [{}, {"background": True}, {"workers": 1}], ids=["inline", "thread", "process"])
-def test_an_unreadable_image_is_a_one_line_error_naming_it(demo_root, tmp_path, loader):
-    from aicoss_cli.data.loading import ImageBatches
-
-    paths = read_test(demo_root).paths[:5]
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(Path(paths[0]).read_bytes()[:300])  # truncated JPEG
-    with pytest.raises(UserError) as info:
-        list(ImageBatches([*paths, str(broken)], [32], batch_size=4, **loader))
-    assert "broken.jpg" in str(info.value) and "\n" not in str(info.value)
-
-
-# --------------------------------------------------------------------------- the forward pass
-
-
-def _member(checkpoint: Path, tta: str = "none"):
-    from aicoss_cli.infer.forward import Member
-    from aicoss_cli.models.checkpoint import model_from_checkpoint
-
-    model, meta = model_from_checkpoint(checkpoint)
-    return Member(path=str(checkpoint), model=model, img_size=meta.img_size, classes=meta.classes, tta=tta, meta=meta)
-
-
-def _cpu():
-    from aicoss_cli.base.runtime import make_runtime
-
-    return make_runtime("cpu", "fp32", 0)
-
-
-def test_forward_gives_the_model_outputs_on_pil_pixels(demo_root, random_checkpoint):
-    """The one forward loop (validation, submission, predict, ensemble) equals the model applied, by
-    hand, to PIL's pixels normalised with ImageNet statistics in float64."""
-    from aicoss_cli.infer.forward import forward
-
-    member = _member(random_checkpoint)
-    paths = read_test(demo_root).paths
-    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
-    pixels = torch.stack([pil_pixels(p, 32) for p in paths]).double()
-    x = ((pixels / 255.0 - mean) / std).float()
-    with torch.inference_mode():
-        expected = member.model(x)
-    logits = forward([member], paths, _cpu(), 16, logits=True)
-    probs = forward([member], paths, _cpu(), 16)
-    assert probs.shape == (1, len(paths), 10)
-    torch.testing.assert_close(logits[0], expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(probs[0], torch.sigmoid(expected), rtol=0, atol=1e-6)
-
-
-def test_tta_flips_average_the_sigmoid_of_each_flipped_view(demo_root, random_checkpoint):
-    from aicoss_cli.data.loading import ImageBatches, normalize
-    from aicoss_cli.infer.forward import forward
-
-    paths = read_test(demo_root).paths[:20]
-    plain, flips = _member(random_checkpoint), _member(random_checkpoint, tta="flips")
-    images = next(iter(ImageBatches(paths, [32], 20)))[0]
-    x = normalize(images)
-    with torch.inference_mode():
-        views = [torch.sigmoid(plain.model(torch.flip(x, d) if d else x)) for d in ((), (3,), (2,), (2, 3))]
-    got = forward([plain, flips], paths, _cpu(), 8)
-    torch.testing.assert_close(got[0], views[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(got[1], torch.stack(views).mean(0), rtol=0, atol=1e-6)
-    assert not torch.allclose(got[0], got[1])  # the flipped views differ: TTA changes something
-
-
-def test_combine_is_the_weighted_mean_of_members():
-    from aicoss_cli.infer.forward import combine
-
-    probs = torch.rand(3, 5, 4)
-    torch.testing.assert_close(combine(probs), probs.mean(0))
-    torch.testing.assert_close(combine(probs, [2, 0, 2]), (probs[0] + probs[2]) / 2)
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def _synthetic_members(seed: int = 0):
-    """Member 0 is informative, member 1 is noise, member 2 is informative but weaker."""
-    rng = np.random.default_rng(seed)
-    targets = (rng.random((400, 6)) < 0.3).astype(np.int8)
-    good = np.clip(targets * 0.3 + rng.random(targets.shape) * 0.7, 0, 1)
-    noise = rng.random(targets.shape)
-    weak = np.clip(targets * 0.1 + rng.random(targets.shape) * 0.9, 0, 1)
-    return np.stack([good, noise, weak]), targets
-
-
-def test_auto_weights_are_non_negative_sum_to_one_and_favour_the_informative_member():
-    from aicoss_cli.infer.ensemble import fit_weights
-
-    probs, targets = _synthetic_members()
-    w = fit_weights(probs, targets)
-    assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
-    assert w[0] > w[2] >= w[1]
-    fitted = mean_average_precision(targets, np.tensordot(w, probs, axes=1))
-    assert fitted >= mean_average_precision(targets, probs.mean(0))
-
-
-def test_held_out_gain_fits_on_one_half_and_scores_on_the_other():
-    from aicoss_cli.infer.ensemble import fit_weights, held_out_gain
-
-    probs, targets = _synthetic_members(1)
-    h = held_out_gain(probs, targets, seed=0)
-    assert (h.n_fit, h.n_score) == (200, 200)
-    order = np.random.default_rng(0).permutation(400)
-    fit, score = np.sort(order[:200]), np.sort(order[200:])
-    assert h.weights_fit == pytest.approx(list(fit_weights(probs[:, fit], targets[fit])))
-    assert h.equal_map == pytest.approx(mean_average_precision(targets[score], probs[:, score].mean(0)))
-    assert h.gain > 0  # dropping the noise member helps on unseen images too
-
-
-# --------------------------------------------------------------------------- aicoss predict
+from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
 
 
 def test_predict_writes_the_sample_submission_layout(run_cli, demo_root, random_checkpoint, tmp_path):
@@ -336,23 +177,6 @@ def test_a_write_that_fails_at_the_end_leaves_no_partial_csv(run_cli, random_che
     out.parent.mkdir()
     assert_one_line_error(run_cli("predict", random_checkpoint, "--out", out), "No space left on device")
     assert not out.exists() and not leftovers(out.parent)
-
-
-@pytest.mark.parametrize("arch, size", [("tiny_convnet", 32), ("resnet18_mldecoder", 32),
-                                        ("tf_efficientnet_lite0_mldecoder", 32)])
-def test_members_load_without_random_init_and_compute_what_the_checkpoint_model_computes(demo_root, tmp_path, arch,
-                                                                                         size):
-    """tf_efficientnet_lite0_mldecoder re-normalises its input with non-persistent buffers: built the normal way."""
-    from aicoss_cli.models.checkpoint import model_from_checkpoint
-
-    ckpt = save_random_checkpoint(tmp_path / f"{arch}.safetensors", demo_root, arch=arch, img_size=size, seed=4)
-    fast, meta = model_from_checkpoint(ckpt)
-    slow, _ = model_from_checkpoint(ckpt, skip_init=False)
-    assert meta.arch == arch and not fast.training
-    assert not any(t.is_meta for t in (*fast.parameters(), *fast.buffers()))
-    x = torch.randn(3, 3, size, size)
-    with torch.inference_mode():
-        torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=0)
 
 
 def test_weights_that_do_not_fit_the_arch_are_a_one_line_error(run_cli, random_checkpoint, tmp_path):
