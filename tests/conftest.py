@@ -57,6 +57,15 @@ def data_copy(demo_root, tmp_path) -> Path:
 
 
 @pytest.fixture
+def umask():
+    """`umask(value)` sets the process umask for one test; the old one is restored after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.fixture
 def write_recipe(tmp_path):
     """Write a tiny recipe (tiny_convnet by default) and return its path."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -218,4 +219,25 @@ def tune_recipe(tmp_path: Path, root: Path, *, policy: str = "none", min_lr: flo
     text = TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy=policy, root=root)
     path.write_text(text.replace("weight_decay = 0.0", "weight_decay = 1e-4").replace("min_lr = 1e-4",
                                                                                       f"min_lr = {min_lr}"))
+    return path
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits of a file or folder."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def edit_metadata(path: Path, **changes: str | None) -> Path:
+    """Rewrite a checkpoint's metadata (None removes a key), as a hand edit would."""
+    from safetensors.torch import load_file, save_file
+
+    from aicoss_cli.base.files import read_safetensors
+
+    meta = read_safetensors(path, tensors=False)[1]
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_file(load_file(str(path)), str(path), metadata=meta)
     return path

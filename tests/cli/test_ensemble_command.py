@@ -237,3 +237,45 @@ def _predict_val(run_cli, ckpt: Path, out: Path) -> Path:
     result = run_cli("predict", ckpt, "--split", "val", "--out", out)
     assert result.code == 0, result.stderr
     return out
+
+
+@pytest.fixture
+def two_members(demo_root, tmp_path) -> list[Path]:
+    from helpers import save_random_checkpoint
+
+    return [save_random_checkpoint(tmp_path / f"m{i}.safetensors", demo_root, seed=i) for i in range(2)]
+
+
+@pytest.mark.parametrize("weights, expected", [("inf", "finite"), ("nan", "finite"), ("1e308", "add up")])
+def test_spec_weights_must_be_finite_with_a_finite_sum(run_cli, two_members, tmp_path, weights, expected):
+    spec = tmp_path / "spec.toml"
+    spec.write_text("".join(f'[[member]]\npath = "{m.name}"\nweight = {weights}\n' for m in two_members))
+    result = run_cli("ensemble", "--spec", spec, "--out", tmp_path / "e.csv")
+    assert_one_line_error(result, "spec.toml", expected)
+    assert not (tmp_path / "e.csv").exists()
+
+
+def test_the_ensemble_says_when_equal_weights_lose_to_a_member(run_cli, two_members, tmp_path):
+    import json
+
+    result = run_cli("ensemble", *two_members, "--out", tmp_path / "e.csv", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    below = report["val_map"] < max(m["val_map"] for m in report["members"])
+    assert below == any("below its best member" in n for n in report["notes"]), report
+
+
+def test_auto_weights_on_a_val_split_too_small_to_fit_fall_back_to_equal(run_cli, demo_root, tmp_path):
+    import shutil
+
+    from helpers import save_random_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    lines = (data / "train.csv").read_text().splitlines()
+    (data / "train.csv").write_text("\n".join(lines[:11]) + "\n")  # 10 rows: a val split of 1 image
+    members = [save_random_checkpoint(tmp_path / f"m{i}.safetensors", data, seed=i, val_fraction=0.1) for i in range(2)]
+    result = run_cli("ensemble", *members, "--weights", "auto", "--out", tmp_path / "e.csv", "--data", data)
+    assert result.code == 0, result.stderr
+    assert "--weights auto falls back to equal weights" in result.stdout and "1 images" in result.stdout
+    assert (tmp_path / "e.csv").is_file()

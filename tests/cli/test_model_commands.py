@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import only_run_dir
+from helpers import assert_one_line_error, only_run_dir
 
 SEED_COUNTS_M = {  # the seed README's table, as printed
     "resnet50": "23.63", "resnet101": "42.62", "tresnetv2_l_mldecoder": "51.26", "tresnet_xl": "75.94",
@@ -152,3 +152,31 @@ def test_prior_with_a_wrong_class_set_is_a_clear_error(run_cli, demo_root_partia
 def test_a_prior_that_changes_nothing_is_said_plainly(run_cli, demo_root, write_recipe, tmp_path):
     result = run_cli("train", pasl_recipe(write_recipe, demo_root, "labels"), "--out", tmp_path)
     assert result.code == 0 and "changes nothing" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name, recipe_name", [("_weights", "weights"), ("modèle", "mod_le"), ("🚀", "imported"),
+                                               ("a b", "a_b")])
+def test_import_weights_takes_any_output_name(run_cli, demo_root, tmp_path, name, recipe_name):
+    import torch
+
+    from aicoss_cli.models import build_model
+    from aicoss_cli.models.checkpoint import read_meta
+    from aicoss_cli.recipe import recipe_from_toml
+
+    pt = tmp_path / "seed.pt"
+    torch.save(build_model("tiny_convnet", 10).state_dict(), pt)
+    out = tmp_path / f"{name}.safetensors"
+    result = run_cli("import-weights", pt, "--arch", "tiny_convnet", "--classes", demo_root / "train.csv", "--out", out,
+                     "--img-size", "32")
+    assert result.code == 0, result.stderr
+    assert recipe_from_toml(read_meta(out).recipe_toml, "stored").name == recipe_name
+
+
+def test_import_weights_image_size_is_range_checked_in_one_line(run_cli, demo_root, tmp_path):
+    from aicoss_cli.models.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
+
+    args = ["import-weights", tmp_path / "seed.pt", "--arch", "tiny_convnet", "--classes", demo_root / "train.csv",
+            "--out", tmp_path / "x.safetensors", "--img-size"]
+    assert_one_line_error(run_cli(*args, "5000"), "--img-size", f"less than or equal to {IMG_SIZE_MAX}")
+    assert_one_line_error(run_cli(*args, "8"), "--img-size", f"greater than or equal to {IMG_SIZE_MIN}")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -16,7 +16,7 @@ from aicoss_cli.data.tables import read_train
 from aicoss_cli.evaluation.metrics import average_precision_per_class, mean_average_precision
 from aicoss_cli.models.checkpoint import save_checkpoint
 
-from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
+from helpers import assert_one_line_error, edit_metadata, leftovers, read_csv, save_random_checkpoint
 
 
 def test_predict_writes_the_sample_submission_layout(run_cli, demo_root, random_checkpoint, tmp_path):
@@ -205,3 +205,26 @@ def test_temporaries_left_by_a_killed_writer_are_removed_on_the_next_write(run_c
         path.write_bytes(b"")
     assert run_cli("predict", random_checkpoint, "--out", out).code == 0
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_an_edited_image_size_is_refused_before_any_allocation(run_cli, random_checkpoint, demo_root, tmp_path):
+    edit_metadata(random_checkpoint, img_size="100000")
+    result = run_cli("predict", random_checkpoint, "--data", demo_root, "--out", tmp_path / "p.csv")
+    assert_one_line_error(result, str(random_checkpoint), "img_size", "100000")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_non_finite_probabilities_are_never_written(run_cli, demo_root, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from aicoss_cli.base.files import read_safetensors
+
+    from helpers import save_random_checkpoint
+
+    path = save_random_checkpoint(tmp_path / "nan.safetensors", demo_root)
+    tensors, meta = load_file(str(path)), read_safetensors(path, tensors=False)[1]
+    tensors = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=meta)
+    result = run_cli("predict", path, "--out", tmp_path / "p.csv")
+    assert_one_line_error(result, "p.csv", "not written", "not finite", "TEST_")
+    assert not (tmp_path / "p.csv").exists()

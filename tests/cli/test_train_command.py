@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, only_run_dir
+from helpers import ROOT, assert_one_line_error, only_run_dir
 
 RUN_FILES = {"recipe.toml", "metrics.csv", "best.safetensors", "last.safetensors", "train_state.safetensors",
              "val_scores.csv", "submission.csv"}
@@ -143,3 +143,23 @@ def test_each_bundled_recipe_validates_and_its_arch_builds(path):
     with torch.device("meta"):
         model = build_model(recipe.model.arch, 60, pretrained=False, img_size=recipe.model.img_size)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_train_finds_a_bundled_recipe_by_name(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("train", "demo", "--data", tmp_path / "nowhere")
+    assert_one_line_error(result, "nowhere", "data folder not found")  # the recipe itself was found
+    assert_one_line_error(run_cli("train", "no_such_recipe"), "no_such_recipe", "not found", "aicoss recipes")
+
+
+def test_an_image_above_the_pixel_limit_is_a_one_line_error(run_cli, data_copy, write_recipe, tmp_path, monkeypatch,
+                                                            recwarn):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150 * 150)  # PIL's limit, scaled down for the test
+    Image.new("L", (200, 200)).save(data_copy / "train" / "big.png")  # 40,000 pixels: a warning, not an error
+    path = data_copy / "train.csv"
+    path.write_text(path.read_text().replace("./train/TRAIN_00009.jpg", "./train/big.png"))
+    result = run_cli("train", write_recipe(data_copy), "--out", tmp_path / "runs")
+    assert_one_line_error(result, "train.csv", "big.png", "40000 pixels", "22500", "downscale")
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]

@@ -1,4 +1,5 @@
-"""The one decoder (`data.images`): PIL's pixels at every size, for training and inference."""
+"""The one decoder (`data.images`): PIL's pixels at every size, for training and inference, with
+torchvision's public JPEG decoder."""
 
 from __future__ import annotations
 
@@ -41,3 +42,33 @@ def test_the_one_decoder_gives_pils_pixels_at_every_size_in_training_and_inferen
             assert torch.equal(ImageDataset([str(path)], None, size)[0][0], want), (path.name, size)  # training
     # the fast decoder was used and agreed with PIL (without it, decoding costs about twice as much)
     assert images.torchvision_jpeg() is not False and images._fast_jpeg_ok is True
+
+
+def test_jpegs_are_decoded_by_the_public_torchvision_decoder_quietly(demo_root, monkeypatch):
+    import warnings
+
+    import torch
+    import torchvision.io
+
+    from aicoss_cli.data import images as inference
+    from aicoss_cli.data.tables import read_test
+
+    from helpers import pil_pixels
+
+    calls = []
+    public = torchvision.io.decode_jpeg
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return public(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
+    monkeypatch.setattr(inference, "_jpeg_decoder", None)
+    monkeypatch.setattr(inference, "_fast_jpeg_ok", None)
+    path = read_test(demo_root).paths[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        decoded = inference.decode_image(path, 32)
+    assert calls and inference._fast_jpeg_ok is True
+    assert torch.equal(decoded, pil_pixels(path, 32))
+    assert not [w for w in seen if issubclass(w.category, DeprecationWarning)]

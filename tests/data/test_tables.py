@@ -106,3 +106,66 @@ def test_test_csv_must_match_the_sample_submission(data_copy):
     edit_csv(data_copy / "test.csv", 2, 0, "SOMETHING_ELSE")
     message = error_of(read_test, data_copy, table.classes)
     assert "does not match sample_submission.csv" in message and "SOMETHING_ELSE" in message
+
+
+def data_error(root: Path, what: str = "train") -> str:
+    from aicoss_cli.base.errors import UserError
+    from aicoss_cli.data.images import check_images
+    from aicoss_cli.data.tables import read_test, read_train
+
+    with pytest.raises(UserError) as info:
+        if what == "train":
+            table = read_train(root)
+            check_images(table.paths, root / "train.csv")
+        else:
+            read_test(root)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", ["train.csv", "sample_submission.csv"])
+def test_a_duplicated_class_column_is_refused_by_name(data_copy, name):
+    path = data_copy / name
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace("digit_4", "digit_3")  # pandas would read it as digit_3.1
+    path.write_text("\n".join(lines) + "\n")
+    message = data_error(data_copy, "train" if name == "train.csv" else "test")
+    assert name in message and "'digit_3'" in message and "twice" in message, message
+
+
+def test_a_class_named_like_a_pandas_rename_is_fine(data_copy):
+    from aicoss_cli.data.tables import read_train
+
+    path = data_copy / "train.csv"
+    path.write_text(path.read_text().replace("digit_4", "digit_3.1", 1))
+    assert read_train(data_copy).classes[4] == "digit_3.1"
+
+
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_a_symlink_out_of_the_data_root_is_refused(data_copy, tmp_path, target):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    image = data_copy / "train" / "TRAIN_00004.jpg"
+    if target == "file":
+        (outside / "elsewhere.jpg").write_bytes(image.read_bytes())
+        image.unlink()
+        image.symlink_to(outside / "elsewhere.jpg")
+    else:
+        (data_copy / "train").rename(outside / "train")
+        (data_copy / "train").symlink_to(outside / "train")
+    message = data_error(data_copy)
+    first = ("row 6: img_path './train/TRAIN_00004.jpg'" if target == "file"
+             else "row 2: img_path './train/TRAIN_00000.jpg'")
+    assert "train.csv" in message and first in message, message
+    assert "outside the data root" in message and "link" in message, message
+
+
+def test_symlinks_inside_the_data_root_and_a_linked_root_are_fine(data_copy, tmp_path):
+    from aicoss_cli.data.tables import read_train
+
+    image = data_copy / "train" / "TRAIN_00004.jpg"
+    (data_copy / "store").mkdir()
+    image.rename(data_copy / "store" / "x.jpg")
+    image.symlink_to(data_copy / "store" / "x.jpg")
+    (tmp_path / "linked").symlink_to(data_copy)
+    assert len(read_train(tmp_path / "linked")) == 240

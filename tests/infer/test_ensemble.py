@@ -1,4 +1,5 @@
-"""Ensemble weights: the auto weights fitted on the val split and their held-out gain."""
+"""Ensemble weights: the auto weights fitted on the val split, their held-out gain, and the note when
+equal weights lose to a member."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def test_held_out_gain_fits_on_one_half_and_scores_on_the_other():
     assert h.weights_fit == pytest.approx(list(fit_weights(probs[:, fit], targets[fit])))
     assert h.equal_map == pytest.approx(mean_average_precision(targets[score], probs[:, score].mean(0)))
     assert h.gain > 0  # dropping the noise member helps on unseen images too
+
+
+def test_a_weak_ensemble_note_names_the_best_member():
+    from aicoss_cli.infer.ensemble import MemberReport, weaker_than_best
+
+    members = [MemberReport("a.safetensors", "x", 32, "none", 0.5, 0.61, None),
+               MemberReport("b.safetensors", "x", 32, "none", 0.5, 0.42, None)]
+    note = weaker_than_best("equal", 0.55, members)
+    assert "0.5500" in note and "a.safetensors (0.6100)" in note and "--weights auto" in note
+    assert weaker_than_best("spec", 0.55, members) is not None
+    assert weaker_than_best("equal", 0.61, members) is None and weaker_than_best("auto", 0.55, members) is None

@@ -1,4 +1,5 @@
-"""Checkpoints: round trip with metadata, loading without random init, clear errors on damaged files."""
+"""Checkpoints: round trip with metadata, range-checked metadata, loading without random init, clear errors on
+damaged files."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from aicoss_cli.models.checkpoint import (
     save_checkpoint,
 )
 
-from helpers import save_random_checkpoint
+from helpers import edit_metadata, save_random_checkpoint
 
 
 def meta(**kw) -> CheckpointMeta:
@@ -80,3 +81,41 @@ def test_members_load_without_random_init_and_compute_what_the_checkpoint_model_
     x = torch.randn(3, 3, size, size)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=0)
+
+
+SPLIT = ('{{"kind": {kind}, "val_fraction": {fraction}, "split_seed": {seed}, "n_rows": 240, "n_val": 48, '
+         '"val_fingerprint": "x"}}')
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("img_size", "100000", "16 and 4096"), ("img_size", "8", "16 and 4096"), ("img_size", "big", "16 and 4096"),
+    ("img_size", None, "has no"), ("arch", "", "architecture name"), ("arch", None, "has no"),
+    ("classes", "[]", "non-empty list"), ("classes", '["a", "a"]', "'a' twice"), ("classes", "[1, 2]", "strings"),
+    ("classes", '["a", ""]', "strings"), ("classes", "not json", "JSON"), ("classes", '{"a": 1}', "non-empty list"),
+    ("num_classes", "3", "10 classes"), ("epoch", "-1", "≥ 0"), ("epoch", "1.5", "≥ 0"),
+    ("val_map", "inf", "[0, 1]"), ("val_map", "2", "[0, 1]"), ("val_map", "high", "[0, 1]"),
+    ("split", "[]", "table"), ("split", "nope", "JSON"),
+    ("split", SPLIT.format(kind='"weird"', fraction=0.2, seed=78), "kind"),
+    ("split", SPLIT.format(kind='"random"', fraction=1.5, seed=78), "val_fraction"),
+    ("split", SPLIT.format(kind='"random"', fraction=0.2, seed=-3), "split_seed"),
+    ("split", SPLIT.format(kind='"random"', fraction='"a"', seed=78), "val_fraction"),
+    ("prior", "[0.1, 0.2]", "10 values"), ("prior", "[" + ", ".join(["NaN"] * 10) + "]", "[0, 1]"),
+])
+def test_checkpoint_metadata_is_range_checked(random_checkpoint, key, value, expected):
+    from aicoss_cli.base.errors import UserError
+    from aicoss_cli.models.checkpoint import read_meta
+
+    edit_metadata(random_checkpoint, **{key: value})
+    with pytest.raises(UserError) as info:
+        read_meta(random_checkpoint)
+    message = str(info.value)
+    assert message.startswith(f"{random_checkpoint}: ") and key in message and expected in message, message
+    assert "\n" not in message
+
+
+def test_a_checkpoint_without_a_val_map_or_with_nan_reads_as_unknown(random_checkpoint):
+    from aicoss_cli.models.checkpoint import CheckpointMeta, read_meta
+
+    assert read_meta(edit_metadata(random_checkpoint, val_map="")).val_map is None
+    assert read_meta(edit_metadata(random_checkpoint, val_map="nan")).val_map is None  # as older runs wrote it
+    assert CheckpointMeta("tiny_convnet", 32, ["a"], val_map=float("nan")).to_strings()["val_map"] == ""
