@@ -241,3 +241,22 @@ def edit_metadata(path: Path, **changes: str | None) -> Path:
             meta[key] = value
     save_file(load_file(str(path)), str(path), metadata=meta)
     return path
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    """Every row of a CSV, the header first, as the csv module reads them."""
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def read_metrics(run: str | Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as text."""
+    with open(Path(run) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def train_state_tensors(run: Path) -> dict:
+    """The tensors of a run's train_state.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "train_state.safetensors"))

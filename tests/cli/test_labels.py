@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_one_line_error, read_csv
+from helpers import assert_one_line_error, read_csv, read_rows
 
 
 @pytest.fixture
@@ -18,20 +18,15 @@ def trained(two_runs) -> Path:
     return two_runs[0] / "best.safetensors"
 
 
-def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
 def test_a_number_labels_every_class_at_that_threshold(run_cli, trained, demo_root, tmp_path):
     out = tmp_path / "sub.csv"
     result = run_cli("predict", trained, "--out", out, "--labels", "0.3")
     assert result.code == 0, result.stderr
     header, ids, probs = read_csv(out)
-    labels = _rows(tmp_path / "sub_labels.csv")
+    labels = read_rows(tmp_path / "sub_labels.csv")
     assert labels[0] == header and [r[0] for r in labels[1:]] == ids
     np.testing.assert_array_equal(np.array([[int(v) for v in r[1:]] for r in labels[1:]]), (probs >= 0.3).astype(int))
-    thresholds = _rows(tmp_path / "sub_thresholds.csv")
+    thresholds = read_rows(tmp_path / "sub_thresholds.csv")
     assert thresholds[0] == ["class", "threshold"] and [r[0] for r in thresholds[1:]] == header[1:]
     assert {float(r[1]) for r in thresholds[1:]} == {0.3}
 
@@ -44,12 +39,12 @@ def test_auto_labels_on_the_test_set_fit_on_val_and_report_the_held_out_gain(run
     assert result.code == 0, result.stderr
     assert "held out" in result.stdout and "gain" in result.stdout
     header, ids, probs = read_csv(out)
-    sample = _rows(demo_root / "sample_submission.csv")
-    labels = _rows(tmp_path / "sub_labels.csv")
+    sample = read_rows(demo_root / "sample_submission.csv")
+    labels = read_rows(tmp_path / "sub_labels.csv")
     assert labels[0] == sample[0] and [r[0] for r in labels[1:]] == [r[0] for r in sample[1:]]
     values = {v for r in labels[1:] for v in r[1:]}
     assert values <= {"0", "1"}
-    thresholds = {r[0]: float(r[1]) for r in _rows(tmp_path / "sub_thresholds.csv")[1:]}
+    thresholds = {r[0]: float(r[1]) for r in read_rows(tmp_path / "sub_thresholds.csv")[1:]}
     assert list(thresholds) == header[1:] and all(0 <= t <= 1 for t in thresholds.values())
     # the thresholds are those fit on the checkpoint's own val predictions
     val = tmp_path / "val.csv"
@@ -84,7 +79,7 @@ def test_ensemble_labels_are_the_combined_probabilities_at_the_thresholds(run_cl
     assert result.code == 0, result.stderr
     data = json.loads(result.stdout)
     _, ids, probs = read_csv(out)
-    labels = _rows(tmp_path / "ens_labels.csv")
+    labels = read_rows(tmp_path / "ens_labels.csv")
     np.testing.assert_array_equal(np.array([[int(v) for v in r[1:]] for r in labels[1:]]), (probs >= 0.4).astype(int))
     assert data["labels"]["labels_csv"] == str(tmp_path / "ens_labels.csv")
     assert len(data["per_class"]) == probs.shape[1] and (tmp_path / "ens_per_class.csv").is_file()

@@ -3,23 +3,16 @@ bundled recipes."""
 
 from __future__ import annotations
 
-import csv
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, assert_one_line_error, only_run_dir
+from helpers import ROOT, assert_one_line_error, only_run_dir, read_rows
 
 RUN_FILES = {"recipe.toml", "metrics.csv", "best.safetensors", "last.safetensors", "train_state.safetensors",
              "val_scores.csv", "submission.csv"}
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
 
 
 def test_one_epoch_writes_every_run_file(run_cli, demo_root, write_recipe, tmp_path):

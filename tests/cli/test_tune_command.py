@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna  # the tune extra, which `make install` installs
 import pytest
 
-from helpers import ROOT, assert_one_line_error, tune_recipe
+from helpers import ROOT, assert_one_line_error, read_metrics, tune_recipe
 
 LR_ONLY = """
 [optim.lr]
@@ -44,11 +44,6 @@ def read_trials(study_dir: Path) -> list[dict]:
     for r in rows:
         r["params"] = json.loads(r["params"])
     return rows
-
-
-def metrics(run_dir: str | Path) -> list[dict]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def run_folders(study_dir: Path) -> list[Path]:
@@ -84,7 +79,8 @@ def test_three_trials_are_run_folders_and_the_best_recipe_validates(run_cli, dem
             section, name = key.split(".")
             assert trained[section][name] == pytest.approx(value), key
         assert trained["optim"]["epochs"] == 1 and (Path(t["run_dir"]) / "submission.csv").is_file()
-        assert float(t["val_map"]) == pytest.approx(max(float(r["val_map"]) for r in metrics(t["run_dir"])), abs=1e-5)
+        best_map = max(float(r["val_map"]) for r in read_metrics(t["run_dir"]))
+        assert float(t["val_map"]) == pytest.approx(best_map, abs=1e-5)
     # trial 0 is the recipe as written
     assert trials[0]["params"] == {"optim.lr": 3e-3, "optim.weight_decay": 1e-4, "augment.policy": "weak",
                                    "augment.magnitude": 9, "augment.num_ops": 2, "augment.cutout_factor": 0.5}
@@ -116,8 +112,8 @@ def test_the_median_pruner_stops_trials_of_a_hopeless_space(run_cli, demo_root, 
     assert first["state"] == "complete" and first["params"] == {"optim.lr": 3e-3}
     assert second["state"] == "pruned" and second["params"]["optim.lr"] < 1e-8
     # stopped after its first epoch, below trial 0's first epoch, and still a normal run folder
-    assert len(metrics(second["run_dir"])) == 1 and (Path(second["run_dir"]) / "submission.csv").is_file()
-    assert float(second["val_map"]) < float(metrics(first["run_dir"])[0]["val_map"])
+    assert len(read_metrics(second["run_dir"])) == 1 and (Path(second["run_dir"]) / "submission.csv").is_file()
+    assert float(second["val_map"]) < float(read_metrics(first["run_dir"])[0]["val_map"])
     assert "pruned after epoch 1" in result.stderr and "pruned" in result.stdout
     assert tomllib.loads((out / "s" / "best.toml").read_text())["optim"]["lr"] == 3e-3
 
