@@ -1,26 +1,18 @@
-"""Training end to end through the real CLI: the run folder, its files, and bad input."""
+"""Training end to end through the real CLI: the run folder, its files, and bad input; validate and the
+bundled recipes."""
 
 from __future__ import annotations
 
-import csv
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from helpers import only_run_dir
+from helpers import ROOT, assert_one_line_error, only_run_dir, read_rows
 
 RUN_FILES = {"recipe.toml", "metrics.csv", "best.safetensors", "last.safetensors", "train_state.safetensors",
              "val_scores.csv", "submission.csv"}
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
 
 
 def test_one_epoch_writes_every_run_file(run_cli, demo_root, write_recipe, tmp_path):
@@ -115,46 +107,6 @@ def test_data_option_overrides_the_recipe_root(run_cli, demo_root, write_recipe,
     assert run_cli("validate", recipe, "--data", tmp_path / "not-here").code == 2
 
 
-def test_demo_data_command_is_deterministic_and_never_overwrites(run_cli, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run_cli("demo-data", a, "--n-train", "30", "--n-test", "5", "--size", "32").code == 0
-    assert run_cli("demo-data", b, "--n-train", "30", "--n-test", "5", "--size", "32").code == 0
-    for name in ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv", "train/TRAIN_00017.jpg"):
-        assert (a / name).read_bytes() == (b / name).read_bytes()
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "keep.txt").write_text("mine")
-    result = run_cli("demo-data", other)
-    assert result.code == 2 and "not this demo set" in result.stderr
-    assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
-
-
-def test_split_search_lists_the_most_balanced_seeds_first(run_cli, demo_root):
-    result = run_cli("split", demo_root, "--search", "20", "--top", "5")
-    assert result.code == 0, result.stderr
-    from aicoss_cli.data.splits import split_search
-    from aicoss_cli.data.tables import read_train
-
-    best = split_search(read_train(demo_root).labels, 0.1, range(20))[0]
-    assert f"--set data.split_seed={best['split_seed']}" in result.stdout
-
-
-def test_help_does_not_import_torch():
-    code = "import sys; from aicoss_cli.cli import app; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
-    out = subprocess.run([sys.executable, "-m", "aicoss_cli", "--help"], capture_output=True, text=True, check=True)
-    assert "train" in out.stdout and "demo-data" in out.stdout
-
-
-def test_command_list_shows_each_summary_as_flowing_text():
-    env = dict(os.environ, COLUMNS="250")
-    out = subprocess.run([sys.executable, "-m", "aicoss_cli", "--help"], capture_output=True, text=True,
-                         check=True, env=env).stdout
-    # docstrings break lines at 100 columns; a 250-column terminal must not show those breaks
-    assert "the gap between the train and val positive rate of every class" in out
-    assert "row order of sample_submission.csv, or (--split val)" in out
-
-
 def test_submission_is_what_predict_writes_for_the_best_checkpoint(run_cli, demo_root, write_recipe, tmp_path):
     """Training's test pass and `aicoss predict` run the same forward loop: the same file, byte for byte."""
     assert run_cli("train", write_recipe(demo_root, epochs=2), "--out", tmp_path / "runs").code == 0
@@ -165,3 +117,42 @@ def test_submission_is_what_predict_writes_for_the_best_checkpoint(run_cli, demo
     val = run_cli("predict", run / "best.safetensors", "--split", "val", "--out", tmp_path / "val.csv")
     assert val.code == 0, val.stderr
     assert (tmp_path / "val.csv").read_bytes() == (run / "val_scores.csv").read_bytes()
+
+
+def test_recipes_lists_every_bundled_recipe(run_cli):
+    result = run_cli("recipes")
+    assert result.code == 0, result.stderr
+    for path in (ROOT / "recipes").glob("*.toml"):
+        assert path.stem in result.stdout
+
+
+@pytest.mark.slow  # builds every seed arch at full size
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.stem)
+def test_each_bundled_recipe_validates_and_its_arch_builds(path):
+    from aicoss_cli.models import build_model
+    from aicoss_cli.recipe import load_recipe, resolve_recipe
+
+    recipe = resolve_recipe(load_recipe(path))
+    with torch.device("meta"):
+        model = build_model(recipe.model.arch, 60, pretrained=False, img_size=recipe.model.img_size)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_train_finds_a_bundled_recipe_by_name(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("train", "demo", "--data", tmp_path / "nowhere")
+    assert_one_line_error(result, "nowhere", "data folder not found")  # the recipe itself was found
+    assert_one_line_error(run_cli("train", "no_such_recipe"), "no_such_recipe", "not found", "aicoss recipes")
+
+
+def test_an_image_above_the_pixel_limit_is_a_one_line_error(run_cli, data_copy, write_recipe, tmp_path, monkeypatch,
+                                                            recwarn):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150 * 150)  # PIL's limit, scaled down for the test
+    Image.new("L", (200, 200)).save(data_copy / "train" / "big.png")  # 40,000 pixels: a warning, not an error
+    path = data_copy / "train.csv"
+    path.write_text(path.read_text().replace("./train/TRAIN_00009.jpg", "./train/big.png"))
+    result = run_cli("train", write_recipe(data_copy), "--out", tmp_path / "runs")
+    assert_one_line_error(result, "train.csv", "big.png", "40000 pixels", "22500", "downscale")
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]

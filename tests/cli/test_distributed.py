@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # a multi-process run
 
-from helpers import ROOT, only_run_dir
+from helpers import ROOT, only_run_dir, read_rows
 
 DDP = """
 [runtime]
@@ -39,11 +38,6 @@ def weights(run):
     return load_checkpoint(run / "last.safetensors")[0]
 
 
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
 def test_two_gloo_processes_match_one_process(run_cli, demo_root, write_recipe, tmp_path):
     """Weights, val scores, metrics and the weight EMA (which follows the synchronised weights)."""
     from safetensors.torch import load_file
@@ -64,10 +58,10 @@ def test_two_gloo_processes_match_one_process(run_cli, demo_root, write_recipe, 
     assert diff < 1e-5, diff
 
     # val mAP gathered from both ranks without the duplicates a padded sampler would add
-    val_one, val_two = rows(one / "val_scores.csv"), rows(two / "val_scores.csv")
+    val_one, val_two = read_rows(one / "val_scores.csv"), read_rows(two / "val_scores.csv")
     assert len(val_two) - 1 == 21 and len({r[0] for r in val_two[1:]}) == 21
     assert [r[0] for r in val_two] == [r[0] for r in val_one]
-    m_one, m_two = rows(one / "metrics.csv"), rows(two / "metrics.csv")
+    m_one, m_two = read_rows(one / "metrics.csv"), read_rows(two / "metrics.csv")
     assert float(m_two[1][4]) == pytest.approx(float(m_one[1][4]), abs=1e-6)
     assert float(m_two[1][2]) == pytest.approx(float(m_one[1][2]), rel=1e-5)  # train loss reduced over ranks
     assert m_one[0][5] == "val_map_ema" and float(m_two[1][5]) == pytest.approx(float(m_one[1][5]), abs=1e-6)

@@ -5,64 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from aicoss_cli.base.console import clock
 
-from helpers import TINY_RECIPE, assert_one_line_error
+from helpers import assert_one_line_error, assert_picture
 
 PICTURES = ("curves.png", "per_class_ap.png", "ensemble_tradeoff.png")
-
-
-def _cli(*args) -> tuple[int, str, str]:
-    """The real entry point in-process, for module-scoped fixtures (capsys is per test)."""
-    import contextlib
-    import io
-
-    from aicoss_cli.cli.app import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["aicoss", *map(str, args)])
-        code = 0
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 0
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
-@pytest.fixture(scope="module")
-def two_runs(demo_root, tmp_path_factory) -> list[Path]:
-    """Two finished 2-epoch runs of tiny_convnet that differ in lr (read-only for the tests)."""
-    base = tmp_path_factory.mktemp("report_runs")
-    recipe = base / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy="none", root=demo_root))
-    for lr in ("3e-3", "1e-2"):
-        code, _, stderr = _cli("train", recipe, "--out", base / "runs", "--set", f"optim.lr={lr}")
-        assert code == 0, stderr
-    runs = sorted(p for p in (base / "runs" / "tiny").iterdir() if p.is_dir())
-    assert len(runs) == 2
-    return runs
-
-
-@pytest.fixture
-def runs(two_runs, tmp_path) -> list[Path]:
-    """Copies of the two runs that a test may change."""
-    copies = []
-    for run in two_runs:
-        copies.append(tmp_path / "runs" / "tiny" / run.name)
-        shutil.copytree(run, copies[-1])
-    return copies
 
 
 def _metrics(run: Path) -> list[dict[str, float]]:
@@ -116,12 +68,6 @@ def _label(run: Path) -> str:
     return f"tiny {run.name}"
 
 
-def _assert_picture(path: Path) -> None:
-    with Image.open(path) as img:
-        img.load()  # decodes the whole image
-        assert img.format == "PNG" and img.width >= 800 and img.height >= 300, (path, img.size)
-
-
 # --------------------------------------------------------------------------- the report
 
 
@@ -132,7 +78,7 @@ def test_report_draws_three_pictures_and_prints_the_numbers_of_metrics_csv_and_t
     result = run_cli("report", *runs, "--ensemble", ens, "--out", out)
     assert result.code == 0, result.stderr
     for name in PICTURES:
-        _assert_picture(out / name)
+        assert_picture(out / name)
 
     for run in runs:
         rows, best = _metrics(run), _best(run)
@@ -194,18 +140,9 @@ def test_a_run_still_training_is_reported_from_its_partial_metrics_and_its_run_j
     # the numbers of metrics.csv stay its own; run.json adds what metrics.csv cannot say
     assert (got["train_seconds"], got["train_img_per_s"], got["eval_img_per_s"]) == (first["seconds"], 345.6, 901.2)
     for name in PICTURES:  # one run: the pictures go into its own folder
-        _assert_picture(run / name)
+        assert_picture(run / name)
     table = run_cli("report", run)
     assert _row(table.stdout, _label(run))[7:11] == [clock(first["seconds"]), "345.6", "901.2", "training"]
-
-
-def test_draw_curves_is_what_the_trainer_calls_after_each_epoch(runs):
-    from aicoss_cli.results.pictures import draw_curves, is_report_picture
-
-    path = draw_curves([runs[0]], runs[0] / "curves.png")
-    assert path == runs[0] / "curves.png" and is_report_picture(path)
-    _assert_picture(path)
-    assert not [p for p in runs[0].iterdir() if p.name.endswith(".tmp")]
 
 
 def test_ensemble_members_alone_name_the_runs(run_cli, runs, tmp_path):
@@ -296,53 +233,6 @@ def test_missing_data_skips_the_per_class_picture_with_a_note(run_cli, runs, tmp
     assert result.code == 0, result.stderr
     assert "no per-class AP" in result.stdout and "--data" in result.stdout
     assert not (tmp_path / "r" / "per_class_ap.png").exists() and (tmp_path / "r" / "curves.png").is_file()
-
-
-# --------------------------------------------------------------------------- pieces
-
-
-def test_class_names_with_quotes_commas_emoji_and_dollars_are_drawn(runs, tmp_path):
-    from aicoss_cli.results.pictures import draw_per_class_ap
-    from aicoss_cli.results.runs import ClassAP, load_run
-
-    names = ['say "hi"', "a,b", "rain 🌧", "$x$ cost", "$", "no positive"] + [f"c{i}" for i in range(70)]
-    ap = np.linspace(0.1, 0.9, len(names))
-    ap[5] = np.nan
-    a = ClassAP(classes=names, ap=ap, positives=np.ones(len(names), int), n_val=10)
-    path = draw_per_class_ap([load_run(runs[0])], [a], tmp_path / "p.png")
-    _assert_picture(path)
-
-
-def test_ap_table_sorts_weakest_first_and_marks_five():
-    from aicoss_cli.results.pictures import ap_table
-    from aicoss_cli.results.runs import ClassAP
-
-    a = ClassAP(["a", "b", "c", "d", "e", "f", "g"], np.array([0.9, 0.2, np.nan, 0.5, 0.1, 0.7, 0.35]),
-                np.ones(7, int), 10)
-    b = ClassAP(["b", "a", "h"], np.array([0.4, 0.7, 0.6]), np.ones(3, int), 10)
-    t = ap_table([a, b])
-    assert t.classes == ["a", "b", "c", "d", "e", "f", "g", "h"]
-    # means: a .8, b .3, c -, d .5, e .1, f .7, g .35, h .6 (by hand)
-    assert [t.classes[i] for i in t.order] == ["e", "b", "g", "d", "h", "f", "a", "c"]
-    assert {t.classes[i] for i in t.weak} == {"e", "b", "g", "d", "h"}
-    assert np.isnan(t.matrix[7, 0]) and t.matrix[7, 1] == 0.6
-
-
-def test_pareto_front_keeps_the_points_nothing_beats():
-    from aicoss_cli.results.pictures import pareto_front
-
-    points = [{"x": 10, "y": 0.5}, {"x": 20, "y": 0.7}, {"x": 30, "y": 0.6}, {"x": 5, "y": 0.3}, {"x": 40, "y": 0.8}]
-    assert [p["x"] for p in pareto_front(points, lower_x_is_better=True)] == [5, 10, 20, 40]
-    assert [p["x"] for p in pareto_front(points, lower_x_is_better=False)] == [40]
-
-
-def test_help_imports_neither_matplotlib_nor_torch():
-    code = ("import sys; sys.argv = ['aicoss', 'report', '--help']\n"
-            "from aicoss_cli.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules, 'heavy import'\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "--ensemble" in out.stdout
 
 
 # --------------------------------------------------------------------------- one "best epoch"

@@ -9,33 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY_RECIPE, assert_one_line_error, only_run_dir, read_csv
+from helpers import assert_one_line_error, read_csv, read_rows
 
 
-@pytest.fixture(scope="module")
-def trained(demo_root, tmp_path_factory) -> Path:
-    """best.safetensors of a short real run (thresholds need a model better than chance)."""
-    import sys
-
-    from aicoss_cli.cli.app import main
-
-    base = tmp_path_factory.mktemp("labels")
-    recipe = base / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=3, policy="none", root=demo_root))
-    saved = sys.argv
-    sys.argv = ["aicoss", "train", str(recipe), "--out", str(base / "runs")]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code
-    finally:
-        sys.argv = saved
-    return only_run_dir(base / "runs") / "best.safetensors"
-
-
-def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
+@pytest.fixture
+def trained(two_runs) -> Path:
+    """best.safetensors of a short real run (thresholds need a model better than chance); read-only."""
+    return two_runs[0] / "best.safetensors"
 
 
 def test_a_number_labels_every_class_at_that_threshold(run_cli, trained, demo_root, tmp_path):
@@ -43,10 +23,10 @@ def test_a_number_labels_every_class_at_that_threshold(run_cli, trained, demo_ro
     result = run_cli("predict", trained, "--out", out, "--labels", "0.3")
     assert result.code == 0, result.stderr
     header, ids, probs = read_csv(out)
-    labels = _rows(tmp_path / "sub_labels.csv")
+    labels = read_rows(tmp_path / "sub_labels.csv")
     assert labels[0] == header and [r[0] for r in labels[1:]] == ids
     np.testing.assert_array_equal(np.array([[int(v) for v in r[1:]] for r in labels[1:]]), (probs >= 0.3).astype(int))
-    thresholds = _rows(tmp_path / "sub_thresholds.csv")
+    thresholds = read_rows(tmp_path / "sub_thresholds.csv")
     assert thresholds[0] == ["class", "threshold"] and [r[0] for r in thresholds[1:]] == header[1:]
     assert {float(r[1]) for r in thresholds[1:]} == {0.3}
 
@@ -59,12 +39,12 @@ def test_auto_labels_on_the_test_set_fit_on_val_and_report_the_held_out_gain(run
     assert result.code == 0, result.stderr
     assert "held out" in result.stdout and "gain" in result.stdout
     header, ids, probs = read_csv(out)
-    sample = _rows(demo_root / "sample_submission.csv")
-    labels = _rows(tmp_path / "sub_labels.csv")
+    sample = read_rows(demo_root / "sample_submission.csv")
+    labels = read_rows(tmp_path / "sub_labels.csv")
     assert labels[0] == sample[0] and [r[0] for r in labels[1:]] == [r[0] for r in sample[1:]]
     values = {v for r in labels[1:] for v in r[1:]}
     assert values <= {"0", "1"}
-    thresholds = {r[0]: float(r[1]) for r in _rows(tmp_path / "sub_thresholds.csv")[1:]}
+    thresholds = {r[0]: float(r[1]) for r in read_rows(tmp_path / "sub_thresholds.csv")[1:]}
     assert list(thresholds) == header[1:] and all(0 <= t <= 1 for t in thresholds.values())
     # the thresholds are those fit on the checkpoint's own val predictions
     val = tmp_path / "val.csv"
@@ -99,7 +79,7 @@ def test_ensemble_labels_are_the_combined_probabilities_at_the_thresholds(run_cl
     assert result.code == 0, result.stderr
     data = json.loads(result.stdout)
     _, ids, probs = read_csv(out)
-    labels = _rows(tmp_path / "ens_labels.csv")
+    labels = read_rows(tmp_path / "ens_labels.csv")
     np.testing.assert_array_equal(np.array([[int(v) for v in r[1:]] for r in labels[1:]]), (probs >= 0.4).astype(int))
     assert data["labels"]["labels_csv"] == str(tmp_path / "ens_labels.csv")
     assert len(data["per_class"]) == probs.shape[1] and (tmp_path / "ens_per_class.csv").is_file()
@@ -112,20 +92,3 @@ def test_bad_labels_are_one_line_errors_before_any_output(run_cli, trained, tmp_
         out = tmp_path / "o.csv"
         assert_one_line_error(run_cli(*command, "--out", out, "--labels", spec), needle)
         assert not list(tmp_path.glob("o*"))
-
-
-def test_validate_and_split_json_is_json_only(run_cli, demo_root, write_recipe):
-    from aicoss_cli.data.splits import split_search
-    from aicoss_cli.data.tables import read_train
-
-    result = run_cli("validate", write_recipe(demo_root), "--data", demo_root, "--json")
-    assert result.code == 0, result.stderr
-    data = json.loads(result.stdout)
-    assert data["valid"] and data["resolved"]["model"]["arch"] == "tiny_convnet"
-    assert (data["data"]["train"], data["data"]["val"], data["data"]["test"]) == (192, 48, 40)
-    split = run_cli("split", demo_root, "--search", "20", "--top", "3", "--json")
-    assert split.code == 0, split.stderr
-    rows = json.loads(split.stdout)["rows"]
-    expected = split_search(read_train(demo_root).labels, 0.1, range(20))[:3]
-    assert [r["split_seed"] for r in rows] == [e["split_seed"] for e in expected]
-    assert rows[0]["mean"] == pytest.approx(expected[0]["mean"])

@@ -4,7 +4,6 @@ without running its finished trials again, the best recipe trains, bad search sp
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 import optuna  # the tune extra, which `make install` installs
 import pytest
 
-from helpers import ROOT, TINY_RECIPE, assert_one_line_error
+from helpers import ROOT, assert_one_line_error, read_metrics, tune_recipe
 
 LR_ONLY = """
 [optim.lr]
@@ -39,26 +38,12 @@ seed = 0
 """
 
 
-def tiny_recipe(tmp_path: Path, root: Path, *, policy: str = "none", min_lr: float = 1e-4) -> Path:
-    """The tests' tiny recipe with a weight decay a log scale can hold, so trial 0 is the recipe."""
-    path = tmp_path / "tiny.toml"
-    text = TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy=policy, root=root)
-    path.write_text(text.replace("weight_decay = 0.0", "weight_decay = 1e-4").replace("min_lr = 1e-4",
-                                                                                      f"min_lr = {min_lr}"))
-    return path
-
-
 def read_trials(study_dir: Path) -> list[dict]:
     with open(study_dir / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
         r["params"] = json.loads(r["params"])
     return rows
-
-
-def metrics(run_dir: str | Path) -> list[dict]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def run_folders(study_dir: Path) -> list[Path]:
@@ -71,7 +56,7 @@ def load_study(out: Path, name: str):
 
 @pytest.mark.slow  # two tune runs, 3 trials with augmentation: 7-18 s on 2 shared cores
 def test_three_trials_are_run_folders_and_the_best_recipe_validates(run_cli, demo_root, tmp_path):
-    recipe = tiny_recipe(tmp_path, demo_root, policy="weak")
+    recipe = tune_recipe(tmp_path, demo_root, policy="weak")
     out = tmp_path / "tune"
     args = ("tune", recipe, "--data", demo_root, "--epochs", "1", "--out", out, "--study", "s")
     first = run_cli(*args, "--trials", "2")
@@ -94,7 +79,8 @@ def test_three_trials_are_run_folders_and_the_best_recipe_validates(run_cli, dem
             section, name = key.split(".")
             assert trained[section][name] == pytest.approx(value), key
         assert trained["optim"]["epochs"] == 1 and (Path(t["run_dir"]) / "submission.csv").is_file()
-        assert float(t["val_map"]) == pytest.approx(max(float(r["val_map"]) for r in metrics(t["run_dir"])), abs=1e-5)
+        best_map = max(float(r["val_map"]) for r in read_metrics(t["run_dir"]))
+        assert float(t["val_map"]) == pytest.approx(best_map, abs=1e-5)
     # trial 0 is the recipe as written
     assert trials[0]["params"] == {"optim.lr": 3e-3, "optim.weight_decay": 1e-4, "augment.policy": "weak",
                                    "augment.magnitude": 9, "augment.num_ops": 2, "augment.cutout_factor": 0.5}
@@ -115,7 +101,7 @@ def test_three_trials_are_run_folders_and_the_best_recipe_validates(run_cli, dem
 
 
 def test_the_median_pruner_stops_trials_of_a_hopeless_space(run_cli, demo_root, tmp_path):
-    recipe = tiny_recipe(tmp_path, demo_root, min_lr=0.0)
+    recipe = tune_recipe(tmp_path, demo_root, min_lr=0.0)
     space = tmp_path / "space.toml"
     space.write_text(HOPELESS_LR)
     out = tmp_path / "tune"
@@ -126,15 +112,15 @@ def test_the_median_pruner_stops_trials_of_a_hopeless_space(run_cli, demo_root, 
     assert first["state"] == "complete" and first["params"] == {"optim.lr": 3e-3}
     assert second["state"] == "pruned" and second["params"]["optim.lr"] < 1e-8
     # stopped after its first epoch, below trial 0's first epoch, and still a normal run folder
-    assert len(metrics(second["run_dir"])) == 1 and (Path(second["run_dir"]) / "submission.csv").is_file()
-    assert float(second["val_map"]) < float(metrics(first["run_dir"])[0]["val_map"])
+    assert len(read_metrics(second["run_dir"])) == 1 and (Path(second["run_dir"]) / "submission.csv").is_file()
+    assert float(second["val_map"]) < float(read_metrics(first["run_dir"])[0]["val_map"])
     assert "pruned after epoch 1" in result.stderr and "pruned" in result.stdout
     assert tomllib.loads((out / "s" / "best.toml").read_text())["optim"]["lr"] == 3e-3
 
 
 @pytest.mark.slow
 def test_an_interrupted_study_resumes_without_repeating_finished_trials(run_cli, demo_root, tmp_path):
-    recipe = tiny_recipe(tmp_path, demo_root)
+    recipe = tune_recipe(tmp_path, demo_root)
     space = tmp_path / "space.toml"
     space.write_text(LR_ONLY)
     out = tmp_path / "tune"
@@ -170,26 +156,8 @@ def test_an_interrupted_study_resumes_without_repeating_finished_trials(run_cli,
     assert again.code == 0 and "nothing to run" in again.stderr and len(run_folders(out / "s")) == 4
 
 
-def test_a_trial_whose_process_died_is_marked_failed_and_others_are_left_alone(tmp_path):
-    from aicoss_cli.tune.study import mark_dead_trials
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    study = optuna.create_study(study_name="s", storage=storage)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    import socket
-
-    here = socket.gethostname()
-    for host, pid in ((here, gone.pid), ("another-machine", gone.pid), (here, os.getpid())):
-        trial = study.ask()
-        trial.set_user_attr("host", host)
-        trial.set_user_attr("pid", pid)
-    assert mark_dead_trials(study, storage) == [0]
-    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "RUNNING"]
-
-
 def test_resuming_a_study_with_another_space_is_refused(run_cli, demo_root, tmp_path):
-    recipe = tiny_recipe(tmp_path, demo_root)
+    recipe = tune_recipe(tmp_path, demo_root)
     space = tmp_path / "space.toml"
     space.write_text(LR_ONLY)
     out = tmp_path / "tune"
@@ -231,14 +199,14 @@ def test_a_bad_search_space_is_one_line_before_any_trial(run_cli, demo_root, tmp
     space = tmp_path / "space.toml"
     space.write_text(text)
     out = tmp_path / "tune"
-    result = run_cli("tune", tiny_recipe(tmp_path, demo_root), "--data", demo_root, "--space", space,
+    result = run_cli("tune", tune_recipe(tmp_path, demo_root), "--data", demo_root, "--space", space,
                      "--trials", "2", "--out", out)
     assert_one_line_error(result, str(space), needle)
     assert not out.exists()  # no storage, no run folder
 
 
 def test_a_missing_space_file_and_a_bad_study_name_are_one_line(run_cli, demo_root, tmp_path):
-    recipe = tiny_recipe(tmp_path, demo_root)
+    recipe = tune_recipe(tmp_path, demo_root)
     out = tmp_path / "tune"
     missing = run_cli("tune", recipe, "--data", demo_root, "--space", tmp_path / "nope.toml", "--out", out)
     assert_one_line_error(missing, "nope.toml", "not found")
@@ -249,80 +217,8 @@ def test_a_missing_space_file_and_a_bad_study_name_are_one_line(run_cli, demo_ro
 
 def test_tune_without_optuna_names_the_extra(run_cli, demo_root, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` now raises ImportError
-    result = run_cli("tune", tiny_recipe(tmp_path, demo_root), "--data", demo_root, "--out", tmp_path / "t")
+    result = run_cli("tune", tune_recipe(tmp_path, demo_root), "--data", demo_root, "--out", tmp_path / "t")
     assert_one_line_error(result, "pip install 'aicoss[tune]'")
-
-
-def test_the_default_space_searches_the_loss_only_where_labels_are_missing(demo_root, demo_root_partial, tmp_path):
-    from aicoss_cli.tune.space import TrialRecipes, load_space
-
-    recipe = tiny_recipe(tmp_path, demo_root)
-    for root, epochs, partial in ((demo_root, 1, False), (demo_root_partial, 4, True)):
-        recipes = TrialRecipes(recipe, data=root, epochs=epochs)
-        recipes.inspect_data()
-        space = {p.key: p for p in load_space(None, recipes).params}
-        assert ("loss.name" in space) is partial
-        assert ("optim.warmup_epochs" in space) is (epochs >= 2)
-        lr = space["optim.lr"]
-        assert (lr.low, lr.high, lr.log) == (3e-4, 3e-2, True)  # a decade either side of the recipe's 3e-3
-    assert space["optim.warmup_epochs"].high == 2
-    assert dict(space["loss.partial_mode"].when) == {"loss.name": ("partial_selective",)}
-
-
-def test_a_space_file_extends_the_default_and_changes_one_entry(demo_root, tmp_path):
-    from aicoss_cli.tune.space import TrialRecipes, load_space
-
-    space = tmp_path / "space.toml"
-    space.write_text('extends = "default"\n[augment.policy]\nchoices = ["none", "weak"]\n'
-                     '[optim.clip_grad_norm]\nchoices = [1.0, 5.0]\n[tune]\nsampler = "random"\nmin_epochs = 2\n')
-    recipes = TrialRecipes(tiny_recipe(tmp_path, demo_root), data=demo_root, epochs=3)
-    recipes.inspect_data()
-    loaded = load_space(space, recipes)
-    params = {p.key: p for p in loaded.params}
-    assert params["augment.policy"].choices == ("none", "weak")
-    assert "optim.lr" in params and params["optim.clip_grad_norm"].kind == "categorical"
-    assert loaded.settings.sampler == "random" and loaded.min_epochs == 2
-
-
-def photo_data_module():
-    spec = importlib.util.spec_from_file_location("photo_data", ROOT / "bench" / "photo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_photo_data_keeps_test_crops_off_the_training_pixels_and_the_starter_recipe_takes_it(run_cli, tmp_path):
-    photo = photo_data_module()
-
-    def area(x0, y0, x1, y1):
-        return (x1 - x0) * (y1 - y0)
-
-    for box in [b for _, boxes in photo.CLASSES.values() for b in boxes] + [b for _, b in photo.CLUTTER]:
-        (tx0, ty0, tx1, ty1), (sx0, sy0, sx1, sy1) = photo.split_box(box, "train"), photo.split_box(box, "test")
-        overlap = max(0, min(tx1, sx1) - max(tx0, sx0)) * max(0, min(ty1, sy1) - max(ty0, sy0))
-        assert overlap == 0 and area(tx0, ty0, tx1, ty1) + area(sx0, sy0, sx1, sy1) == area(*box)
-        assert min(sx1 - sx0, sy1 - sy0) >= 20  # room for a crop in the test part
-    root = photo.build_photo_data(tmp_path / "photos", n_train=80, n_test=10, size=32, seed=0)
-    with open(root / "train.csv", newline="") as f:
-        header = next(csv.reader(f))
-    assert header == ["img_id", "img_path", *photo.CLASSES]
-    result = run_cli("validate", ROOT / "recipes" / "starter.toml", "--data", root)
-    assert result.code == 0, result.stderr
-    assert "80 labelled images" in result.stdout
-
-
-def test_the_readme_space_example_is_accepted(demo_root, tmp_path):
-    from aicoss_cli.tune.space import TrialRecipes, load_space
-
-    readme = (ROOT / "docs" / "tune.md").read_text()
-    block = readme.split("**`--space SPACE.toml`**", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
-    space = tmp_path / "space.toml"
-    space.write_text(block)
-    recipes = TrialRecipes(ROOT / "recipes" / "starter.toml", data=demo_root, epochs=3)
-    recipes.inspect_data()
-    loaded = load_space(space, recipes)
-    keys = [p.key for p in loaded.params]
-    assert "optim.weight_decay" in keys and "model.arch" in keys and loaded.min_epochs == 2
 
 
 @pytest.mark.parametrize("stop", ["non-finite loss", "full disk"])
@@ -341,7 +237,7 @@ def test_a_diverged_trial_counts_as_pruned_and_a_full_disk_stops_the_study(run_c
         raise run_folder.write_failed(tmp_path, OSError(28, "No space left on device", str(tmp_path / "x")))
 
     monkeypatch.setattr(Trainer, "run", run_or_stop)
-    recipe = tiny_recipe(tmp_path, demo_root)
+    recipe = tune_recipe(tmp_path, demo_root)
     space = tmp_path / "space.toml"
     space.write_text("[optim.lr]\nlow = 5.0\nhigh = 10.0\n")  # trial 0 keeps the recipe's 3e-3; trial 1 is huge
     out = tmp_path / "tune"
@@ -356,31 +252,3 @@ def test_a_diverged_trial_counts_as_pruned_and_a_full_disk_stops_the_study(run_c
     else:  # not the values' fault: the study stops, the trial is failed, not counted
         assert result.code == 1 and result.stderr.strip().splitlines()[-1].startswith("stopped: writing to")
         assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
-
-
-@pytest.mark.slow
-def test_the_readme_python_api_example_runs(demo_root, tmp_path, monkeypatch, capsys):
-    """The docs' Python API block as a user would paste it, on the tests' small data, with one
-    epoch and two trials."""
-    readme = (ROOT / "docs" / "python-api.md").read_text()
-    block = readme.split("# Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    shorter = {'"data/demo"': repr(str(demo_root)), "trials=20": "trials=2", "epochs=3)": "epochs=1)",
-               '["optim.epochs=3"]': '["optim.epochs=1", "optim.warmup_epochs=0"]'}
-    for old, new in shorter.items():
-        assert old in block, old
-        block = block.replace(old, new)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    exec(compile(block, "docs/python-api.md", "exec"), {})
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].endswith(str(Path("runs/tune/starter-demo/best.toml")))
-    assert (tmp_path / "val.csv").is_file() and (tmp_path / "val_labels.csv").is_file()
-    assert len(list((tmp_path / "runs" / "demo").glob("*/best.safetensors"))) == 1
-
-
-def test_tune_takes_a_bundled_recipe_by_name_as_train_does(demo_root):
-    from aicoss_cli.recipe import bundled_recipes
-    from aicoss_cli.tune import TrialRecipes
-
-    recipes = TrialRecipes("starter", data=demo_root, epochs=1)
-    assert recipes.path == bundled_recipes() / "starter.toml" and recipes.base.name == "starter"

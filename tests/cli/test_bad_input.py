@@ -133,16 +133,10 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory, demo_root) -> Path:
-    """One tiny trained checkpoint for the cases that need one."""
-    from aicoss_cli.recipe import recipe_from_toml, resolve_recipe
-    from aicoss_cli.train.trainer import train
-
-    tmp = tmp_path_factory.mktemp("ckpt")
-    recipe = resolve_recipe(recipe_from_toml(RECIPE.format(root=demo_root), "test"))
-    result = train(recipe, tmp)
-    return result.run_dir / "best.safetensors"
+@pytest.fixture
+def trained_checkpoint(ensemble_runs) -> Path:
+    """One tiny trained checkpoint for the cases that need one (World copies it)."""
+    return ensemble_runs["a32"]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

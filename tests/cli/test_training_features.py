@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -10,18 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import only_run_dir, read_csv
-
-
-def metrics(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def state_tensors(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "train_state.safetensors"))
+from helpers import only_run_dir, read_csv, read_metrics, train_state_tensors
 
 
 def test_ema_is_timms_update_computed_by_hand(run_cli, demo_root, write_recipe, tmp_path, monkeypatch):
@@ -44,14 +32,14 @@ def test_ema_is_timms_update_computed_by_hand(run_cli, demo_root, write_recipe, 
     assert run_cli("train", recipe, "--out", tmp_path).code == 0
     run = only_run_dir(tmp_path)
     assert len(raw_after) == 2
-    ema = {k[len("extra.ema."):]: v for k, v in state_tensors(run).items() if k.startswith("extra.ema.")}
+    ema = {k[len("extra.ema."):]: v for k, v in train_state_tensors(run).items() if k.startswith("extra.ema.")}
     w1, w2 = raw_after
     for key, value in ema.items():
         if value.is_floating_point():
             expected = 0.75 * w1[key] + 0.25 * w2[key]
             torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
     assert not all(torch.equal(ema[k].double(), w2[k]) for k in ema if ema[k].is_floating_point())
-    rows = metrics(run)
+    rows = read_metrics(run)
     assert "val_map_ema" in rows[0]
     from aicoss_cli.models.checkpoint import load_checkpoint
 
@@ -83,7 +71,7 @@ def test_keep_top_2_leaves_exactly_the_two_best_epochs(run_cli, demo_root, write
     recipe.write_text(recipe.read_text().replace("[runtime]\n", "[runtime]\nkeep_top = 2\n"))
     assert run_cli("train", recipe, "--out", tmp_path).code == 0
     run = only_run_dir(tmp_path)
-    rows = metrics(run)
+    rows = read_metrics(run)
     best_two = sorted(sorted(range(1, 5), key=lambda e: (-float(rows[e - 1]["val_map"]), e))[:2])
     assert sorted(p.name for p in run.glob("epoch*.safetensors")) == [f"epoch{e:02d}.safetensors" for e in best_two]
     from aicoss_cli.models.checkpoint import read_meta
@@ -98,13 +86,13 @@ def test_early_stopping_stops_on_a_plateau_and_finishes_the_run(run_cli, demo_ro
     result = run_cli("train", recipe, "--out", tmp_path)
     assert result.code == 0, result.stderr
     run = only_run_dir(tmp_path)
-    rows = metrics(run)
+    rows = read_metrics(run)
     assert len({r["val_map"] for r in rows}) == 1  # the weights do not move: a plateau from epoch 1
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]  # best at 1, nothing better at 2 and 3: stop
     assert "early stop after epoch 3" in result.stdout + result.stderr
     assert (run / "submission.csv").is_file()
     again = run_cli("train", "--resume", run)
-    assert again.code == 0 and "already complete" in again.stdout and len(metrics(run)) == 3
+    assert again.code == 0 and "already complete" in again.stdout and len(read_metrics(run)) == 3
 
 
 def test_training_in_bf16_validates_in_fp32_as_predict_does(run_cli, demo_root, write_recipe, tmp_path):
@@ -120,7 +108,7 @@ def test_training_in_bf16_validates_in_fp32_as_predict_does(run_cli, demo_root, 
     _, ids, probs = read_csv(tmp_path / "val.csv")
     table = read_train(demo_root)
     targets = np.stack([table.labels[table.ids.index(i)] for i in ids])
-    assert float(metrics(run)[0]["val_map"]) == pytest.approx(mean_average_precision(targets, probs), abs=1e-6)
+    assert float(read_metrics(run)[0]["val_map"]) == pytest.approx(mean_average_precision(targets, probs), abs=1e-6)
     bf16 = run_cli("train", recipe, "--out", tmp_path / "bf16", "--set", "runtime.eval_precision=bf16")
     assert bf16.code == 0
     assert (only_run_dir(tmp_path / "bf16") / "val_scores.csv").read_bytes() != (run / "val_scores.csv").read_bytes()
@@ -187,7 +175,7 @@ def test_a_full_disk_stops_the_run_naming_the_folder_and_the_space_and_keeps_the
     assert "MiB" in line and "epoch 1" in line and f"--resume {run}" in line
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(safetensors.torch, "save_file", real)
-    assert run_cli("train", "--resume", run).code == 0 and len(metrics(run)) == 2
+    assert run_cli("train", "--resume", run).code == 0 and len(read_metrics(run)) == 2
 
 
 def test_a_non_finite_loss_before_any_checkpoint_names_no_file_as_kept(run_cli, demo_root, write_recipe, tmp_path,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, exact_recipe, only_run_dir, state_progress
+from helpers import ROOT, exact_recipe, only_run_dir, state_progress, train_state_tensors
 
 
 def metrics_without_seconds(run: Path) -> list[list[str]]:
@@ -27,12 +27,6 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     from aicoss_cli.models.checkpoint import load_checkpoint
 
     return load_checkpoint(path)[0]
-
-
-def train_state(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "train_state.safetensors"))
 
 
 def aicoss(*args, **kw) -> subprocess.Popen:
@@ -78,7 +72,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(demo_root, write_recipe,
     a, b = weights(straight / "last.safetensors"), weights(killed / "last.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    a, b = train_state(straight), train_state(killed)
+    a, b = train_state_tensors(straight), train_state_tensors(killed)
     emas = [k for k in a if k.startswith("extra.ema.")]
     assert emas and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics_without_seconds(killed) == metrics_without_seconds(straight)

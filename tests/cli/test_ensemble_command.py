@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,40 +12,7 @@ from aicoss_cli.data.splits import split_indices
 from aicoss_cli.data.tables import read_train
 from aicoss_cli.evaluation.metrics import mean_average_precision
 
-from helpers import TINY_RECIPE, assert_one_line_error, leftovers, only_run_dir, read_csv, save_random_checkpoint
-
-
-def _cli(*args) -> int:
-    """The real entry point, for module-scoped fixtures (run_cli is per test)."""
-    from aicoss_cli.cli.app import main
-
-    saved = sys.argv
-    sys.argv = ["aicoss", *map(str, args)]
-    try:
-        main()
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 0
-    finally:
-        sys.argv = saved
-    return 0
-
-
-@pytest.fixture(scope="module")
-def runs(demo_root, tmp_path_factory) -> dict[str, Path]:
-    """Two trained runs under one runs folder: tiny_convnet at 32 px and at 48 px (another seed)."""
-    base = tmp_path_factory.mktemp("ensemble")
-    recipe = base / "tiny.toml"
-    recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=1, policy="none", root=demo_root))
-    out = {}
-    for name, sets in (("a32", []), ("b48", ["--set", "model.img_size=48", "--set", "runtime.seed=5"])):
-        assert _cli("train", recipe, "--out", base / "staging" / name, "--set", f"name={name}", *sets) == 0
-        run = only_run_dir(base / "staging" / name)
-        target = base / "runs" / name / run.name
-        target.parent.mkdir(parents=True)
-        run.rename(target)
-        out[name] = target / "best.safetensors"
-    out["runs"] = base / "runs"
-    return out
+from helpers import assert_one_line_error, leftovers, read_csv, save_random_checkpoint
 
 
 def _predict(run_cli, ckpt: Path, out: Path, *extra) -> np.ndarray:
@@ -55,29 +21,29 @@ def _predict(run_cli, ckpt: Path, out: Path, *extra) -> np.ndarray:
     return read_csv(out)[2]
 
 
-def test_ensemble_of_one_member_equals_predict(run_cli, runs, tmp_path):
-    expected = _predict(run_cli, runs["a32"], tmp_path / "p.csv")
-    result = run_cli("ensemble", runs["a32"], "--out", tmp_path / "e.csv")
+def test_ensemble_of_one_member_equals_predict(run_cli, ensemble_runs, tmp_path):
+    expected = _predict(run_cli, ensemble_runs["a32"], tmp_path / "p.csv")
+    result = run_cli("ensemble", ensemble_runs["a32"], "--out", tmp_path / "e.csv")
     assert result.code == 0, result.stderr
     np.testing.assert_array_equal(read_csv(tmp_path / "e.csv")[2], expected)
 
 
-def test_equal_weight_ensemble_of_mixed_sizes_is_the_mean_of_the_members(run_cli, runs, demo_root, tmp_path):
+def test_equal_weight_ensemble_of_mixed_sizes_is_the_mean_of_the_members(run_cli, ensemble_runs, demo_root, tmp_path):
     out = tmp_path / "sub.csv"
-    result = run_cli("ensemble", runs["a32"], runs["b48"], "--out", out)
+    result = run_cli("ensemble", ensemble_runs["a32"], ensemble_runs["b48"], "--out", out)
     assert result.code == 0, result.stderr
     header, ids, probs = read_csv(out)
     sample_header, sample_ids, _ = read_csv(demo_root / "sample_submission.csv")
     assert header == sample_header and ids == sample_ids
     assert ((probs >= 0) & (probs <= 1)).all()
-    a = _predict(run_cli, runs["a32"], tmp_path / "a.csv")
-    b = _predict(run_cli, runs["b48"], tmp_path / "b.csv")
+    a = _predict(run_cli, ensemble_runs["a32"], tmp_path / "a.csv")
+    b = _predict(run_cli, ensemble_runs["b48"], tmp_path / "b.csv")
     np.testing.assert_allclose(probs, (a + b) / 2, rtol=0, atol=1e-6)
     assert np.abs(a - b).max() > 1e-3  # two different members, so the test can fail
 
     # each member's val mAP and the ensemble's, on their shared val split
-    va = _predict(run_cli, runs["a32"], tmp_path / "va.csv", "--split", "val")
-    vb = _predict(run_cli, runs["b48"], tmp_path / "vb.csv", "--split", "val")
+    va = _predict(run_cli, ensemble_runs["a32"], tmp_path / "va.csv", "--split", "val")
+    vb = _predict(run_cli, ensemble_runs["b48"], tmp_path / "vb.csv", "--split", "val")
     table = read_train(demo_root)
     targets = table.labels[split_indices(table.labels, "random", 0.2, 78)[1]]
     for value in (mean_average_precision(targets, va), mean_average_precision(targets, vb)):
@@ -85,19 +51,20 @@ def test_equal_weight_ensemble_of_mixed_sizes_is_the_mean_of_the_members(run_cli
     assert f"ensemble val mAP (equal weights): {mean_average_precision(targets, (va + vb) / 2):.4f}" in result.stdout
 
 
-def test_fp16_ensemble_runs_in_bf16_on_the_cpu_and_says_so(run_cli, runs, tmp_path):
-    result = run_cli("ensemble", runs["a32"], runs["b48"], "--fp16", "--out", tmp_path / "half.csv")
+def test_fp16_ensemble_runs_in_bf16_on_the_cpu_and_says_so(run_cli, ensemble_runs, tmp_path):
+    result = run_cli("ensemble", ensemble_runs["a32"], ensemble_runs["b48"], "--fp16", "--out", tmp_path / "half.csv")
     assert result.code == 0, result.stderr
     assert "bf16" in result.stdout and "fp16 needs CUDA" in result.stdout
-    assert run_cli("ensemble", runs["a32"], runs["b48"], "--out", tmp_path / "full.csv").code == 0
+    assert run_cli("ensemble", ensemble_runs["a32"], ensemble_runs["b48"], "--out", tmp_path / "full.csv").code == 0
     half, full = read_csv(tmp_path / "half.csv")[2], read_csv(tmp_path / "full.csv")[2]
     np.testing.assert_allclose(half, full, atol=0.05)
     assert not np.array_equal(half, full)  # it really ran in lower precision
 
 
-def test_auto_weights_report_the_gain_on_a_held_out_half(run_cli, runs, demo_root, tmp_path):
+def test_auto_weights_report_the_gain_on_a_held_out_half(run_cli, ensemble_runs, demo_root, tmp_path):
     noise = save_random_checkpoint(tmp_path / "noise.safetensors", demo_root, img_size=24, seed=11)
-    result = run_cli("ensemble", runs["a32"], runs["b48"], noise, "--weights", "auto", "--out", tmp_path / "s.csv")
+    result = run_cli("ensemble", ensemble_runs["a32"], ensemble_runs["b48"], noise, "--weights", "auto",
+                     "--out", tmp_path / "s.csv")
     assert result.code == 0, result.stderr
     assert "held out: fit on 24 val images, scored on the other 24" in result.stdout
     assert "gain" in result.stdout and "ensemble val mAP (auto weights)" in result.stdout
@@ -106,26 +73,27 @@ def test_auto_weights_report_the_gain_on_a_held_out_half(run_cli, runs, demo_roo
     assert len(weights) == 3 and all(w >= 0 for w in weights) and sum(weights) == pytest.approx(1, abs=2e-3)
 
 
-def test_spec_gives_member_weights_and_tta(run_cli, runs, tmp_path):
-    spec = runs["runs"].parent / "ensemble.toml"  # member paths are relative to the spec's folder
-    spec.write_text(f'[[member]]\npath = "{runs["a32"].relative_to(spec.parent)}"\nweight = 3\ntta = "hflip"\n\n'
-                    f'[[member]]\npath = "{runs["b48"]}"\n')
+def test_spec_gives_member_weights_and_tta(run_cli, ensemble_runs, tmp_path):
+    spec = ensemble_runs["runs"].parent / "ensemble.toml"  # member paths are relative to the spec's folder
+    spec.write_text(f'[[member]]\npath = "{ensemble_runs["a32"].relative_to(spec.parent)}"\nweight = 3\n'
+                    f'tta = "hflip"\n\n'
+                    f'[[member]]\npath = "{ensemble_runs["b48"]}"\n')
     result = run_cli("ensemble", "--spec", spec, "--out", tmp_path / "s.csv")
     assert result.code == 0, result.stderr
-    a_tta = _predict(run_cli, runs["a32"], tmp_path / "a.csv", "--tta", "hflip")
-    b = _predict(run_cli, runs["b48"], tmp_path / "b.csv")
+    a_tta = _predict(run_cli, ensemble_runs["a32"], tmp_path / "a.csv", "--tta", "hflip")
+    b = _predict(run_cli, ensemble_runs["b48"], tmp_path / "b.csv")
     np.testing.assert_allclose(read_csv(tmp_path / "s.csv")[2], (3 * a_tta + b) / 4, rtol=0, atol=1e-6)
     assert "(spec weights)" in result.stdout
 
 
-def test_no_member_named_takes_every_run_under_runs(run_cli, runs, demo_root, tmp_path, monkeypatch):
+def test_no_member_named_takes_every_run_under_runs(run_cli, ensemble_runs, demo_root, tmp_path, monkeypatch):
     import shutil
 
     folder = tmp_path / "runs"
-    shutil.copytree(runs["runs"], folder)
+    shutil.copytree(ensemble_runs["runs"], folder)
     crashed = folder / "crashed" / "20240101T000000Z"  # a run that never finished an epoch
     crashed.mkdir(parents=True)
-    (crashed / "recipe.toml").write_text((runs["a32"].parent / "recipe.toml").read_text())
+    (crashed / "recipe.toml").write_text((ensemble_runs["a32"].parent / "recipe.toml").read_text())
     other = folder / "other_split" / "20240101T000000Z"
     save_random_checkpoint(other / "best.safetensors", demo_root, split_seed=5)
     monkeypatch.chdir(tmp_path)
@@ -135,20 +103,21 @@ def test_no_member_named_takes_every_run_under_runs(run_cli, runs, demo_root, tm
     assert "crashed" in result.stdout and "no best.safetensors" in result.stdout
     assert "other_split" in result.stdout and "another split" in result.stdout
     assert (tmp_path / "ensemble_submission.csv").is_file()
-    expected = run_cli("ensemble", runs["a32"], runs["b48"], "--fp16", "--out", tmp_path / "named.csv")
+    expected = run_cli("ensemble", ensemble_runs["a32"], ensemble_runs["b48"], "--fp16", "--out",
+                       tmp_path / "named.csv")
     assert expected.code == 0
     np.testing.assert_array_equal(read_csv(tmp_path / "ensemble_submission.csv")[2],
                                   read_csv(tmp_path / "named.csv")[2])
 
 
-def test_benchmark_fp16_prints_the_seeds_table(run_cli, runs):
-    result = run_cli("benchmark-fp16", runs["a32"], runs["b48"], "--limit", "20", "--batch-size", "8")
+def test_benchmark_fp16_prints_the_seeds_table(run_cli, ensemble_runs):
+    result = run_cli("benchmark-fp16", ensemble_runs["a32"], ensemble_runs["b48"], "--limit", "20", "--batch-size", "8")
     assert result.code == 0, result.stderr
     for row in ("Inference time [sec]", "Inference speed [img/sec]", "val mAP", "FP32", "BF16", "diff."):
         assert row in result.stdout
     assert "largest |probability difference|" in result.stdout and "cpu" in result.stdout
 
-    result = run_cli("benchmark-fp16", runs["a32"], runs["b48"], "--limit", "20", "--json")
+    result = run_cli("benchmark-fp16", ensemble_runs["a32"], ensemble_runs["b48"], "--limit", "20", "--json")
     assert result.code == 0, result.stderr
     r = json.loads(result.stdout)
     assert r["images"] == 20 and r["half_dtype"] == "bf16" and r["device"].startswith("cpu")
@@ -158,10 +127,10 @@ def test_benchmark_fp16_prints_the_seeds_table(run_cli, runs):
     assert r["diff_pct"]["val_map"] == pytest.approx((b["val_map"] - a["val_map"]) / a["val_map"] * 100)
 
 
-def test_benchmark_val_map_is_the_ensembles(run_cli, runs, demo_root, tmp_path):
-    r = json.loads(run_cli("benchmark-fp16", runs["a32"], runs["b48"], "--json").stdout)
-    va = _predict(run_cli, runs["a32"], tmp_path / "va.csv", "--split", "val")
-    vb = _predict(run_cli, runs["b48"], tmp_path / "vb.csv", "--split", "val")
+def test_benchmark_val_map_is_the_ensembles(run_cli, ensemble_runs, demo_root, tmp_path):
+    r = json.loads(run_cli("benchmark-fp16", ensemble_runs["a32"], ensemble_runs["b48"], "--json").stdout)
+    va = _predict(run_cli, ensemble_runs["a32"], tmp_path / "va.csv", "--split", "val")
+    vb = _predict(run_cli, ensemble_runs["b48"], tmp_path / "vb.csv", "--split", "val")
     table = read_train(demo_root)
     targets = table.labels[split_indices(table.labels, "random", 0.2, 78)[1]]
     assert r["fp32"]["val_map"] == pytest.approx(mean_average_precision(targets, (va + vb) / 2), abs=1e-5)
@@ -196,11 +165,12 @@ def _truncated(ckpt: Path, tmp: Path) -> Path:
     ],
     ids=["classes", "split", "missing", "truncated"],
 )
-def test_incompatible_members_are_a_one_line_error_and_write_nothing(run_cli, runs, tmp_path, second, needle):
+def test_incompatible_members_are_a_one_line_error_and_write_nothing(run_cli, ensemble_runs, tmp_path, second, needle):
     out = tmp_path / "o" / "sub.csv"
     for command in ("ensemble", "benchmark-fp16"):
         extra = ["--out", out] if command == "ensemble" else []
-        assert_one_line_error(run_cli(command, runs["a32"], second(runs["a32"], tmp_path), *extra), needle)
+        second_member = second(ensemble_runs["a32"], tmp_path)
+        assert_one_line_error(run_cli(command, ensemble_runs["a32"], second_member, *extra), needle)
     assert not out.exists() and not leftovers(out.parent)
 
 
@@ -210,13 +180,13 @@ def read_train_root(ckpt: Path) -> Path:
     return read_meta(ckpt).data_root
 
 
-def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, runs, demo_root, tmp_path):
+def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, ensemble_runs, demo_root, tmp_path):
     import shutil
 
     spec = tmp_path / "e.toml"
-    spec.write_text(f'[[member]]\npath = "{runs["a32"]}"\nwieght = 2\n')
+    spec.write_text(f'[[member]]\npath = "{ensemble_runs["a32"]}"\nwieght = 2\n')
     assert_one_line_error(run_cli("ensemble", "--spec", spec), "member 1: wieght: unknown key")
-    assert_one_line_error(run_cli("ensemble", "--weights", "best", runs["a32"]),
+    assert_one_line_error(run_cli("ensemble", "--weights", "best", ensemble_runs["a32"]),
                           "'--weights': 'best' is not one of 'equal', 'auto'")
     assert_one_line_error(run_cli("ensemble", "--runs", tmp_path / "nowhere"), "no runs folder")
 
@@ -225,32 +195,32 @@ def test_bad_spec_and_bad_data_are_one_line_errors(run_cli, runs, demo_root, tmp
     lines = (data / "sample_submission.csv").read_text().splitlines()
     (data / "sample_submission.csv").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
     out = tmp_path / "sub.csv"
-    assert_one_line_error(run_cli("ensemble", runs["a32"], runs["b48"], "--data", data, "--out", out),
+    assert_one_line_error(run_cli("ensemble", ensemble_runs["a32"], ensemble_runs["b48"], "--data", data, "--out", out),
                           "does not match sample_submission.csv")
     for name in ("test.csv", "sample_submission.csv"):
         (data / name).write_text((data / name).read_text().splitlines()[0] + "\n")
-    assert_one_line_error(run_cli("ensemble", runs["a32"], "--data", data, "--out", out), "no rows")
+    assert_one_line_error(run_cli("ensemble", ensemble_runs["a32"], "--data", data, "--out", out), "no rows")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_one_line_error(run_cli("ensemble", runs["a32"], "--out", blocker / "x.csv"), "cannot be written")
+    assert_one_line_error(run_cli("ensemble", ensemble_runs["a32"], "--out", blocker / "x.csv"), "cannot be written")
     assert not out.exists() and not leftovers(tmp_path)
 
 
-def test_ensemble_writes_a_result_file_that_report_reads(run_cli, runs, demo_root, tmp_path):
+def test_ensemble_writes_a_result_file_that_report_reads(run_cli, ensemble_runs, demo_root, tmp_path):
     import json
 
     from aicoss_cli.evaluation.metrics import mean_average_precision
 
     out = tmp_path / "sub.csv"
-    result = run_cli("ensemble", runs["a32"], runs["b48"], "--out", out)
+    result = run_cli("ensemble", ensemble_runs["a32"], ensemble_runs["b48"], "--out", out)
     assert result.code == 0, result.stderr
     saved = json.loads((tmp_path / "sub.json").read_text())
     assert saved["format"] == "aicoss-ensemble-result/1" and saved["submission"] == str(out)
-    assert [m["path"] for m in saved["members"]] == [str(runs["a32"]), str(runs["b48"])]
+    assert [m["path"] for m in saved["members"]] == [str(ensemble_runs["a32"]), str(ensemble_runs["b48"])]
     assert [m["weight"] for m in saved["members"]] == [0.5, 0.5] and saved["weighting"] == "equal"
     assert saved["n_test"] == 40 and saved["img_per_s"] > 0 and saved["precision"] == "fp32"
     # the ensemble's val mAP, recomputed from the members' own val predictions
-    preds = [read_csv(_predict_val(run_cli, runs[k], tmp_path / f"{k}.csv"))[2] for k in ("a32", "b48")]
+    preds = [read_csv(_predict_val(run_cli, ensemble_runs[k], tmp_path / f"{k}.csv"))[2] for k in ("a32", "b48")]
     ids = read_csv(tmp_path / "a32.csv")[1]
     from aicoss_cli.data.tables import read_train
 
@@ -267,3 +237,45 @@ def _predict_val(run_cli, ckpt: Path, out: Path) -> Path:
     result = run_cli("predict", ckpt, "--split", "val", "--out", out)
     assert result.code == 0, result.stderr
     return out
+
+
+@pytest.fixture
+def two_members(demo_root, tmp_path) -> list[Path]:
+    from helpers import save_random_checkpoint
+
+    return [save_random_checkpoint(tmp_path / f"m{i}.safetensors", demo_root, seed=i) for i in range(2)]
+
+
+@pytest.mark.parametrize("weights, expected", [("inf", "finite"), ("nan", "finite"), ("1e308", "add up")])
+def test_spec_weights_must_be_finite_with_a_finite_sum(run_cli, two_members, tmp_path, weights, expected):
+    spec = tmp_path / "spec.toml"
+    spec.write_text("".join(f'[[member]]\npath = "{m.name}"\nweight = {weights}\n' for m in two_members))
+    result = run_cli("ensemble", "--spec", spec, "--out", tmp_path / "e.csv")
+    assert_one_line_error(result, "spec.toml", expected)
+    assert not (tmp_path / "e.csv").exists()
+
+
+def test_the_ensemble_says_when_equal_weights_lose_to_a_member(run_cli, two_members, tmp_path):
+    import json
+
+    result = run_cli("ensemble", *two_members, "--out", tmp_path / "e.csv", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    below = report["val_map"] < max(m["val_map"] for m in report["members"])
+    assert below == any("below its best member" in n for n in report["notes"]), report
+
+
+def test_auto_weights_on_a_val_split_too_small_to_fit_fall_back_to_equal(run_cli, demo_root, tmp_path):
+    import shutil
+
+    from helpers import save_random_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    lines = (data / "train.csv").read_text().splitlines()
+    (data / "train.csv").write_text("\n".join(lines[:11]) + "\n")  # 10 rows: a val split of 1 image
+    members = [save_random_checkpoint(tmp_path / f"m{i}.safetensors", data, seed=i, val_fraction=0.1) for i in range(2)]
+    result = run_cli("ensemble", *members, "--weights", "auto", "--out", tmp_path / "e.csv", "--data", data)
+    assert result.code == 0, result.stderr
+    assert "--weights auto falls back to equal weights" in result.stdout and "1 images" in result.stdout
+    assert (tmp_path / "e.csv").is_file()

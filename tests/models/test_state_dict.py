@@ -14,10 +14,12 @@ import torch
 
 from aicoss_cli.models import ARCHS, build_model, count_parameters, param_rows
 
-# A copy under tests/data/ wins; else the project notes beside the checkout.
+from helpers import ROOT
+
+# A copy under tests/fixtures/ wins; else the project notes beside the checkout.
 _CANDIDATES = (
-    Path(__file__).resolve().parent / "data" / "state_dict",
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "state_dict",
+    ROOT / "tests" / "fixtures" / "state_dict",
+    ROOT.parent / "shared" / "reference" / "state_dict",
 )
 MANIFESTS = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[-1])
 MANIFEST_FILES = sorted(MANIFESTS.glob("*.tsv"))

@@ -1,4 +1,4 @@
-"""count-params, import-weights, prior and recipes through the real CLI."""
+"""count-params, import-weights and prior through the real CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, only_run_dir
+from helpers import assert_one_line_error, only_run_dir
 
 SEED_COUNTS_M = {  # the seed README's table, as printed
     "resnet50": "23.63", "resnet101": "42.62", "tresnetv2_l_mldecoder": "51.26", "tresnet_xl": "75.94",
@@ -154,20 +154,29 @@ def test_a_prior_that_changes_nothing_is_said_plainly(run_cli, demo_root, write_
     assert result.code == 0 and "changes nothing" in result.stdout + result.stderr
 
 
-def test_recipes_lists_every_bundled_recipe(run_cli):
-    result = run_cli("recipes")
-    assert result.code == 0, result.stderr
-    for path in (ROOT / "recipes").glob("*.toml"):
-        assert path.stem in result.stdout
+@pytest.mark.parametrize("name, recipe_name", [("_weights", "weights"), ("modèle", "mod_le"), ("🚀", "imported"),
+                                               ("a b", "a_b")])
+def test_import_weights_takes_any_output_name(run_cli, demo_root, tmp_path, name, recipe_name):
+    import torch
 
-
-@pytest.mark.slow  # builds every seed arch at full size
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.stem)
-def test_each_bundled_recipe_validates_and_its_arch_builds(path):
     from aicoss_cli.models import build_model
-    from aicoss_cli.recipe import load_recipe, resolve_recipe
+    from aicoss_cli.models.checkpoint import read_meta
+    from aicoss_cli.recipe import recipe_from_toml
 
-    recipe = resolve_recipe(load_recipe(path))
-    with torch.device("meta"):
-        model = build_model(recipe.model.arch, 60, pretrained=False, img_size=recipe.model.img_size)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    pt = tmp_path / "seed.pt"
+    torch.save(build_model("tiny_convnet", 10).state_dict(), pt)
+    out = tmp_path / f"{name}.safetensors"
+    result = run_cli("import-weights", pt, "--arch", "tiny_convnet", "--classes", demo_root / "train.csv", "--out", out,
+                     "--img-size", "32")
+    assert result.code == 0, result.stderr
+    assert recipe_from_toml(read_meta(out).recipe_toml, "stored").name == recipe_name
+
+
+def test_import_weights_image_size_is_range_checked_in_one_line(run_cli, demo_root, tmp_path):
+    from aicoss_cli.models.checkpoint import IMG_SIZE_MAX, IMG_SIZE_MIN
+
+    args = ["import-weights", tmp_path / "seed.pt", "--arch", "tiny_convnet", "--classes", demo_root / "train.csv",
+            "--out", tmp_path / "x.safetensors", "--img-size"]
+    assert_one_line_error(run_cli(*args, "5000"), "--img-size", f"less than or equal to {IMG_SIZE_MAX}")
+    assert_one_line_error(run_cli(*args, "8"), "--img-size", f"greater than or equal to {IMG_SIZE_MIN}")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,16 +1,12 @@
-"""`aicoss score`, F1 / precision / recall at thresholds, fitted thresholds and the label files."""
+"""F1 / precision / recall at thresholds, the thresholds CSV, fitted thresholds and the label files."""
 
 from __future__ import annotations
 
 import csv
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.evaluation.metrics import threshold_scores
@@ -25,76 +21,14 @@ from aicoss_cli.evaluation.thresholds import (
     write_label_outputs,
 )
 
-from helpers import ROOT, assert_one_line_error, leftovers
-
-CLASSES = [f"digit_{d}" for d in range(10)]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _write(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def _random_case(seed: int, n: int = 80, k: int = 6, unannotated: float = 0.0):
-    """Targets (with -1 where unannotated) and probabilities that carry some signal, rounded to
-    two decimals so there are ties at the thresholds."""
-    rng = np.random.default_rng(seed)
-    y = (rng.random((n, k)) < 0.3).astype(np.int8)
-    p = np.clip(0.35 * y + rng.random((n, k)) * 0.65, 0, 1).round(2)
-    if unannotated:
-        y[rng.random((n, k)) < unannotated] = -1
-    return y, p
-
-
-def _files(tmp_path: Path, y: np.ndarray, p: np.ndarray, classes=CLASSES, shuffle: int | None = 0,
-           img_path: bool = False) -> tuple[Path, Path]:
-    """A submission and a labels CSV of the same images; the labels in another row order (and
-    column order) than the submission, optionally train.csv-style with an img_path column."""
-    ids = [f"IMG_{i:04d}" for i in range(len(y))]
-    pred = _write(tmp_path / "pred.csv", ["img_id", *classes], [[i, *map(repr, row)] for i, row in zip(ids, p.tolist())])
-    order = np.random.default_rng(shuffle).permutation(len(y)) if shuffle is not None else np.arange(len(y))
-    cols = list(range(len(classes)))[::-1]
-    header = ["img_id", *(["img_path"] if img_path else []), *[classes[c] for c in cols]]
-    rows = [[ids[r], *([f"./train/{ids[r]}.jpg"] if img_path else []), *[int(y[r, c]) for c in cols]] for r in order]
-    return pred, _write(tmp_path / "labels.csv", header, rows)
-
-
-def _sklearn_expected(y: np.ndarray, p: np.ndarray, t: np.ndarray) -> dict:
-    """What scikit-learn says, class by class on the annotated rows (it takes no -1), macro over the
-    classes with a positive, micro on the pooled annotated entries."""
-    per = []
-    for j in range(y.shape[1]):
-        keep = y[:, j] != -1
-        yt, yp = y[keep, j], (p[keep, j] >= t[j]).astype(int)
-        prec, rec, f1, _ = precision_recall_fscore_support(yt, yp, average="binary", zero_division=0)
-        ap = average_precision_score(yt, p[keep, j]) if yt.sum() else np.nan
-        per.append({"ap": ap, "precision": prec, "recall": rec, "f1": f1, "positives": int(yt.sum())})
-    scored = [r for r in per if r["positives"] > 0]
-    keep = y != -1
-    pooled = precision_recall_fscore_support(y[keep], (p >= t)[keep].astype(int), average="binary", zero_division=0)
-    return {"per_class": per, "map": np.mean([r["ap"] for r in scored]),
-            "macro": {m: np.mean([r[m] for r in scored]) for m in ("precision", "recall", "f1")},
-            "micro": dict(zip(("precision", "recall", "f1"), pooled[:3]))}
-
-
-def _score_json(run_cli, *args) -> dict:
-    result = run_cli("score", *map(str, args), "--json")
-    assert result.code == 0, result.stderr
-    return json.loads(result.stdout)
-
+from helpers import leftovers, random_scores, write_csv
 
 # --------------------------------------------------------------------------- the metrics
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_threshold_scores_match_scikit_learn_without_unannotated_entries(seed):
-    y, p = _random_case(seed, k=8)
+    y, p = random_scores(seed, k=8)
     t = np.linspace(0.3, 0.7, 8)
     got = threshold_scores(y, p, t)
     pred = (p >= t).astype(int)
@@ -131,150 +65,7 @@ def test_unannotated_entries_are_left_out_of_the_decisions():
     assert (got.precision[0], got.recall[0], got.f1[0]) == pytest.approx((0.5, 0.5, 0.5))
 
 
-# --------------------------------------------------------------------------- aicoss score
-
-
-@pytest.mark.parametrize("unannotated", [0.0, 0.25])
-def test_score_equals_scikit_learn_on_shuffled_rows(run_cli, tmp_path, unannotated):
-    y, p = _random_case(7, n=60, k=len(CLASSES), unannotated=unannotated)
-    y[:, 3] = np.where(y[:, 3] == -1, -1, 0)  # a class with no positive
-    pred, labels = _files(tmp_path, y, p, img_path=bool(unannotated))
-    report = _score_json(run_cli, pred, labels)
-    expected = _sklearn_expected(y, p, np.full(len(CLASSES), 0.5))
-    assert report["images"] == 60 and report["classes_scored"] == 9
-    assert report["map"] == pytest.approx(expected["map"], abs=1e-12)
-    for average in ("micro", "macro"):
-        assert report[average] == pytest.approx(expected[average], abs=1e-12)
-    by_class = {r["class"]: r for r in report["per_class"]}
-    for c, want in zip(CLASSES, expected["per_class"]):
-        got = by_class[c]
-        assert got["positives"] == want["positives"]
-        assert (got["f1"], got["precision"], got["recall"]) == pytest.approx(
-            (want["f1"], want["precision"], want["recall"]), abs=1e-12)
-        assert (got["ap"] is None) if np.isnan(want["ap"]) else got["ap"] == pytest.approx(want["ap"], abs=1e-12)
-    aps = [r["ap"] for r in report["per_class"] if r["ap"] is not None]
-    assert aps == sorted(aps) and report["per_class"][-1]["class"] == "digit_3"  # weakest first, no AP last
-
-
-def test_score_at_per_class_thresholds_from_a_csv(run_cli, tmp_path):
-    y, p = _random_case(3, n=50, k=len(CLASSES))
-    pred, labels = _files(tmp_path, y, p)
-    t = np.round(np.linspace(0.2, 0.8, len(CLASSES)), 3)
-    spec = _write(tmp_path / "t.csv", ["class", "threshold"], [[c, v] for c, v in reversed(list(zip(CLASSES, t)))])
-    report = _score_json(run_cli, pred, labels, "--thresholds", spec)
-    expected = _sklearn_expected(y, p, t)
-    assert report["macro"] == pytest.approx(expected["macro"], abs=1e-12)
-    assert report["micro"] == pytest.approx(expected["micro"], abs=1e-12)
-    assert {r["class"]: r["threshold"] for r in report["per_class"]} == pytest.approx(dict(zip(CLASSES, t)))
-    number = _score_json(run_cli, pred, labels, "--thresholds", "0.3")
-    assert number["macro"]["f1"] == pytest.approx(
-        f1_score(y, (p >= 0.3).astype(int), average="macro", zero_division=0), abs=1e-12)
-
-
-def test_score_prints_tables_weakest_first(run_cli, tmp_path):
-    y, p = _random_case(5, n=40, k=len(CLASSES))
-    pred, labels = _files(tmp_path, y, p)
-    result = run_cli("score", pred, labels)
-    assert result.code == 0, result.stderr
-    report = _score_json(run_cli, pred, labels)
-    lines = result.stdout.splitlines()
-    row_of = {c: next(i for i, line in enumerate(lines) if f" {c} " in line) for c in CLASSES}
-    assert sorted(CLASSES, key=row_of.get) == [r["class"] for r in report["per_class"]]
-    assert f"macro mAP {report['map']:.4f}" in result.stdout
-    assert f"{report['macro']['f1']:.4f}" in result.stdout and "micro" in result.stdout
-
-
-def test_score_json_is_json_only_and_names_round_trip(run_cli, tmp_path):
-    classes = ['a,b', 'say "hi"', "🛰️ orbit", "plain"]
-    y, p = _random_case(2, n=30, k=4)
-    pred, labels = _files(tmp_path, y, p, classes=classes)
-    result = run_cli("score", pred, labels, "--json")
-    assert result.code == 0 and result.stderr == ""
-    report = json.loads(result.stdout)  # nothing but the JSON on stdout
-    assert sorted(r["class"] for r in report["per_class"]) == sorted(classes)
-
-
-def test_score_with_labels_shaped_like_the_demo(run_cli, demo_root):
-    """The demo's own test_labels.csv scored against itself as probabilities: everything is 1."""
-    report = _score_json(run_cli, demo_root / "test_labels.csv", demo_root / "test_labels.csv")
-    assert report["images"] == 40 and report["map"] == 1.0
-    assert report["micro"] == {"f1": 1.0, "precision": 1.0, "recall": 1.0}
-
-
-def _bad(tmp_path: Path, kind: str) -> tuple[Path, Path, tuple[str, ...]]:
-    y, p = _random_case(1, n=12, k=3)
-    classes = ["a", "b", "c"]
-    pred, labels = _files(tmp_path, y, p, classes=classes, shuffle=None)
-    rows = list(csv.reader(open(pred, newline="")))
-    lab = list(csv.reader(open(labels, newline="")))
-    if kind == "missing id":
-        _write(pred, rows[0], rows[1:-1])
-        return pred, labels, ("no row for img_id 'IMG_0011'", "1 ids missing")
-    if kind == "extra id":
-        _write(pred, rows[0], rows[1:] + [["IMG_9999", "0.1", "0.2", "0.3"]])
-        return pred, labels, ("row 14", "'IMG_9999' is not in")
-    if kind == "duplicate id":
-        _write(labels, lab[0], lab[1:] + [lab[3]])
-        return pred, labels, (str(labels), "row 14", "duplicate img_id 'IMG_0002'", "also row 4")
-    if kind == "other classes":
-        _write(pred, ["img_id", "a", "b", "z"], rows[1:])
-        return pred, labels, ("missing 'c'", "extra 'z'")
-    if kind == "duplicate class column":
-        _write(pred, ["img_id", "a", "b", "b"], rows[1:])
-        return pred, labels, (str(pred), "duplicated column 'b'")
-    if kind == "not a number":
-        rows[5][2] = "high"
-        _write(pred, rows[0], rows[1:])
-        return pred, labels, (str(pred), "row 6", "column 'b'", "'high' is not a number")
-    if kind in ("nan", "inf", "above 1", "negative"):
-        rows[3][1] = {"nan": "nan", "inf": "inf", "above 1": "1.5", "negative": "-0.01"}[kind]
-        _write(pred, rows[0], rows[1:])
-        return pred, labels, (str(pred), "row 4", "column 'a'", repr(rows[3][1]), "[0, 1]")
-    if kind == "bad label":
-        lab[2][3] = "2"
-        _write(labels, lab[0], lab[1:])
-        return pred, labels, (str(labels), "row 3", "label '2'")
-    if kind == "empty label":
-        lab[2][1] = ""
-        _write(labels, lab[0], lab[1:])
-        return pred, labels, (str(labels), "row 3", "label ''")
-    if kind == "short row":
-        rows[4] = rows[4][:2]
-        _write(pred, rows[0], rows[1:])
-        return pred, labels, (str(pred), "row 5 has 2 fields", "header has 4")
-    if kind == "no file":
-        return tmp_path / "nope.csv", labels, ("nope.csv", "not found")
-    if kind == "empty file":
-        pred.write_text("")
-        return pred, labels, (str(pred), "empty file")
-    if kind == "not utf-8":
-        pred.write_bytes(b"img_id,a,b,c\n\xff\xfe,0,0,0\n")
-        return pred, labels, (str(pred), "not UTF-8")
-    raise AssertionError(kind)
-
-
-BAD = ["missing id", "extra id", "duplicate id", "other classes", "duplicate class column", "not a number", "nan",
-       "inf", "above 1", "negative", "bad label", "empty label", "short row", "no file", "empty file", "not utf-8"]
-
-
-@pytest.mark.parametrize("kind", BAD)
-def test_bad_score_input_is_one_line_and_exit_2(run_cli, tmp_path, kind):
-    pred, labels, needles = _bad(tmp_path, kind)
-    result = run_cli("score", pred, labels)
-    assert_one_line_error(result, *needles)
-    assert result.stdout == ""
-
-
-@pytest.mark.parametrize("spec, needles", [
-    ("1.5", ("--thresholds 1.5", "[0, 1]")),
-    ("nan", ("--thresholds nan", "[0, 1]")),
-    ("auto", ("--thresholds auto", "val split")),
-    ("missing.csv", ("missing.csv", "not a number in [0, 1], `auto`, or an existing")),
-])
-def test_bad_threshold_option_is_one_line(run_cli, tmp_path, spec, needles):
-    pred, labels = _files(tmp_path, *_random_case(0, n=10, k=len(CLASSES)))
-    result = run_cli("score", pred, labels, "--thresholds", spec)
-    assert_one_line_error(result, *needles)
+# --------------------------------------------------------------------------- the thresholds CSV
 
 
 @pytest.mark.parametrize("rows, needles", [
@@ -285,31 +76,23 @@ def test_bad_threshold_option_is_one_line(run_cli, tmp_path, spec, needles):
     ([["a", "0.5"], ["b", "x"], ["c", "0.5"]], ("row 3", "'x' is not a number")),
 ])
 def test_bad_thresholds_csv_is_one_line(tmp_path, rows, needles):
-    path = _write(tmp_path / "t.csv", ["class", "threshold"], rows)
+    path = write_csv(tmp_path / "t.csv", ["class", "threshold"], rows)
     with pytest.raises(UserError) as info:
         read_thresholds_csv(path, ["a", "b", "c"])
     message = str(info.value)
     assert "\n" not in message and str(path) in message
     for needle in needles:
         assert needle in message, message
-    _write(tmp_path / "h.csv", ["class", "value"], [["a", "0.5"]])
+    write_csv(tmp_path / "h.csv", ["class", "value"], [["a", "0.5"]])
     with pytest.raises(UserError, match="header must be `class,threshold`"):
         read_thresholds_csv(tmp_path / "h.csv", ["a"])
-
-
-def test_score_help_does_not_import_torch():
-    code = ("import sys; from aicoss_cli.cli import main; sys.argv = ['aicoss', 'score', '--help']\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "--thresholds" in result.stdout
 
 
 # --------------------------------------------------------------------------- parse and resolve
 
 
 def test_parse_threshold_spec(tmp_path):
-    csv_path = _write(tmp_path / "t.csv", ["class", "threshold"], [["a", "0.5"]])
+    csv_path = write_csv(tmp_path / "t.csv", ["class", "threshold"], [["a", "0.5"]])
     assert parse_threshold_spec("0.35") == 0.35 and parse_threshold_spec("1") == 1.0
     assert parse_threshold_spec(" AUTO ") == "auto"
     assert parse_threshold_spec(str(csv_path)) == csv_path
@@ -323,12 +106,12 @@ def test_parse_threshold_spec(tmp_path):
 def test_resolve_thresholds_number_csv_and_auto(tmp_path):
     classes = ["a", "b", "c"]
     assert resolve_thresholds("0.25", classes).values.tolist() == [0.25] * 3
-    path = _write(tmp_path / "t.csv", ["class", "threshold"], [["c", "0.3"], ["a", "0.1"], ["b", "0.2"]])
+    path = write_csv(tmp_path / "t.csv", ["class", "threshold"], [["c", "0.3"], ["a", "0.1"], ["b", "0.2"]])
     resolved = resolve_thresholds(str(path), classes)
     assert resolved.values.tolist() == [0.1, 0.2, 0.3] and resolved.source == str(path)
     with pytest.raises(UserError, match="--labels auto fits"):
         resolve_thresholds("auto", classes)
-    y, p = _random_case(4, n=100, k=3)
+    y, p = random_scores(4, n=100, k=3)
     y[:, 2] = 0
     y[:4, 2] = 1  # 4 positives: fewer than min_positives
     auto = resolve_thresholds("auto", classes, y, p)
@@ -348,7 +131,7 @@ def _best_f1_by_brute_force(yj: np.ndarray, pj: np.ndarray) -> float:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fit_thresholds_finds_the_best_f1_and_beats_or_equals_one_half(seed):
-    y, p = _random_case(seed, n=120, k=5, unannotated=0.2 if seed else 0.0)  # ties from rounding; -1 entries
+    y, p = random_scores(seed, n=120, k=5, unannotated=0.2 if seed else 0.0)  # ties from rounding; -1 entries
     fit = fit_thresholds(y, p, min_positives=1)
     assert fit.fallback == []
     at_half = threshold_scores(y, p, 0.5).f1
@@ -378,7 +161,7 @@ def test_fitted_threshold_lies_halfway_and_ties_go_to_the_highest():
 
 
 def test_rare_classes_fall_back_to_the_best_global_threshold():
-    y, p = _random_case(11, n=200, k=4)
+    y, p = random_scores(11, n=200, k=4)
     y[:, 1] = 0
     y[[3, 50, 90], 1] = 1    # 3 positives: below min_positives=5
     y[:, 3] = 0              # no positive at all
@@ -398,7 +181,7 @@ def test_rare_classes_fall_back_to_the_best_global_threshold():
 
 
 def test_held_out_gain_fits_on_one_half_and_scores_on_the_other():
-    y, p = _random_case(9, n=160, k=5)
+    y, p = random_scores(9, n=160, k=5)
     held = held_out_threshold_gain(y, p, seed=0, min_positives=1)
     order = np.random.default_rng(0).permutation(160)
     a, b = np.sort(order[:80]), np.sort(order[80:])
@@ -430,7 +213,7 @@ def test_label_outputs_have_the_submission_shape(tmp_path):
 
 
 def test_fitted_thresholds_round_trip_exactly(tmp_path):
-    y, p = _random_case(6, n=90, k=4)
+    y, p = random_scores(6, n=90, k=4)
     p = p + np.random.default_rng(0).random(p.shape) * 1e-3  # fine-grained: midpoints with many digits
     p = np.clip(p, 0, 1)
     classes = ["w", "x", "y", "z"]
@@ -482,29 +265,3 @@ def test_per_class_rows_and_csv(tmp_path):
     assert list(back[0]) == ["class", "positives", "ap", "f1", "precision", "recall", "threshold", "rank"]
     assert back[1]["class"] == "se,cond" and float(back[1]["f1"]) == pytest.approx(0.5)
     assert back[2]["ap"] == "" and back[2]["rank"] == "" and back[2]["precision"] == "0.000000"
-
-
-def test_auto_thresholds_on_a_trained_run_label_its_submission(run_cli, demo_root, write_recipe, tmp_path):
-    """The pieces the lead wires into predict: fit on a run's val_scores.csv, label its submission, score it."""
-    from aicoss_cli.data.submission import read_labels_csv, read_probabilities_csv
-    from aicoss_cli.data.tables import read_train
-
-    from helpers import only_run_dir
-
-    assert run_cli("train", write_recipe(demo_root, epochs=1), "--out", tmp_path / "runs").code == 0
-    run = only_run_dir(tmp_path / "runs")
-    val = read_probabilities_csv(run / "val_scores.csv")
-    table = read_train(demo_root)
-    row = {i: r for r, i in enumerate(table.ids)}
-    auto = resolve_thresholds("auto", val.classes, table.labels[[row[i] for i in val.ids]], val.values)
-    assert auto.held_out is not None and auto.held_out.n_fit == len(val.ids) // 2
-    sub = read_probabilities_csv(run / "submission.csv")
-    labels_path, thresholds_path = write_label_outputs(tmp_path / "sub.csv", sub.ids, sub.classes, sub.values, auto)
-    sample = list(csv.reader(open(demo_root / "sample_submission.csv", newline="")))
-    written = list(csv.reader(open(labels_path, newline="")))
-    assert written[0] == sample[0] and [r[0] for r in written] == [r[0] for r in sample]
-    assert {v for r in written[1:] for v in r[1:]} <= {"0", "1"}
-    report = _score_json(run_cli, run / "submission.csv", demo_root / "test_labels.csv", "--thresholds", thresholds_path)
-    truth = read_labels_csv(demo_root / "test_labels.csv")
-    expected = _sklearn_expected(truth.values, sub.values, auto.values)  # both files are in sample_submission order
-    assert report["macro"] == pytest.approx(expected["macro"], abs=1e-12)
