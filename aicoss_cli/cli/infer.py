@@ -169,11 +169,11 @@ def ensemble(
         note(text)
     out.print(f"ensemble of {len(result.members)} members ({escape(result.runtime)})", highlight=False)
     table = Table()
-    for col in ("#", "checkpoint", "arch", "size", "tta", "weight", "val mAP", "at training"):
+    for col in ("#", "checkpoint", "arch", "size", "tta", "weight", "val mAP", "at training", "model img/s"):
         table.add_column(col, justify="left" if col in ("checkpoint", "arch", "tta") else "right")
     for i, m in enumerate(result.members, 1):
         table.add_row(str(i), escape(m.path), m.arch, str(m.img_size), m.tta, f"{m.weight:.3f}", _fmt_map(m.val_map),
-                      _fmt_map(m.stored_val_map))
+                      _fmt_map(m.stored_val_map), "-" if m.img_per_s is None else f"{m.img_per_s:.1f}")
     out.print(table)
     if result.val_map is not None:
         best = max((m.val_map for m in result.members if m.val_map is not None), default=float("nan"))

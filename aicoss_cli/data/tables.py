@@ -226,6 +226,24 @@ def read_test(root: str | Path, classes: Sequence[str] | None = None) -> TestTab
     return TestTable(root=root, ids=sub_ids, paths=[by_id[i] for i in sub_ids], classes=sub_classes)
 
 
+def image_paths(root: str | Path) -> dict[str, str]:
+    """img_id -> absolute image path, from each CSV of the data root that has an img_path column
+    (train.csv, test.csv, test_labels.csv; the first one naming an id wins), resolved and checked
+    as `read_train` resolves them."""
+    root = _data_root(root)
+    found: dict[str, str] = {}
+    for name in ("train.csv", "test.csv", "test_labels.csv"):
+        path = root / name
+        if not path.is_file():
+            continue
+        frame = _read_csv(path, name)
+        if not set(ID_COLUMNS) <= set(frame.columns):
+            continue
+        for img_id, full in zip(_check_ids(frame, path), _resolve_paths(frame, root, path)):
+            found.setdefault(img_id, full)
+    return found
+
+
 # --------------------------------------------------------------------------- image checks
 
 

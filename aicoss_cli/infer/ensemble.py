@@ -127,6 +127,7 @@ class MemberReport:
     weight: float
     val_map: float | None
     stored_val_map: float | None
+    img_per_s: float | None = None  # test images / this member's own forward time in the shared loop
 
 
 @dataclass
@@ -160,7 +161,8 @@ class EnsembleRun:
         """The result file's content (`<out stem>.json`, read by `aicoss report --ensemble`)."""
         return EnsembleResult(
             submission=str(self.out),
-            members=[EnsembleMember(m.path, m.arch, m.img_size, m.weight, m.val_map) for m in self.members],
+            members=[EnsembleMember(m.path, m.arch, m.img_size, m.weight, m.val_map, img_per_s=m.img_per_s)
+                     for m in self.members],
             val_map=self.val_map, equal_val_map=self.equal_val_map, weighting=self.weighting, n_val=self.n_val,
             n_test=self.n_test, img_per_s=self.img_per_s, seconds=self.seconds, device=self.device,
             precision=self.precision, per_class=self.per_class or None,
@@ -265,9 +267,12 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     for report, w in zip(reports, final):
         report.weight = float(w)
     t_test = time.perf_counter()
+    member_seconds = [0.0] * len(members)
     test_probs = forward(members, test.paths, rt, batch_size, progress=progress,
-                         what=f"test: {len(test)} images × {len(members)} members")
+                         what=f"test: {len(test)} images × {len(members)} members", member_seconds=member_seconds)
     result.img_per_s = len(test) / max(time.perf_counter() - t_test, 1e-9)
+    for report, seconds in zip(reports, member_seconds):
+        report.img_per_s = len(test) / max(seconds, 1e-9)
     combined = combine(test_probs, final)
     write_scores_csv(out, test.ids, test.classes, combined)
     if result.thresholds is not None:

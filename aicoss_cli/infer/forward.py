@@ -10,6 +10,7 @@ per-batch `.tolist()`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -127,10 +128,13 @@ def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str 
 @torch.inference_mode()
 def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_size: int, *,
             logits: bool = False, progress=None, what: str = "images",
-            on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+            on_batch: Callable[[int], None] | None = None,
+            member_seconds: list[float] | None = None) -> torch.Tensor:
     """(M, n, K) float32 on the CPU: every member's sigmoid outputs (or logits) on the images at
     `paths`, in order. Each image is decoded once per batch and resized per member size; the members
-    run one after another on the batch, in eval mode (a member's train/eval mode is restored after)."""
+    run one after another on the batch, in eval mode (a member's train/eval mode is restored after).
+    `member_seconds` (one float per member) gets each member's own time added: its forward on the
+    decoded batch, decoding excluded (on CUDA the device is synchronised around it)."""
     if not members:
         raise ValueError("no members")
     sizes = sorted({m.img_size for m in members})
@@ -149,7 +153,10 @@ def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_
             inputs = {size: norm(images[i].to(rt.device, non_blocking=rt.pin)) for size, i in size_index.items()}
             n = len(images[0])
             for k, member in enumerate(members):
+                start = _clock(rt) if member_seconds is not None else 0.0
                 out[k, pos:pos + n] = member.outputs(inputs[member.img_size], rt, logits=logits)
+                if member_seconds is not None:
+                    member_seconds[k] += _clock(rt) - start
             pos += n
             if progress:
                 progress.advance(task, n)
@@ -164,6 +171,13 @@ def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_
     if pos != len(paths):
         raise RuntimeError(f"expected {len(paths)} images, got {pos}")
     return out.cpu()
+
+
+def _clock(rt: Runtime) -> float:
+    """perf_counter once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    return time.perf_counter()
 
 
 def combine(probs: torch.Tensor, weights: Sequence[float] | np.ndarray | None = None) -> torch.Tensor:

@@ -27,6 +27,8 @@ PNG_KEY = "aicoss-report"  # a PNG text chunk: a picture that holds it may be re
 MAX_CLASSES_DRAWN = 60
 DPI = 100
 COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # matplotlib's cycle without its grey
+# the trade-off picture's point kinds (`tradeoff_points`): a new kind of point adds its marker here
+MARKERS = {"run": dict(marker="o", s=50), "member": dict(marker="^", s=60), "ensemble": dict(marker="*", s=180)}
 
 
 def _figure(width_in: float, height_in: float):
@@ -157,7 +159,8 @@ def draw_per_class_ap(runs: Sequence[Run], aps: Sequence[ClassAP], out_png: str 
 
 def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_png: str | Path) -> Path:
     """ensemble_tradeoff.png: val mAP against total training time and against inference img/s, for
-    single runs (●) and ensembles (★), with the Pareto front of each panel."""
+    single runs (●), ensembles (★) and, on the speed panel, their members (▲, in the ensemble's
+    colour), with the Pareto front of each panel."""
     fig = _figure(14, 5.6)
     axes = fig.subplots(1, 2)
     points_time, points_speed = tradeoff_points(runs, ensembles)
@@ -165,7 +168,7 @@ def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_
               (axes[1], points_speed, "inference speed [img/s]", "val mAP against inference speed", "higher"))
     for ax, points, xlabel, title, better in panels:
         for p in points:
-            style = dict(marker="*", s=180) if p["kind"] == "ensemble" else dict(marker="o", s=50)
+            style = MARKERS[p["kind"]]
             ax.scatter([p["x"]], [p["y"]], color=p["color"], zorder=3, label=_plain(p["label"], 60), **style)
             ax.annotate(_plain(p["label"], 36), (p["x"], p["y"]), textcoords="offset points", xytext=(6, 4),
                         fontsize="x-small")
@@ -187,14 +190,16 @@ def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize="small")
-    fig.suptitle("ensemble trade-off — single runs ●: validation speed during training; "
-                 "ensembles ★: `aicoss ensemble`, images decoded and every member run")
+    fig.suptitle("ensemble trade-off — single runs ●: validation speed during training; ensembles ★: "
+                 "`aicoss ensemble`, images decoded and every member run;\nmembers ▲: each one's own forward in "
+                 "that loop (decoding excluded)")
     return _save(fig, out_png)
 
 
 def tradeoff_points(runs: Sequence[Run], ensembles: Sequence[EnsembleResult]) -> tuple[list[dict], list[dict]]:
-    """The points of both panels: (training time, val mAP) and (img/s, val mAP); a run or an
-    ensemble that lacks a value is left out of that panel."""
+    """The points of both panels: (training time, val mAP) and (img/s, val mAP); a run, an ensemble
+    or a member that lacks a value is left out of that panel. Each point is a dict: kind (a key of
+    `MARKERS`), label, x, y, color."""
     by_time, by_speed = [], []
     for i, run in enumerate(runs):
         point = {"kind": "run", "label": run.label, "y": run.best_val_map, "color": f"C{i % 10}"}
@@ -209,6 +214,10 @@ def tradeoff_points(runs: Sequence[Run], ensembles: Sequence[EnsembleResult]) ->
         if ens.train_seconds is not None:
             by_time.append({**point, "x": ens.train_seconds})
         by_speed.append({**point, "x": ens.img_per_s})
+        for i, m in enumerate(ens.members, start=1):
+            if m.img_per_s is not None and m.val_map is not None:
+                by_speed.append({"kind": "member", "label": f"member {i}: {m.arch} {m.img_size}px", "y": m.val_map,
+                                 "x": m.img_per_s, "color": point["color"]})
     return by_time, by_speed
 
 
