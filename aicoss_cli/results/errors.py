@@ -71,7 +71,7 @@ class LabeledScores:
     scores: np.ndarray  # (N, K) float64 in [0, 1]
     targets: np.ndarray  # (N, K) int8: 1, 0, -1 (not annotated)
     paths: list[str | None]  # absolute image paths; None where no img_path is known
-    split: str = "val"
+    split: str | None = None  # a run's "val" or "test"; None for a prediction CSV
 
 
 # --------------------------------------------------------------------------- inputs
@@ -104,8 +104,7 @@ def csv_scores(predictions: Path, labels: Path, root: Path | None) -> LabeledSco
     known = image_paths(root) if root.is_dir() else {}
     own = _own_image_paths(Path(labels), root)
     paths = [known.get(i) or own.get(i) for i in pred.ids]
-    return LabeledScores(f"{pred.path} against {truth.path}", pred.ids, pred.classes, pred.values, targets, paths,
-                         "test" if Path(labels).name == "test_labels.csv" else "val")
+    return LabeledScores(f"{pred.path} against {truth.path}", pred.ids, pred.classes, pred.values, targets, paths)
 
 
 def _own_image_paths(labels: Path, root: Path) -> dict[str, str]:

@@ -241,7 +241,7 @@ def draw_cooccurrence(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
             elif c < len(cols) and cols[c] == rows[r]:  # a class is never its own false positive's label
                 ax.text(c, r, "–", ha="center", va="center", fontsize=7, color="0.6")
         ax.set_yticks(range(len(rows)), [f"{_plain(d.classes[j], 30)} ({fp[j]})" for j in rows], fontsize=8)
-        ax.set_xticks(range(len(cols) + 1), [_plain(d.classes[i], 30) for i in cols] + ["(no label)"], fontsize=8,
+        ax.set_xticks(range(len(cols) + 1), [_plain(d.classes[i], 24) for i in cols] + ["(no label)"], fontsize=8,
                       rotation=55, ha="right", rotation_mode="anchor")
         ax.set_ylabel("false positives of the class (how many)")
         ax.set_xlabel("true labels of those images")

@@ -59,7 +59,9 @@ figure.thumb img,.missing{width:96px;height:96px;display:block;border:2px solid;
 figure.fp img,figure.fp .missing{border-color:#d62728}figure.fn img,figure.fn .missing{border-color:#1f77b4}
 .missing{background:#e3e3e3;color:#555;font-size:10px;display:flex;align-items:center;justify-content:center;
 text-align:center;overflow:hidden}figure.thumb figcaption{overflow-wrap:anywhere;color:#333}
-.none{color:#777;font-style:italic}td img{width:48px;height:48px;display:block}a{color:#1f5fa8}
+figure.thumb b{display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.labels{display:-webkit-box;-webkit-line-clamp:3;line-clamp:3;-webkit-box-orient:vertical;overflow:hidden}
+#errors section p{margin:2px 0 8px}#errors h3{margin-top:22px}.none{color:#777;font-style:italic}td img{width:64px;height:64px;display:block}a{color:#1f5fa8}
 """
 
 SCRIPT = """
@@ -144,7 +146,8 @@ def _gallery(a: ErrorAnalysis, g: ClassErrors, out_dir: Path) -> str:
         figures = []
         for r in rows:
             labels = ", ".join(d.classes[k] for k in np.flatnonzero(d.targets[r] == 1)) or "(none)"
-            caption = f"<b>{escape(d.ids[r])}</b><br>score {d.scores[r, g.cls]:.3f}<br>true: {escape(labels)}"
+            caption = (f'<b title="{escape(d.ids[r])}">{escape(d.ids[r])}</b>score {d.scores[r, g.cls]:.3f}'
+                       f'<span class="labels" title="{escape(labels)}">true: {escape(labels)}</span>')
             figures.append(_thumb(a, r, out_dir, caption, kind))
         body = "".join(figures) or f'<span class="none">none at threshold {t:.3g}</span>'
         parts.append(f'<div class="strip"><div class="kind {kind}">{title}<small>{order}</small></div>'
