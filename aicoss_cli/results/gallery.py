@@ -226,7 +226,7 @@ def draw_cooccurrence(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
     cols = [int(i) for i in np.argsort(-totals, kind="stable") if totals[i] > 0][:MATRIX_COLS]
     counts = np.column_stack([analysis.pairs[np.ix_(rows, cols)], analysis.alone[rows]]) if rows else np.zeros((0, 1))
     width = max(9.0, 4.5 + 0.42 * (len(cols) + 1))
-    fig = _figure(width, max(4.5, 2.8 + 0.34 * len(rows)) if rows else 2.5)
+    fig = _figure(width, max(4.5, 2.8 + 0.34 * len(rows)) if rows else 3.0)
     ax = fig.subplots()
     with_fp = int((fp > 0).sum())
     if not rows:

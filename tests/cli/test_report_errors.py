@@ -7,34 +7,14 @@ import csv
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import TINY_RECIPE, assert_one_line_error, read_csv
+from helpers import TINY_RECIPE, assert_one_line_error, assert_picture, cli_in_process, read_csv, write_csv
 
 FILES = ("errors.png", "pr_curves.png", "cooccurrence.png", "suspect_labels.csv", "report.html")
-
-
-def _cli(*args) -> tuple[int, str, str]:
-    """The real entry point in-process, for the module-scoped fixture (capsys is per test)."""
-    import contextlib
-    import io
-
-    from aicoss_cli.cli.app import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["aicoss", *map(str, args)])
-        code = 0
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 0
-    return code, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +24,8 @@ def run(demo_root, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("errors_run")
     recipe = base / "tiny.toml"
     recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy="none", root=demo_root))
-    code, _, stderr = _cli("train", recipe, "--out", base / "runs", "--set", "optim.lr=3e-2")
-    assert code == 0, stderr
+    result = cli_in_process("train", recipe, "--out", base / "runs", "--set", "optim.lr=3e-2")
+    assert result.code == 0, result.stderr
     (run_dir,) = [p for p in (base / "runs" / "tiny").iterdir() if p.is_dir()]
     return run_dir
 
@@ -70,7 +50,9 @@ def test_a_run_and_its_data_give_the_five_files_and_the_numbers_of_its_val_split
     assert result.code == 0, result.stderr
     for name in FILES + ("errors_digit_3.png",):
         assert (out / name).is_file(), name
-    assert all(is_report_picture(out / n) for n in ("errors.png", "pr_curves.png", "cooccurrence.png"))
+    for name in ("errors.png", "errors_digit_3.png", "pr_curves.png", "cooccurrence.png"):
+        assert_picture(out / name)
+        assert is_report_picture(out / name)
     assert is_report_page(out / "report.html")
     got = json.loads(result.stdout)["error_analysis"]
 
@@ -90,10 +72,10 @@ def test_a_run_and_its_data_give_the_five_files_and_the_numbers_of_its_val_split
     assert (got["split"], got["images"]) == ("test", 40)
 
 
-def test_labels_flipped_on_purpose_top_the_suspect_list(run_cli, run, demo_root, tmp_path):
+def test_labels_flipped_on_purpose_top_the_suspect_list(run_cli, run, data_copy, tmp_path):
     header, ids, scores = read_csv(run / "val_scores.csv")
     classes = header[1:]
-    columns, rows = _labels(demo_root)
+    columns, rows = _labels(data_copy)
     y = np.array([[int(rows[i][columns.index(c)]) for c in classes] for i in ids])
     # the model's most confident calls: flipped, each contradicts its new label more than any
     # label it already disagrees with (agreement a = s for a positive, 1 - s for a negative)
@@ -103,12 +85,10 @@ def test_labels_flipped_on_purpose_top_the_suspect_list(run_cli, run, demo_root,
     flips = [tuple(int(v) for v in np.unravel_index(k, y.shape)) for k in order]
     assert all(agree[f] > worst_disagreement for f in flips), "the trained run is not confident enough"
 
-    data = tmp_path / "data"
-    shutil.copytree(demo_root, data)
+    data = data_copy
     for r, c in flips:
         rows[ids[r]][columns.index(classes[c])] = str(1 - y[r, c])
-    with open(data / "train.csv", "w", newline="") as f:
-        csv.writer(f).writerows([columns, *rows.values()])
+    write_csv(data / "train.csv", columns, list(rows.values()))
     now_positive = [scores[f] for f in flips if y[f] == 0]
     now_negative = [scores[f] for f in flips if y[f] == 1]
     below = max(now_positive) + 1e-6 if now_positive else 0.0
@@ -137,12 +117,8 @@ def test_a_prediction_csv_of_every_train_image_is_analysed_against_train_csv(run
         y_rc = 0 if value > 0.5 else 1
         rows[ids[r]][2 + c] = str(y_rc)  # a label the score contradicts
         s[r, c] = value
-    labels = tmp_path / "train.csv"
-    with open(labels, "w", newline="") as f:
-        csv.writer(f).writerows([columns, *rows.values()])
-    oof = tmp_path / "oof.csv"
-    with open(oof, "w", newline="") as f:
-        csv.writer(f).writerows([["img_id", *classes], *[[i, *v] for i, v in zip(ids, s.tolist())]])
+    labels = write_csv(tmp_path / "train.csv", columns, list(rows.values()))
+    oof = write_csv(tmp_path / "oof.csv", ["img_id", *classes], [[i, *v] for i, v in zip(ids, s.tolist())])
     out = tmp_path / "report"
     result = run_cli("report", oof, "--labels", labels, "--data", demo_root, "--out", out)
     assert result.code == 0, result.stderr
@@ -172,11 +148,10 @@ def test_a_prediction_csv_that_does_not_match_its_labels_is_the_one_line_error_o
 
 
 def test_a_data_root_without_its_images_still_gives_the_numbers_and_names_what_is_missing(
-        run_cli, run, demo_root, tmp_path):
-    data = tmp_path / "no_images"
-    data.mkdir()
-    for name in ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv"):
-        shutil.copy(demo_root / name, data)
+        run_cli, run, data_copy, tmp_path):
+    data = data_copy
+    for folder in ("train", "test"):
+        shutil.rmtree(data / folder)
     out = tmp_path / "report"
     result = run_cli("report", run, "--data", data, "--out", out)
     assert result.code == 0, result.stderr
