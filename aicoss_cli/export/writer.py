@@ -187,7 +187,8 @@ def _image_paths(data: Path, n: int) -> tuple[list[str], str]:
     return paths[:n], f"{Path(data) / csv}"
 
 
-def check_inputs(img_size: int, data: Path | None, n: int = CHECK_IMAGES) -> tuple[Tensor, str]:
+def check_inputs(img_size: int, data: Path | None, n: int = CHECK_IMAGES,
+                 exif_transpose: bool = False) -> tuple[Tensor, str]:
     """n normalised inputs (n×3×S×S float32): real images of `data` decoded as predict does, or
     seeded random inputs; and a phrase saying which."""
     if data is None:
@@ -196,7 +197,7 @@ def check_inputs(img_size: int, data: Path | None, n: int = CHECK_IMAGES) -> tup
     from aicoss_cli.data.images import decode_batch
 
     paths, csv = _image_paths(data, n)
-    batches, error = decode_batch(paths, [img_size])
+    batches, error = decode_batch(paths, [img_size], exif_transpose=exif_transpose)
     if error:
         raise UserError(f"{error}; --data {data} must point at readable images")
     return normalize(batches[0]).contiguous(), f"{len(paths)} images of {csv}"
@@ -367,7 +368,8 @@ def export_checkpoint(
 
     step("loading the checkpoint")
     model, meta = model_from_checkpoint(checkpoint)
-    inputs, compared = check_inputs(meta.img_size, Path(data) if data is not None else None)
+    inputs, compared = check_inputs(meta.img_size, Path(data) if data is not None else None,
+                                    exif_transpose=meta.exif_transpose)
     metadata = export_metadata(meta, checkpoint, precision, batch, fmt)
     notes: list[str] = []
     if fmt == "safetensors-timm":

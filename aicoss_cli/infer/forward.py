@@ -57,6 +57,7 @@ class Member:
     weight: float = 1.0
     tta: str = "none"
     meta: CheckpointMeta | None = None
+    exif_transpose: bool = False  # its recipe's [data] exif_transpose: images upright by their EXIF orientation
 
     def outputs(self, x: torch.Tensor, runtime: Runtime, logits: bool = False) -> torch.Tensor:
         """(B, K) float32 probabilities (averaged over the TTA views), or the plain logits."""
@@ -113,7 +114,8 @@ def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str 
                 model.to(memory_format=torch.channels_last)
         weight = 1.0 if src.weight is None else float(src.weight)
         members.append(Member(path=str(src.path), model=model, img_size=meta.img_size, classes=meta.classes,
-                              weight=weight, tta=src.tta or default_tta, meta=meta))
+                              weight=weight, tta=src.tta or default_tta, meta=meta,
+                              exif_transpose=meta.exif_transpose))
         if progress:
             progress.advance(task)
     if progress:
@@ -133,8 +135,13 @@ def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_
     run one after another on the batch, in eval mode (a member's train/eval mode is restored after)."""
     if not members:
         raise ValueError("no members")
+    if len({m.exif_transpose for m in members}) > 1:
+        raise UserError(f"{members[0].path}, {members[-1].path}: one was trained on images turned upright by their EXIF "
+                        "orientation and one on the pixels as stored ([data] exif_transpose); ensemble members must "
+                        "see the same pixels")
     sizes = sorted({m.img_size for m in members})
-    batches = ImageBatches(paths, sizes, batch_size, workers=rt.workers, background=rt.background, pin=rt.pin)
+    batches = ImageBatches(paths, sizes, batch_size, workers=rt.workers, background=rt.background, pin=rt.pin,
+                           exif_transpose=members[0].exif_transpose)
     size_index = {s: i for i, s in enumerate(sizes)}
     out = torch.empty(len(members), len(paths), len(members[0].classes), device=rt.device)
     norm = Normalizer(rt.device, torch.channels_last if rt.channels_last else torch.contiguous_format)

@@ -167,6 +167,9 @@ def check_members(metas: Sequence[tuple[str, CheckpointMeta]]) -> None:
                 detail = f"class {i + 1} is {meta.classes[i]!r} vs {ref.classes[i]!r}"
             raise UserError(f"{src}: its class list differs from {ref_src}'s ({detail}); ensemble members must be "
                             "trained on the same classes in the same order")
+        if meta.exif_transpose != ref.exif_transpose:
+            raise UserError(f"{src}: its recipe's [data] exif_transpose is {str(meta.exif_transpose).lower()}, "
+                            f"{ref_src}'s {str(ref.exif_transpose).lower()}; ensemble members must see the same pixels")
         a, b = ref.split.get("val_fingerprint"), meta.split.get("val_fingerprint")
         if a != b:
             raise UserError(
