@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import clock, err, note, out
+from aicoss_cli.base.console import clock, err, note, out, print_table
 
 
 def report(
@@ -25,7 +25,9 @@ def report(
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root for the per-class AP labels (default: \\[data] root of each run's recipe).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON only (notes go to stderr).")] = False,
 ) -> None:
-    """Summarise runs and draw curves.png (losses and val mAP per epoch), per_class_ap.png (best
+    """Summarise runs and ensembles: a table, curves, per-class AP pictures.
+
+    Summarise runs and draw curves.png (losses and val mAP per epoch), per_class_ap.png (best
     checkpoint's val AP per class, weakest marked) and ensemble_tradeoff.png (val mAP against
     training time and inference speed).
 
@@ -67,7 +69,7 @@ def _print_runs(result) -> None:
                       f"{run.epochs_done}/{run.epochs}", _num(run.best_val_map), str(run.best_epoch),
                       clock(run.train_seconds), _speed(run.train_img_per_s), _speed(run.eval_img_per_s),
                       escape(run.status))
-    out.print(table)
+    print_table(table)
 
 
 def _print_class_ap(result) -> None:
@@ -100,7 +102,7 @@ def _print_class_ap(result) -> None:
             cells.append(_num(t.mean[c]))
         cells.append("-" if math.isnan(t.mean[c]) else str(rank))
         table.add_row(*cells, style="bold red" if c in t.weak else None)
-    out.print(table)
+    print_table(table)
 
 
 def _print_ensembles(result) -> None:
@@ -112,4 +114,4 @@ def _print_ensembles(result) -> None:
         table.add_row(escape(str(e.path)), str(len(e.members)), e.weighting, _num(e.val_map), _num(e.equal_val_map),
                       "-" if e.train_seconds is None else clock(e.train_seconds), _speed(e.img_per_s),
                       f"{e.seconds:.1f}", escape(e.device), e.precision)
-    out.print(table)
+    print_table(table)

@@ -173,6 +173,18 @@ def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_
     return out.cpu()
 
 
+def require_finite(probs: torch.Tensor, members: Sequence[Member], paths: Sequence[str]) -> None:
+    """`forward`'s (M, n, K) outputs must all be finite: else a UserError naming the first member
+    with a NaN or infinite output (damaged weights), raised before anything is written."""
+    for member, outputs in zip(members, probs):
+        bad = ~torch.isfinite(outputs)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise UserError(f"{member.path}: {int(bad.sum())} of {bad.numel()} outputs are not finite (first: "
+                            f"{Path(paths[row]).name}, class {member.classes[col]!r}): its weights are NaN or "
+                            "infinite (did its run stop on a non-finite loss?); nothing written")
+
+
 def combine(probs: torch.Tensor, weights: Sequence[float] | np.ndarray | None = None) -> torch.Tensor:
     """Weighted mean over members of (M, n, K) probabilities (weights ≥ 0, normalised to sum 1)."""
     m = probs.shape[0]

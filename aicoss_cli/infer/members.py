@@ -46,6 +46,22 @@ def val_split(meta: CheckpointMeta, root: Path, source: str) -> ValSplit:
     return ValSplit([table.ids[i] for i in rows], [table.paths[i] for i in rows], table.labels[rows])
 
 
+def other_data(meta: CheckpointMeta, root: Path, source: str) -> str | None:
+    """A warning when the train.csv under `root` gives another val split than the checkpoint
+    recorded: not the data it was trained on (e.g. a relative `[data] root` found from another
+    folder). None when it matches, or when it cannot be told (no train.csv, no split recorded)."""
+    if not meta.split.get("val_fingerprint") or not (Path(root) / "train.csv").is_file():
+        return None
+    try:
+        val_split(meta, root, source)
+    except UserError as exc:
+        reason = str(exc).removeprefix(f"{source}: ").split("; pass the --data")[0]
+        return (f"the data in {root} gives another train/val split than {source} recorded ({reason}): is it the "
+                "data the checkpoint was trained on? (a relative [data] root is found from the current folder); "
+                "the test predictions are written anyway")
+    return None
+
+
 def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
     """Members (and the optional data root) of an ENSEMBLE.toml:
 

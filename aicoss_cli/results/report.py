@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
+from aicoss_cli.base.files import check_writable_folder
 from aicoss_cli.results.ensembles import EnsembleResult, load_ensemble
 from aicoss_cli.results.layout import METRICS_FILE, VAL_SCORES_FILE
 from aicoss_cli.results.pictures import draw_curves, draw_per_class_ap, draw_tradeoff, is_report_picture
@@ -41,9 +42,11 @@ def default_out(run_dirs: Sequence[Path]) -> Path:
 
 
 def check_targets(out: Path) -> dict[str, Path]:
-    """The picture paths under `out`; a file there that this command did not write is never replaced."""
+    """The picture paths under `out`, a folder that can be written; a file there that this command
+    did not write is never replaced."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder (it is a file)")
+    check_writable_folder(out)
     targets = {key: out / name for key, name in PICTURES.items()}
     for path in targets.values():
         if path.exists() and not is_report_picture(path):
@@ -66,6 +69,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     runs = [load_run(r) for r in dict.fromkeys(Path(r) for r in run_dirs)]
     if data is not None and not Path(data).is_dir():
         raise UserError(f"{data}: --data folder not found")
+    out = Path(out) if out is not None else default_out([r.run_dir for r in runs])
+    targets = check_targets(out)  # where the pictures go is checked before any of them is computed
     class_aps: list[ClassAP | None] = []
     for run in runs:
         root = Path(data) if data is not None else Path(run.data_root)
@@ -94,8 +99,6 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         notes.append("runs without run.json: training time = the sum of metrics.csv seconds (validation "
                      "included); no img/s recorded")
 
-    out = Path(out) if out is not None else default_out([r.run_dir for r in runs])
-    targets = check_targets(out)
     pictures = {"curves": draw_curves(runs, targets["curves"])}
     with_ap = [(run, a) for run, a in zip(runs, class_aps) if a is not None]
     if with_ap:
