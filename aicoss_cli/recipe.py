@@ -131,6 +131,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of train.csv held out for validation")
     split_seed: int = Field(78, ge=0, lt=2**32, description="random_state of the split (the seed used 78); "
                             "0 <= split_seed < 2**32, as numpy and scikit-learn take it")
+    exif_transpose: bool = Field(False, description="turn each image upright by its EXIF orientation (phone photos) "
+                                 "in training and every prediction; false: the pixels as stored, as timm reads them")
 
 
 class RuntimeConfig(_Section):

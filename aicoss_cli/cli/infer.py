@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, note, out, progress_display
+from aicoss_cli.base.console import err, note, out, print_table, progress_display
 from aicoss_cli.cli.options import AsJson, BatchSize, Device, Labels, NumWorkers, Overwrite
 
 
@@ -37,14 +37,16 @@ def predict(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: predictions_<checkpoint name>_<split>.csv beside the checkpoint). With --split val, <out stem>_per_class.csv goes beside it.")] = None,
     precision: Annotated[Literal["fp32", "fp16", "bf16"], typer.Option("--precision", help="fp16 needs CUDA: bf16 on the CPU.")] = "fp32",
     tta: Annotated[Literal["none", "hflip", "flips"], typer.Option("--tta", help="Average the sigmoid outputs of the flipped views (hflip: 2, flips: 4).")] = "none",
-    batch_size: BatchSize = 64,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass (default: the batch its run validated with, so --split val gives its val_scores.csv byte for byte; else 64).", show_default=False)] = None,
     num_workers: NumWorkers = None,
     device: Device = "auto",
     labels: Labels = None,
     overwrite: Overwrite = False,
     as_json: AsJson = False,
 ) -> None:
-    """Predict with one checkpoint: a submission with the exact columns and row order of
+    """Predict with one checkpoint: a submission, or val mAP per class.
+
+    Predict with one checkpoint: a submission with the exact columns and row order of
     sample_submission.csv, or (--split val) the val mAP and a per-class AP / F1 table; with
     --labels also the 0/1 labels.
 
@@ -90,7 +92,7 @@ def _print_per_class(rows: list[dict], where: str) -> None:
                  f"{r['recall']:.4f}", *(() if same else (f"{r['threshold']:.3g}",)),
                  "-" if r["rank"] is None else str(r["rank"])]
         table.add_row(*cells, style="bold red" if weak else None)
-    out.print(table)
+    print_table(table)
 
 
 def _print_val_map(val_map: float, n_images: int, rows: list[dict]) -> None:
@@ -143,7 +145,9 @@ def ensemble(
     overwrite: Overwrite = False,
     as_json: AsJson = False,
 ) -> None:
-    """Average the sigmoid outputs of several checkpoints (any archs and input sizes: each image is
+    """Average several checkpoints; each member's and the ensemble's val mAP.
+
+    Average the sigmoid outputs of several checkpoints (any archs and input sizes: each image is
     decoded once per batch and resized per member), report each member's and the ensemble's val mAP
     on their shared val split, and write the test submission.
 
@@ -174,7 +178,7 @@ def ensemble(
     for i, m in enumerate(result.members, 1):
         table.add_row(str(i), escape(m.path), m.arch, str(m.img_size), m.tta, f"{m.weight:.3f}", _fmt_map(m.val_map),
                       _fmt_map(m.stored_val_map), "-" if m.img_per_s is None else f"{m.img_per_s:.1f}")
-    out.print(table)
+    print_table(table)
     if result.val_map is not None:
         best = max((m.val_map for m in result.members if m.val_map is not None), default=float("nan"))
         in_sample = "; in-sample: the weights were fit on these images" if result.weighting == "auto" else ""
@@ -207,7 +211,9 @@ def benchmark_fp16(
     num_workers: NumWorkers = None,
     device: Device = "auto",
 ) -> None:
-    """Run the same ensemble over the same val images in fp32 and in half precision (fp16 on CUDA,
+    """Run an ensemble in fp32 and half precision: time, img/s, val mAP.
+
+    Run the same ensemble over the same val images in fp32 and in half precision (fp16 on CUDA,
     bf16 on the CPU), each after a warm-up, and print the seed's table: inference time, img/s,
     val mAP and the difference in %, plus the largest difference of the output probabilities.
 

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import clock, err, note, out
+from aicoss_cli.base.console import clock, err, note, out, print_table
 
 
 def report(
@@ -33,7 +33,9 @@ def report(
     suspect_above: Annotated[float, typer.Option("--suspect-above", min=0.0, max=1.0, help="A negative label scored above this is a suspect.")] = 0.98,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON only (notes go to stderr).")] = False,
 ) -> None:
-    """Summarise runs and draw curves.png (losses and val mAP per epoch), per_class_ap.png (best
+    """Summarise runs and ensembles: a table, curves, per-class AP pictures.
+
+    Summarise runs and draw curves.png (losses and val mAP per epoch), per_class_ap.png (best
     checkpoint's val AP per class, weakest marked) and ensemble_tradeoff.png (val mAP against
     training time and inference speed), and write report.html, one page holding them all.
 
@@ -90,7 +92,7 @@ def _print_runs(result) -> None:
                       f"{run.epochs_done}/{run.epochs}", _num(run.best_val_map), str(run.best_epoch),
                       clock(run.train_seconds), _speed(run.train_img_per_s), _speed(run.eval_img_per_s),
                       escape(run.status))
-    out.print(table)
+    print_table(table)
 
 
 def _print_class_ap(result) -> None:
@@ -123,7 +125,7 @@ def _print_class_ap(result) -> None:
             cells.append(_num(t.mean[c]))
         cells.append("-" if math.isnan(t.mean[c]) else str(rank))
         table.add_row(*cells, style="bold red" if c in t.weak else None)
-    out.print(table)
+    print_table(table)
 
 
 def _print_errors(a) -> None:
@@ -150,4 +152,4 @@ def _print_ensembles(result) -> None:
         table.add_row(escape(str(e.path)), str(len(e.members)), e.weighting, _num(e.val_map), _num(e.equal_val_map),
                       "-" if e.train_seconds is None else clock(e.train_seconds), _speed(e.img_per_s),
                       f"{e.seconds:.1f}", escape(e.device), e.precision)
-    out.print(table)
+    print_table(table)

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, is_main_process, out, progress_display
+from aicoss_cli.base.console import err, is_main_process, note, out, print_table, progress_display
 from aicoss_cli.base.errors import UserError
 
 
@@ -29,7 +29,9 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Resume even if the recipe changed (says what changed).")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs) on this machine; launches torchrun.")] = 1,
 ) -> None:
-    """Validate RECIPE, train it, evaluate val mAP every epoch, keep best/last checkpoints and write
+    """Train a recipe: val mAP per epoch, best/last checkpoints, submission.
+
+    Validate RECIPE, train it, evaluate val mAP every epoch, keep best/last checkpoints and write
     the best checkpoint's test submission.
 
     Example: [bold]aicoss train recipes/demo.toml --data data/demo --set optim.epochs=3[/]
@@ -96,9 +98,9 @@ def _print_epochs(result) -> None:
         style = "bold green" if row["epoch"] == result.best_epoch else None
         table.add_row(str(row["epoch"]), f"{row['lr']:.3g}", f"{row['train_loss']:.4f}", f"{row['val_loss']:.4f}",
                       f"{row['val_map']:.4f}", f"{row['seconds']:.1f}", style=style)
-    out.print(table)
-    for note in result.notes:
-        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    print_table(table)
+    for text in result.notes:
+        note(text)
     out.print(f"best val mAP [bold]{result.best_map:.4f}[/] at epoch {result.best_epoch}; "
               f"submission: {result.run_dir / 'submission.csv'}", highlight=False)
 
@@ -112,7 +114,9 @@ def validate(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the resolved recipe (and the data counts) as JSON only.")] = False,
 ) -> None:
-    """Check a recipe (keys, types, ranges, arch and loss names) and, with --data, the data it would train on.
+    """Check a recipe and, with --data, the data it would train on.
+
+    Check a recipe (keys, types, ranges, arch and loss names) and, with --data, the data it would train on.
 
     Example: [bold]aicoss validate recipes/tresnet_xl_pasl.toml --data data/demo[/]
     """
@@ -126,10 +130,18 @@ def validate(
 
         with progress_display(err, enabled=not as_json, transient=True) as progress:
             prepared = prepare_data(resolved, progress)
+    same = []
+    if prepared is not None:
+        from aicoss_cli.data.duplicates import describe_same_images, same_images
+
+        same = same_images(prepared.table.paths)
+        if same:
+            note(describe_same_images(prepared.table.ids, same, prepared.val_rows), err if as_json else out)
     if as_json:
         counts = None if prepared is None else {
             "labelled": len(prepared.table), "train": len(prepared.train_rows), "val": len(prepared.val_rows),
-            "test": len(prepared.test), "classes": prepared.table.classes, "split": prepared.split}
+            "test": len(prepared.test), "classes": prepared.table.classes, "split": prepared.split,
+            "same_images": [[prepared.table.ids[i], prepared.table.ids[j]] for i, j in same]}
         print(json.dumps({"recipe": str(recipe), "valid": True, "resolved": resolved.model_dump(), "data": counts},
                          indent=2, ensure_ascii=False))
         return
@@ -154,7 +166,9 @@ def _recipe_files(folder: Path | None) -> list[Path]:
 def recipes(
     folder: Annotated[Optional[Path], typer.Argument(help="Folder of recipes (default: the bundled ones).")] = None,
 ) -> None:
-    """List the recipes: one per model row of the seed's tables, plus small CPU demos.
+    """List the recipes: one per row of the seed's tables, plus CPU demos.
+
+    List the recipes: one per model row of the seed's tables, plus small CPU demos.
 
     Example: [bold]aicoss recipes[/]
     """

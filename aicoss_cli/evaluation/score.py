@@ -103,7 +103,7 @@ def write_per_class_csv(path: Path, rows: list[dict]) -> None:
 
     try:
         with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")
             writer.writerow(PER_CLASS_COLUMNS)
             writer.writerows([cell(k, r[k]) for k in PER_CLASS_COLUMNS] for r in rows)
     except OSError as exc:

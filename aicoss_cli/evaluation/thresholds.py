@@ -60,13 +60,13 @@ def read_thresholds_csv(path: Path, classes: Sequence[str]) -> np.ndarray:
     order), each value finite in [0, 1]. Returned in the order of `classes`."""
     path = Path(path)
     header, rows = read_csv_rows(path, "thresholds CSV")
-    if tuple(header) != THRESHOLDS_HEADER:
+    if tuple(h.strip() for h in header) != THRESHOLDS_HEADER:
         raise UserError(f"{path}: header must be `class,threshold` (got {','.join(header)!r})")
     wanted = {c: j for j, c in enumerate(classes)}
     values = np.full(len(classes), np.nan)
     seen: dict[str, int] = {}
     for line, row in rows:
-        name, raw = row[0].strip(), row[1]
+        name, raw = (row[0] if row[0] in wanted else row[0].strip()), row[1]  # a class name as written, or trimmed
         if name not in wanted:
             raise UserError(f"{path}: row {line}: class {name!r} is not one of the {len(classes)} classes "
                             f"({preview(classes)})")
@@ -299,11 +299,11 @@ def write_label_outputs(out_csv: Path, ids: Sequence[str], classes: Sequence[str
     try:
         with atomic_path(labels_path) as tmp_labels, atomic_path(thresholds_path) as tmp_thresholds:
             with open(tmp_labels, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
+                writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(["img_id", *classes])
                 writer.writerows([i, *row] for i, row in zip(ids, labels.tolist()))
             with open(tmp_thresholds, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
+                writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(THRESHOLDS_HEADER)
                 writer.writerows((c, repr(float(v))) for c, v in zip(classes, t))
     except OSError as exc:

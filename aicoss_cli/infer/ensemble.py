@@ -32,7 +32,7 @@ from aicoss_cli.evaluation.thresholds import (
     resolve_thresholds,
     write_label_outputs,
 )
-from aicoss_cli.infer.forward import MemberSource, combine, forward, load_members, member_meta
+from aicoss_cli.infer.forward import MemberSource, combine, forward, load_members, member_meta, require_finite
 from aicoss_cli.infer.members import Discovery, check_members, discover_runs, read_spec, val_split
 from aicoss_cli.results.ensembles import EnsembleMember, EnsembleResult, result_path_for, write_ensemble_result
 
@@ -214,7 +214,8 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
         if spec_labels == "auto":
             raise UserError(f"{ref_src}: --labels auto fits on the val split, and these members record none")
     out = Path(out) if out is not None else Path("ensemble_submission.csv")
-    inputs = [s.path for s in sources] + ([Path(spec)] if spec else []) + data_inputs(root)
+    inputs = [s.path for s in sources] + ([Path(spec)] if spec else []) + data_inputs(root) + (
+        [spec_labels] if isinstance(spec_labels, Path) else [])
     outputs = [out, result_path_for(out), *([per_class_path_for(out)] if has_split else []),
                *(label_output_paths(out) if spec_labels is not None else [])]
     check_outputs(outputs, inputs, overwrite)
@@ -237,8 +238,10 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     result = EnsembleRun(reports, out, len(test), len(val_paths), rt.describe(), weighting, 0.0, notes=notes,
                          discovery=discovery)
     if has_split:
-        val_probs = forward(members, val_paths, rt, batch_size, progress=progress,
-                            what=f"val: {len(val_paths)} images × {len(members)} members").numpy()
+        val_out = forward(members, val_paths, rt, batch_size, progress=progress,
+                          what=f"val: {len(val_paths)} images × {len(members)} members")
+        require_finite(val_out, members, val_paths)
+        val_probs = val_out.numpy()
         for report, p in zip(reports, val_probs):
             report.val_map = mean_average_precision(targets, p)
         result.equal_val_map = mean_average_precision(targets, val_probs.mean(axis=0))
@@ -258,11 +261,6 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
             notes.append(weaker)
     if spec_labels is not None:
         result.thresholds = resolve_thresholds(spec_labels, ref.classes, targets, combined_val if has_split else None)
-    if has_split:
-        threshold = result.thresholds if result.thresholds is not None else DEFAULT_THRESHOLD
-        result.per_class = per_class_rows(ref.classes, targets, combined_val, threshold)
-        result.per_class_path = per_class_path_for(out)
-        write_per_class_csv(result.per_class_path, result.per_class)
     result.weighting = weighting
     for report, w in zip(reports, final):
         report.weight = float(w)
@@ -273,7 +271,13 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     result.img_per_s = len(test) / max(time.perf_counter() - t_test, 1e-9)
     for report, seconds in zip(reports, member_seconds):
         report.img_per_s = len(test) / max(seconds, 1e-9)
+    require_finite(test_probs, members, test.paths)  # before any file is written
     combined = combine(test_probs, final)
+    if has_split:
+        threshold = result.thresholds if result.thresholds is not None else DEFAULT_THRESHOLD
+        result.per_class = per_class_rows(ref.classes, targets, combined_val, threshold)
+        result.per_class_path = per_class_path_for(out)
+        write_per_class_csv(result.per_class_path, result.per_class)
     write_scores_csv(out, test.ids, test.classes, combined)
     if result.thresholds is not None:
         result.labels_path, result.thresholds_path = write_label_outputs(out, test.ids, test.classes,

@@ -46,6 +46,22 @@ def val_split(meta: CheckpointMeta, root: Path, source: str) -> ValSplit:
     return ValSplit([table.ids[i] for i in rows], [table.paths[i] for i in rows], table.labels[rows])
 
 
+def other_data(meta: CheckpointMeta, root: Path, source: str) -> str | None:
+    """A warning when the train.csv under `root` gives another val split than the checkpoint
+    recorded: not the data it was trained on (e.g. a relative `[data] root` found from another
+    folder). None when it matches, or when it cannot be told (no train.csv, no split recorded)."""
+    if not meta.split.get("val_fingerprint") or not (Path(root) / "train.csv").is_file():
+        return None
+    try:
+        val_split(meta, root, source)
+    except UserError as exc:
+        reason = str(exc).removeprefix(f"{source}: ").split("; pass the --data")[0]
+        return (f"the data in {root} gives another train/val split than {source} recorded ({reason}): is it the "
+                "data the checkpoint was trained on? (a relative [data] root is found from the current folder); "
+                "the test predictions are written anyway")
+    return None
+
+
 def read_spec(path: Path) -> tuple[list[MemberSource], Path | None]:
     """Members (and the optional data root) of an ENSEMBLE.toml:
 
@@ -167,6 +183,9 @@ def check_members(metas: Sequence[tuple[str, CheckpointMeta]]) -> None:
                 detail = f"class {i + 1} is {meta.classes[i]!r} vs {ref.classes[i]!r}"
             raise UserError(f"{src}: its class list differs from {ref_src}'s ({detail}); ensemble members must be "
                             "trained on the same classes in the same order")
+        if meta.exif_transpose != ref.exif_transpose:
+            raise UserError(f"{src}: its recipe's [data] exif_transpose is {str(meta.exif_transpose).lower()}, "
+                            f"{ref_src}'s {str(ref.exif_transpose).lower()}; ensemble members must see the same pixels")
         a, b = ref.split.get("val_fingerprint"), meta.split.get("val_fingerprint")
         if a != b:
             raise UserError(

@@ -40,16 +40,26 @@ class CheckpointMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def data_root(self) -> Path | None:
-        """The `[data] root` of the stored recipe (None if it has none)."""
+    def _data_key(self, key: str) -> Any:
+        """A `[data]` key of the stored recipe (None if it has none)."""
         import tomllib
 
         try:
-            root = tomllib.loads(self.recipe_toml).get("data", {}).get("root") if self.recipe_toml else None
+            return tomllib.loads(self.recipe_toml).get("data", {}).get(key) if self.recipe_toml else None
         except tomllib.TOMLDecodeError:
             return None
+
+    @property
+    def data_root(self) -> Path | None:
+        """The `[data] root` of the stored recipe (None if it has none)."""
+        root = self._data_key("root")
         return Path(root) if isinstance(root, str) and root else None
+
+    @property
+    def exif_transpose(self) -> bool:
+        """The stored recipe's `[data] exif_transpose`: its images were turned upright by their EXIF
+        orientation, so every prediction must turn them too."""
+        return self._data_key("exif_transpose") is True
 
     def resolve_data_root(self, data: str | Path | None, source: str) -> Path:
         """`data` when given, else the stored recipe's data root."""

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
+from aicoss_cli.base.files import check_writable_folder
 from aicoss_cli.results.ensembles import EnsembleResult, load_ensemble
 from aicoss_cli.results.errors import (
     ErrorAnalysis,
@@ -55,10 +56,11 @@ def default_out(run_dirs: Sequence[Path]) -> Path:
 
 
 def check_targets(out: Path, extra: dict[str, str] | None = None) -> dict[str, Path]:
-    """The paths of the pictures (and `extra` files) under `out`; a file there that this command did
-    not write is never replaced."""
+    """The paths of the pictures (and `extra` files) under `out`, a folder that can be written; a
+    file there that this command did not write is never replaced."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder (it is a file)")
+    check_writable_folder(out)
     targets = {key: out / name for key, name in {**PICTURES, **(extra or {})}.items()}
     ours = {".png": is_report_picture, ".html": is_report_page, ".csv": is_suspects_csv}
     for path in targets.values():
@@ -87,6 +89,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     runs = [load_run(r) for r in dict.fromkeys(Path(r) for r in run_dirs)]
     if data is not None and not Path(data).is_dir():
         raise UserError(f"{data}: --data folder not found")
+    out = Path(out) if out is not None else default_out([r.run_dir for r in runs] if predictions is None else [])
+    check_targets(out)  # where the pictures go is checked before any of them is computed
     class_aps: list[ClassAP | None] = []
     for run in runs:
         root = Path(data) if data is not None else Path(run.data_root)
@@ -117,8 +121,6 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
 
     source = error_source(runs, predictions, errors, data)
     analysis = analyse(source, errors) if source is not None else None
-
-    out = Path(out) if out is not None else default_out([r.run_dir for r in runs] if predictions is None else [])
     targets = check_targets(out, {**(error_files(analysis) if analysis else {}), "html": HTML_FILE})
     pictures: dict[str, Path] = {}
     if runs:

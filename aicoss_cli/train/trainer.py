@@ -194,7 +194,8 @@ class Trainer:
             self.prior.apply(self.loss_fn)
         transform = build_train_transform(r.augment.policy, r.augment.magnitude, r.augment.num_ops,
                                           r.augment.cutout_factor)
-        self.train_set = ImageDataset(self.data.table.paths, self.data.table.labels, r.model.img_size, transform)
+        self.train_set = ImageDataset(self.data.table.paths, self.data.table.labels, r.model.img_size, transform,
+                                      r.data.exif_transpose)
         self.eval_batch = r.runtime.eval_batch_size or self.micro_batch
         # DDP averages gradients over ranks and accumulation sums them: scale so that one optimizer step
         # follows the gradient of the recipe's loss on the whole global batch
@@ -448,7 +449,8 @@ class Trainer:
         """Validation logits of every rank's shard, gathered in val order (no padding duplicates), in
         `[runtime] eval_precision`."""
         mine = shard(self.data.val_rows, self.info.rank, self.info.world)
-        member = Member(path="", model=model, img_size=self.recipe.model.img_size, classes=self.classes)
+        member = Member(path="", model=model, img_size=self.recipe.model.img_size, classes=self.classes,
+                        exif_transpose=self.recipe.data.exif_transpose)
         t0 = time.perf_counter()
         logits = forward([member], [self.data.table.paths[i] for i in mine], self.eval_rt, self.eval_batch,
                          logits=True, progress=bar, what="  validating")[0]
@@ -470,7 +472,8 @@ class Trainer:
         state, _ = load_checkpoint(layout.kept_file(self.run_dir, self.recipe.runtime.keep))
         self.raw_model.load_state_dict(state)
         test = self.data.test
-        member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
+        member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes,
+                        exif_transpose=self.recipe.data.exif_transpose)
         with progress_display(self.console, enabled=self.console is not None, transient=True) as bar:
             t0 = time.perf_counter()
             probs = forward([member], test.paths, self.eval_rt, self.eval_batch, progress=bar,

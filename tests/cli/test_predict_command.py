@@ -226,5 +226,5 @@ def test_non_finite_probabilities_are_never_written(run_cli, demo_root, tmp_path
     tensors = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, str(path), metadata=meta)
     result = run_cli("predict", path, "--out", tmp_path / "p.csv")
-    assert_one_line_error(result, "p.csv", "not written", "not finite", "TEST_")
+    assert_one_line_error(result, str(path), "nothing written", "not finite", "TEST_")
     assert not (tmp_path / "p.csv").exists()

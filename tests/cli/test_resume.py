@@ -174,12 +174,12 @@ def test_an_image_that_breaks_during_training_stops_cleanly_and_resumes(
     real_load = data.decode_image
     seen = {"n": 0, "bad": None}
 
-    def breaks_once(path, size):
+    def breaks_once(path, size, *exif_transpose):
         seen["n"] += 1
         if seen["n"] == 2 * 32 + 5:  # an image of epoch 1, step 3 (passed the up-front check, then went bad)
             seen["bad"] = path
             raise OSError("image file is truncated")
-        return real_load(path, size)
+        return real_load(path, size, *exif_transpose)
 
     monkeypatch.setattr(data, "decode_image", breaks_once)
     recipe = write_recipe(demo_root, epochs=2)

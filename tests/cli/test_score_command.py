@@ -157,7 +157,7 @@ def _bad(tmp_path: Path, kind: str) -> tuple[Path, Path, tuple[str, ...]]:
     if kind == "empty label":
         lab[2][1] = ""
         write_csv(labels, lab[0], lab[1:])
-        return pred, labels, (str(labels), "row 3", "label ''")
+        return pred, labels, (str(labels), "row 3", "label is empty")
     if kind == "short row":
         rows[4] = rows[4][:2]
         write_csv(pred, rows[0], rows[1:])
