@@ -213,10 +213,11 @@ def assert_picture(path: Path) -> None:
         assert img.format == "PNG" and img.width >= 800 and img.height >= 300, (path, img.size)
 
 
-def tune_recipe(tmp_path: Path, root: Path, *, policy: str = "none", min_lr: float = 1e-4) -> Path:
-    """The tests' tiny recipe for tune (2 epochs) with a weight decay a log scale can hold, so trial 0 is the recipe."""
+def tune_recipe(tmp_path: Path, root: Path, *, policy: str = "none", min_lr: float = 1e-4, epochs: int = 2,
+                arch: str = "tiny_convnet") -> Path:
+    """The tests' tiny recipe for tune with a weight decay a log scale can hold, so trial 0 is the recipe."""
     path = tmp_path / "tiny.toml"
-    text = TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=2, policy=policy, root=root)
+    text = TINY_RECIPE.format(arch=arch, loss="bce", epochs=epochs, policy=policy, root=root)
     path.write_text(text.replace("weight_decay = 0.0", "weight_decay = 1e-4").replace("min_lr = 1e-4",
                                                                                       f"min_lr = {min_lr}"))
     return path
@@ -260,3 +261,12 @@ def train_state_tensors(run: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(run / "train_state.safetensors"))
+
+
+def read_trials(study_dir: Path) -> list[dict]:
+    """A study's trials.csv, its params column parsed."""
+    with open(study_dir / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["params"] = json.loads(r["params"])
+    return rows

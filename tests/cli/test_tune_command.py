@@ -3,8 +3,6 @@ without running its finished trials again, the best recipe trains, bad search sp
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +14,7 @@ from pathlib import Path
 import optuna  # the tune extra, which `make install` installs
 import pytest
 
-from helpers import ROOT, assert_one_line_error, read_metrics, tune_recipe
+from helpers import ROOT, assert_one_line_error, read_metrics, read_trials, tune_recipe
 
 LR_ONLY = """
 [optim.lr]
@@ -36,14 +34,6 @@ log = true
 startup_trials = 1
 seed = 0
 """
-
-
-def read_trials(study_dir: Path) -> list[dict]:
-    with open(study_dir / "trials.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["params"] = json.loads(r["params"])
-    return rows
 
 
 def run_folders(study_dir: Path) -> list[Path]:

@@ -5,17 +5,14 @@ made is one line."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-from pathlib import Path
 
 import optuna  # the tune extra, which `make install` installs
 import pytest
 
 from aicoss_cli.base.errors import UserError
 
-from helpers import TINY_RECIPE, assert_one_line_error
+from helpers import assert_one_line_error, read_trials, tune_recipe
 
 LR = """
 [optim.lr]
@@ -23,21 +20,6 @@ low = 1e-4
 high = 1e-1
 log = true
 """
-
-
-def tiny_recipe(tmp_path: Path, root: Path, arch: str = "tiny_convnet") -> Path:
-    path = tmp_path / "tiny.toml"
-    text = TINY_RECIPE.format(arch=arch, loss="bce", epochs=1, policy="none", root=root)
-    path.write_text(text.replace("weight_decay = 0.0", "weight_decay = 1e-4"))
-    return path
-
-
-def read_trials(study_dir: Path) -> list[dict]:
-    with open(study_dir / "trials.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["params"] = json.loads(r["params"])
-    return rows
 
 
 def fake_training(monkeypatch, refuse=lambda recipe: None):
@@ -64,7 +46,7 @@ def test_a_trial_the_data_refuses_is_failed_with_its_reason_and_the_study_goes_o
     space = tmp_path / "space.toml"
     space.write_text("[optim.lr]\nlow = 5.0\nhigh = 10.0\n")  # trial 0 keeps the recipe's 3e-3; the others are refused
     out = tmp_path / "tune"
-    result = run_cli("tune", tiny_recipe(tmp_path, demo_root), "--data", demo_root, "--space", space, "--trials", "3",
+    result = run_cli("tune", tune_recipe(tmp_path, demo_root, epochs=1), "--data", demo_root, "--space", space, "--trials", "3",
                      "--epochs", "1", "--out", out, "--study", "s")
     assert result.code == 0, result.stderr
     trials = read_trials(out / "s")
@@ -84,7 +66,7 @@ def test_what_the_data_or_the_arch_refuses_for_sure_is_refused_before_trial_0(ru
     fake_training(monkeypatch)
     (tmp_path / "space.toml").write_text(space)
     out = tmp_path / "tune"
-    result = run_cli("tune", tiny_recipe(tmp_path, demo_root, arch), "--data", demo_root, "--space",
+    result = run_cli("tune", tune_recipe(tmp_path, demo_root, epochs=1, arch=arch), "--data", demo_root, "--space",
                      tmp_path / "space.toml", "--trials", "2", "--out", out, "--study", "s")
     assert_one_line_error(result, *needles)
     assert not (out / "tune.db").exists() or optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'tune.db'}").trials == []
@@ -97,7 +79,7 @@ def test_ctrl_c_in_the_first_trial_still_writes_the_summaries(run_cli, demo_root
     fake_training(monkeypatch, refuse)
     (tmp_path / "space.toml").write_text(LR)
     out = tmp_path / "tune"
-    result = run_cli("tune", tiny_recipe(tmp_path, demo_root), "--data", demo_root, "--space", tmp_path / "space.toml",
+    result = run_cli("tune", tune_recipe(tmp_path, demo_root, epochs=1), "--data", demo_root, "--space", tmp_path / "space.toml",
                      "--trials", "2", "--out", out, "--study", "s")
     assert result.code == 130 and result.stderr.strip().splitlines()[-1].startswith("stopped: interrupted")
     assert [t["state"] for t in read_trials(out / "s")] == ["interrupted"]
@@ -115,7 +97,7 @@ def test_a_study_stopped_by_a_full_disk_keeps_its_summaries(run_cli, demo_root, 
     fake_training(monkeypatch, refuse)
     (tmp_path / "space.toml").write_text("[optim.lr]\nlow = 5.0\nhigh = 10.0\n")
     out = tmp_path / "tune"
-    result = run_cli("tune", tiny_recipe(tmp_path, demo_root), "--data", demo_root, "--space", tmp_path / "space.toml",
+    result = run_cli("tune", tune_recipe(tmp_path, demo_root, epochs=1), "--data", demo_root, "--space", tmp_path / "space.toml",
                      "--trials", "3", "--out", out, "--study", "s")
     assert result.code == 1 and result.stderr.strip().splitlines()[-1].startswith("stopped: writing to")
     assert [t["state"] for t in read_trials(out / "s")] == ["complete", "failed"]
@@ -129,7 +111,7 @@ def test_three_sessions_of_a_seeded_study_never_repeat_a_value(run_cli, demo_roo
     # a log-scale weight decay the recipe's 0.0 cannot sit on: no trial 0 of the recipe, every trial drawn
     space.write_text(f"{LR}\n[optim.weight_decay]\nlow = 1e-6\nhigh = 1e-2\nlog = true\n\n"
                      f"[tune]\nsampler = \"{sampler}\"\nseed = 7\n")
-    recipe = tiny_recipe(tmp_path, demo_root)
+    recipe = tune_recipe(tmp_path, demo_root, epochs=1)
     recipe.write_text(recipe.read_text().replace("weight_decay = 1e-4", "weight_decay = 0.0"))
     out = tmp_path / "tune"
     for session in (1, 2, 3):
@@ -142,6 +124,6 @@ def test_three_sessions_of_a_seeded_study_never_repeat_a_value(run_cli, demo_roo
 
 def test_a_storage_that_cannot_be_made_is_one_line(run_cli, demo_root, tmp_path):
     (tmp_path / "space.toml").write_text(LR)
-    result = run_cli("tune", tiny_recipe(tmp_path, demo_root), "--data", demo_root, "--space", tmp_path / "space.toml",
+    result = run_cli("tune", tune_recipe(tmp_path, demo_root, epochs=1), "--data", demo_root, "--space", tmp_path / "space.toml",
                      "--trials", "1", "--out", tmp_path / "tune", "--storage", "sqlite:////proc/nope/tune.db")
     assert_one_line_error(result, "--storage sqlite:////proc/nope/tune.db", "/proc/nope")
