@@ -133,6 +133,19 @@ class DataConfig(_Section):
                             "0 <= split_seed < 2**32, as numpy and scikit-learn take it")
     exif_transpose: bool = Field(False, description="turn each image upright by its EXIF orientation (phone photos) "
                                  "in training and every prediction; false: the pixels as stored, as timm reads them")
+    folds: int | None = Field(None, ge=2, description="K-fold cross-validation: K models, fold k validated on the "
+                              "k-th of K multi-label stratified folds (seeded by split_seed; split and val_fraction "
+                              "are not used); unset = one train/val split")
+    fold: int | None = Field(None, ge=0, description="train this fold only (0-based; each fold's run sets it); unset "
+                             "with folds = every fold")
+
+    @model_validator(mode="after")
+    def _one_fold_of_k(self) -> DataConfig:
+        if self.fold is not None and self.folds is None:
+            raise ValueError(f"fold = {self.fold} needs folds = K (the number of folds)")
+        if self.fold is not None and self.fold >= self.folds:
+            raise ValueError(f"fold = {self.fold}: a {self.folds}-fold cross-validation has folds 0 to {self.folds - 1}")
+        return self
 
 
 class RuntimeConfig(_Section):

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from aicoss_cli.base.console import err, is_main_process, tolerate_unencodable
 from aicoss_cli.base.errors import TrainingStopped, UserError
+from aicoss_cli.cli import cv as cli_cv
 from aicoss_cli.cli import data as cli_data
 from aicoss_cli.cli import export as cli_export
 from aicoss_cli.cli import infer as cli_infer
@@ -81,6 +82,7 @@ COMMANDS = [
     ("ensemble", cli_infer.ensemble),
     ("benchmark-fp16", cli_infer.benchmark_fp16),
     ("score", cli_score.score),
+    ("cv", cli_cv.cv_app),
     ("report", cli_report.report),
     ("count-params", cli_models.count_params),
     ("import-weights", cli_models.import_weights),
@@ -99,7 +101,10 @@ def _paragraphs(function) -> list[str]:
 
 # the command list shows each docstring's first paragraph, one short line; `aicoss CMD --help` all of it
 for _name, _function in COMMANDS:
-    app.command(_name, short_help=_paragraphs(_function)[0], help="\n\n".join(_paragraphs(_function)))(_function)
+    if isinstance(_function, typer.Typer):  # a command family: `aicoss cv summarize`
+        app.add_typer(_function, name=_name)
+    else:
+        app.command(_name, short_help=_paragraphs(_function)[0], help="\n\n".join(_paragraphs(_function)))(_function)
 
 
 # Typer's (or click's) base class of command-line errors, without importing a private module

@@ -105,8 +105,9 @@ def _print_val_map(val_map: float, n_images: int, rows: list[dict]) -> None:
               f"weakest: {escape(weakest)}", highlight=False)
 
 
-def _print_labels(th, labels_path, thresholds_path) -> None:
-    """Where the 0/1 labels went, the thresholds' source, the fallback classes and the held-out gain."""
+def _print_labels(th, labels_path, thresholds_path, images: str = "val images") -> None:
+    """Where the 0/1 labels went, the thresholds' source, the fallback classes and the held-out gain
+    (fit on some `images`, scored on the others)."""
     if th is None:
         return
     if th.fallback:
@@ -116,7 +117,7 @@ def _print_labels(th, labels_path, thresholds_path) -> None:
     h = th.held_out
     if h is not None:
         colour = "green" if h.gain > 0 else "yellow"
-        out.print(f"per-class thresholds, held out: fit on {h.n_fit} val images, scored on the other {h.n_score}: "
+        out.print(f"per-class thresholds, held out: fit on {h.n_fit} {images}, scored on the other {h.n_score}: "
                   f"macro F1 {h.global_f1:.4f} at the best single threshold {h.global_threshold:.3g} → "
                   f"{h.auto_f1:.4f} per class ([{colour}]gain {h.gain:+.4f}[/])", highlight=False)
         if h.gain < 0:
@@ -173,26 +174,34 @@ def ensemble(
         note(text)
     out.print(f"ensemble of {len(result.members)} members ({escape(result.runtime)})", highlight=False)
     table = Table()
-    for col in ("#", "checkpoint", "arch", "size", "tta", "weight", "val mAP", "at training", "model img/s"):
-        table.add_column(col, justify="left" if col in ("checkpoint", "arch", "tta") else "right")
+    columns = ("#", "CV folder", "arch", "size", "tta", "weight", "out-of-fold mAP", "folds' val mAP", "model img/s") \
+        if result.out_of_fold else ("#", "checkpoint", "arch", "size", "tta", "weight", "val mAP", "at training",
+                                    "model img/s")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("checkpoint", "CV folder", "arch", "tta") else "right")
     for i, m in enumerate(result.members, 1):
         table.add_row(str(i), escape(m.path), m.arch, str(m.img_size), m.tta, f"{m.weight:.3f}", _fmt_map(m.val_map),
                       _fmt_map(m.stored_val_map), "-" if m.img_per_s is None else f"{m.img_per_s:.1f}")
     print_table(table)
+    images = "out-of-fold images (whole folds)" if result.out_of_fold else "val images"
     if result.val_map is not None:
         best = max((m.val_map for m in result.members if m.val_map is not None), default=float("nan"))
         in_sample = "; in-sample: the weights were fit on these images" if result.weighting == "auto" else ""
-        out.print(f"ensemble val mAP ({result.weighting} weights): [bold]{result.val_map:.4f}[/] on {result.n_val} "
-                  f"val images (best member {best:.4f}, equal weights {result.equal_val_map:.4f}{in_sample})",
+        what = "out-of-fold mAP" if result.out_of_fold else "val mAP"
+        where = "training images, each predicted by the folds that did not train on it" if result.out_of_fold \
+            else "val images"
+        out.print(f"ensemble {what} ({result.weighting} weights): [bold]{result.val_map:.4f}[/] on {result.n_val} "
+                  f"{where} (best member {best:.4f}, equal weights {result.equal_val_map:.4f}{in_sample})",
                   highlight=False)
     if result.per_class:
-        _print_per_class(result.per_class, f"the members' val split, the ensemble ({result.weighting} weights)")
+        where = "the members' out-of-fold predictions" if result.out_of_fold else "the members' val split"
+        _print_per_class(result.per_class, f"{where}, the ensemble ({result.weighting} weights)")
         out.print(f"per-class table: {escape(str(result.per_class_path))}", highlight=False)
-    _print_labels(result.thresholds, result.labels_path, result.thresholds_path)
+    _print_labels(result.thresholds, result.labels_path, result.thresholds_path, images)
     if result.held_out is not None:
         h = result.held_out
         colour = "green" if h.gain > 0 else "yellow"
-        out.print(f"auto weights, held out: fit on {h.n_fit} val images, scored on the other {h.n_score}: "
+        out.print(f"auto weights, held out: fit on {h.n_fit} {images}, scored on the other {h.n_score}: "
                   f"equal {h.equal_map:.4f} → auto {h.auto_map:.4f} ([{colour}]gain {h.gain:+.4f}[/]); "
                   f"weights used: fit on all {result.n_val}", highlight=False)
     out.print(f"submission: {escape(str(result.out))} ({result.n_test} test images; {result.seconds:.1f} s); "

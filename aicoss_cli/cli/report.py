@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aicoss_cli.base.console import clock, err, note, out, print_table
+from aicoss_cli.cli.cv import print_folds
 
 
 def report(
@@ -44,6 +45,9 @@ def report(
     thumbnails), pr_curves.png, cooccurrence.png (the true labels of each class's false
     positives) and suspect_labels.csv (labels the model contradicts with confidence).
 
+    A cross-validation folder stands for its K fold runs, and adds cv_per_class_ap.png (per-class
+    AP over the folds: mean ± std, and out-of-fold) and the per-fold table.
+
     Example: [bold]aicoss report runs/demo/* --ensemble ensemble_submission.json --out report[/]
     Example: [bold]aicoss report runs/demo/20250101T000000Z --data data/demo --classes digit_3[/]
     """
@@ -64,6 +68,8 @@ def report(
         _print_ensembles(result)
     if result.analysis is not None:
         _print_errors(result.analysis)
+    for cv in result.cvs:
+        print_folds(cv)
     for text in result.notes:
         note(text)
     for path in result.pictures.values():

@@ -28,22 +28,48 @@ def train(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the recipe changed (says what changed).")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs) on this machine; launches torchrun.")] = 1,
+    folds: Annotated[Optional[int], typer.Option("--folds", help="K-fold cross-validation (sets \\[data] folds): K runs in runs/<name>/<timestamp>-cvK/fold0..; then oof.csv, cv.json and the K checkpoints' mean submission.", show_default=False)] = None,
+    fold: Annotated[Optional[int], typer.Option("--fold", help="Train this fold only (0-based), in a new cross-validation folder or in the one given to --resume.", show_default=False)] = None,
 ) -> None:
     """Train a recipe: val mAP per epoch, best/last checkpoints, submission.
 
     Validate RECIPE, train it, evaluate val mAP every epoch, keep best/last checkpoints and write
-    the best checkpoint's test submission.
+    the best checkpoint's test submission; with --folds K, one such run per fold (cross-validation).
 
     Example: [bold]aicoss train recipes/demo.toml --data data/demo --set optim.epochs=3[/]
     """
     from aicoss_cli.recipe import find_recipe, load_recipe, resolve_recipe
+    from aicoss_cli.results.layout import is_cv_dir
 
     if recipe is None and resume is None:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR); see `aicoss recipes` for the bundled ones")
+    if folds is not None and folds < 2:
+        raise UserError(f"--folds {folds}: K-fold cross-validation needs at least 2 folds")
+    if fold is not None and fold < 0:
+        raise UserError(f"--fold {fold}: folds are numbered from 0")
     recipe = find_recipe(recipe) if recipe is not None else None
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if resume is None:
-            resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)  # fail here, not in N processes
+    launcher = nproc > 1 and "WORLD_SIZE" not in os.environ
+    cv_parent = resume is not None and is_cv_dir(resume)
+    if resume is not None and not cv_parent and (folds is not None or fold is not None):
+        raise UserError(f"--{'folds' if folds is not None else 'fold'}: {resume} is not a cross-validation folder "
+                        "(runs/<name>/<timestamp>-cvK, made by `aicoss train --folds K`); resume it without "
+                        "--folds and --fold")
+    if cv_parent and (recipe is not None or overrides or out_dir is not None or force):
+        raise UserError(f"{resume}: a cross-validation resumes as it was started; drop the RECIPE, --set, --out and "
+                        "--force (a fold can be resumed on its own: --resume PARENT/fold2 with them)")
+    loaded = None
+    if resume is None:
+        cv_set = [f"data.folds={folds}"] if folds is not None else []
+        loaded = resolve_recipe(load_recipe(recipe, [*(overrides or []), *cv_set]), data_root=data)
+        if fold is not None and loaded.data.folds is None:
+            raise UserError(f"--fold {fold} needs --folds K (or [data] folds = K in the recipe)")
+    if cv_parent or (loaded is not None and loaded.data.folds is not None):
+        from aicoss_cli.cli.cv import train_cv
+
+        train_cv(loaded, resume if cv_parent else None, folds=folds, fold=fold, data=data, out_dir=out_dir,
+                 launch=(lambda args: _launch_torchrun(nproc, args)) if launcher else None)
+        return
+    if launcher:
         _launch_torchrun(nproc)
         return
 
@@ -61,29 +87,28 @@ def train(
                           "to train on)", highlight=False)
             return
         loaded = resumed.recipe
-    else:
-        loaded = resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)
     result = run_training(loaded, out_dir or Path("runs"), resume=resumed, console=err)
     if not is_main_process():
         return
     _print_epochs(result)
 
 
-def _launch_torchrun(nproc: int) -> None:
-    """Re-run this very command under torch.distributed.run with --nproc removed."""
+def _launch_torchrun(nproc: int, args: list[str] | None = None) -> None:
+    """Re-run this very command with --nproc removed (or `aicoss ARGS`) under torch.distributed.run."""
     import subprocess
 
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        args.append(a)
+    if args is None:
+        args, skip = [], False
+        for a in sys.argv[1:]:
+            if skip:
+                skip = False
+                continue
+            if a == "--nproc":
+                skip = True
+                continue
+            if a.startswith("--nproc="):
+                continue
+            args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "aicoss_cli", *args]
     err.print(f"launching: {' '.join(cmd[1:])}", highlight=False)

@@ -203,12 +203,14 @@ class HeldOutThresholds:
         return self.auto_f1 - self.global_f1
 
 
-def held_out_threshold_gain(targets, probs, seed: int = 0, min_positives: int = MIN_POSITIVES) -> HeldOutThresholds:
+def held_out_threshold_gain(targets, probs, seed: int = 0, min_positives: int = MIN_POSITIVES,
+                            rows: tuple[np.ndarray, np.ndarray] | None = None) -> HeldOutThresholds:
     """Fit on a seeded random half of the val images, score macro F1 on the other half (the same
-    halves as `infer.ensemble.held_out_gain` draws for weights: `halves`)."""
+    halves as `infer.ensemble.held_out_gain` draws for weights: `halves`), or on the given (fit,
+    score) rows (out-of-fold rows: `fold_halves`)."""
     y, s = as_arrays(targets, probs)
     n = len(y)
-    fit, score = halves(n, seed)
+    fit, score = rows if rows is not None else halves(n, seed)
     result = fit_thresholds(y[fit], s[fit], min_positives=min_positives)
     yb, sb = y[score], s[score]
     return HeldOutThresholds(
@@ -249,9 +251,11 @@ class Thresholds:
 
 
 def resolve_thresholds(spec: str | ThresholdSpec, classes: Sequence[str], val_targets=None, val_probs=None, *,
-                       option: str = "--labels", min_positives: int = MIN_POSITIVES, seed: int = 0) -> Thresholds:
+                       option: str = "--labels", min_positives: int = MIN_POSITIVES, seed: int = 0,
+                       rows: tuple[np.ndarray, np.ndarray] | None = None, what: str = "val") -> Thresholds:
     """One threshold per class from `spec` (text as typed, or what `parse_threshold_spec` returned);
-    `auto` fits on val_targets / val_probs (N, K) and measures the held-out gain."""
+    `auto` fits on val_targets / val_probs (N, K) and measures the held-out gain (on `rows`, the
+    (fit, score) halves, when given); `what` names those images in the source ("val", "out-of-fold")."""
     if isinstance(spec, str) and spec != "auto":
         spec = parse_threshold_spec(spec, option)
     classes = list(classes)
@@ -265,8 +269,8 @@ def resolve_thresholds(spec: str | ThresholdSpec, classes: Sequence[str], val_ta
         if np.shape(val_probs)[1:] != (len(classes),):
             raise ValueError(f"{len(classes)} classes but val probabilities of shape {np.shape(val_probs)}")
         fit = fit_thresholds(val_targets, val_probs, min_positives=min_positives)
-        held = held_out_threshold_gain(val_targets, val_probs, seed=seed, min_positives=min_positives)
-        source = f"auto (F1-optimal per class on {len(val_probs)} val images)"
+        held = held_out_threshold_gain(val_targets, val_probs, seed=seed, min_positives=min_positives, rows=rows)
+        source = f"auto (F1-optimal per class on {len(val_probs)} {what} images)"
         return Thresholds(fit.thresholds, classes, source, [classes[j] for j in fit.fallback], fit.global_threshold,
                           held, fit)
     value = float(spec)

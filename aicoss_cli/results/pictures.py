@@ -19,6 +19,7 @@ import numpy as np
 
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import atomic_path
+from aicoss_cli.results.cv import mean_std
 from aicoss_cli.results.ensembles import EnsembleResult
 from aicoss_cli.results.layout import EMA_COLUMN
 from aicoss_cli.results.runs import N_WEAKEST, ClassAP, Run, load_run
@@ -155,6 +156,55 @@ def draw_per_class_ap(runs: Sequence[Run], aps: Sequence[ClassAP], out_png: str 
     more = f"; {hidden} stronger classes not shown" if hidden else ""
     ax.set_title(_plain(f"per-class AP: {what} (red: the {len(t.weak)} weakest{more})", 140))
     return _save(fig, out_png)
+
+
+def draw_fold_ap(cvs: Sequence[Any], out_png: str | Path) -> Path:
+    """cv_per_class_ap.png: for each cross-validation folder (`results.cv.CvFolds`), every class's AP
+    as the mean over its K folds (bar) ± their sample std (error bar) and over all out-of-fold rows
+    (◆); classes sorted by the first folder's fold mean, weakest on top."""
+    first = cvs[0]
+    stats = [_fold_stats(cv, first.classes) for cv in cvs]
+    mean0 = stats[0][0]
+    order = [int(i) for i in np.argsort(np.where(np.isnan(mean0), np.inf, mean0), kind="stable")][:MAX_CLASSES_DRAWN]
+    n = len(cvs)
+    fig = _figure(11, 1.6 + 0.24 * len(order) * max(1.0, 0.6 * n))
+    ax = fig.subplots()
+    height = 0.8 / n
+    y = np.arange(len(order))
+    for r, (cv, (mean, std, oof)) in enumerate(zip(cvs, stats)):
+        pos = y + (r - (n - 1) / 2) * height
+        label = f"{cv.plan.recipe.name} {cv.plan.parent.name}"
+        ax.barh(pos, np.nan_to_num(mean[order]), height=height, color=f"C{r % 10}", alpha=0.8,
+                xerr=np.nan_to_num(std[order]), error_kw={"elinewidth": 1, "capsize": 2},
+                label=_plain(f"{label}: mean of {cv.folds} folds ± std", 80))
+        ax.plot(oof[order], pos, linestyle="none", marker="D", markersize=4, color="black" if n == 1 else f"C{r % 10}",
+                markeredgecolor="black", label=_plain(f"{label}: out-of-fold", 80))
+    ax.set_yticks(y, [_plain(first.classes[c], 40) for c in order])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("average precision on the held-out folds")
+    ax.set_ylabel("class (weakest first)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    hidden = len(first.classes) - len(order)
+    more = f"; {hidden} stronger classes not shown" if hidden else ""
+    ax.set_title(_plain(f"per-class AP over the folds (bar: mean, line: ±1 std, ◆: out-of-fold){more}", 140))
+    return _save(fig, out_png)
+
+
+def _fold_stats(cv, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class of `classes`: the mean and sample std of the folds' AP (the folds with a positive),
+    and the out-of-fold AP; NaN where the folder lacks the class."""
+    fold_ap, oof = cv.fold_class_ap(), cv.oof_class_ap()
+    mean, std, point = (np.full(len(classes), np.nan) for _ in range(3))
+    for i, c in enumerate(classes):
+        if c in cv.classes:
+            j = cv.classes.index(c)
+            scored = fold_ap[~np.isnan(fold_ap[:, j]), j]
+            if len(scored):
+                mean[i], std[i] = mean_std(scored)
+            point[i] = oof[j]
+    return mean, std, point
 
 
 def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_png: str | Path) -> Path:

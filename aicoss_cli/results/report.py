@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import check_writable_folder
+from aicoss_cli.results.cv import CvFolds, fold_missing, load_cv, mean_std, read_plan
 from aicoss_cli.results.ensembles import EnsembleResult, load_ensemble
 from aicoss_cli.results.errors import (
     ErrorAnalysis,
@@ -25,12 +26,19 @@ from aicoss_cli.results.errors import (
     write_suspects,
 )
 from aicoss_cli.results.html import HTML_FILE, is_report_page, write_report_html
-from aicoss_cli.results.layout import METRICS_FILE, VAL_SCORES_FILE
-from aicoss_cli.results.pictures import draw_curves, draw_per_class_ap, draw_tradeoff, is_report_picture
+from aicoss_cli.results.layout import METRICS_FILE, VAL_SCORES_FILE, has_epochs, is_cv_dir
+from aicoss_cli.results.pictures import (
+    draw_curves,
+    draw_fold_ap,
+    draw_per_class_ap,
+    draw_tradeoff,
+    is_report_picture,
+)
 from aicoss_cli.results.runs import ClassAP, Run, class_ap, load_run, weakest
 
 REPORT_FORMAT = "aicoss-report/1"
-PICTURES = {"curves": "curves.png", "per_class_ap": "per_class_ap.png", "ensemble_tradeoff": "ensemble_tradeoff.png"}
+PICTURES = {"curves": "curves.png", "per_class_ap": "per_class_ap.png", "ensemble_tradeoff": "ensemble_tradeoff.png",
+            "cv_per_class_ap": "cv_per_class_ap.png"}
 
 
 # --------------------------------------------------------------------------- pictures
@@ -48,6 +56,7 @@ class Report:
     notes: list[str]
     analysis: ErrorAnalysis | None = None
     files: dict[str, Path] = field(default_factory=dict)  # suspect_labels.csv, report.html
+    cvs: list[CvFolds] = field(default_factory=list)  # the cross-validation folders named, when finished
 
 
 def default_out(run_dirs: Sequence[Path]) -> Path:
@@ -86,10 +95,12 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         if not run_dirs and predictions is None:
             raise UserError("name at least one run folder (runs/<recipe name>/<timestamp>), or an --ensemble "
                             "result whose members' run folders exist")
-    runs = [load_run(r) for r in dict.fromkeys(Path(r) for r in run_dirs)]
     if data is not None and not Path(data).is_dir():
         raise UserError(f"{data}: --data folder not found")
-    out = Path(out) if out is not None else default_out([r.run_dir for r in runs] if predictions is None else [])
+    named = list(dict.fromkeys(Path(r) for r in run_dirs))  # a CV folder named alone is the default --out
+    cvs, run_dirs = expand_cv_dirs(run_dirs, data, notes)
+    runs = [load_run(r) for r in dict.fromkeys(Path(r) for r in run_dirs)]
+    out = Path(out) if out is not None else default_out(named if predictions is None else [])
     check_targets(out)  # where the pictures go is checked before any of them is computed
     class_aps: list[ClassAP | None] = []
     for run in runs:
@@ -131,6 +142,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
                                                      targets["per_class_ap"])
     if runs or results:
         pictures["ensemble_tradeoff"] = draw_tradeoff(runs, results, targets["ensemble_tradeoff"])
+    if cvs:
+        pictures["cv_per_class_ap"] = draw_fold_ap(cvs, targets["cv_per_class_ap"])
     files: dict[str, Path] = {}
     if analysis is not None:
         from aicoss_cli.results.gallery import draw_error_analysis
@@ -141,7 +154,31 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     files["html"] = write_report_html(targets["html"], runs=runs, ensembles=results, pictures=pictures,
                                       analysis=analysis, suspects_csv=files.get("suspect_labels"), notes=notes)
     return Report(runs=runs, class_aps=class_aps, ensembles=results, pictures=pictures, notes=notes,
-                  analysis=analysis, files=files)
+                  analysis=analysis, files=files, cvs=cvs)
+
+
+def expand_cv_dirs(run_dirs: Sequence[str | Path], data: str | Path | None,
+                   notes: list[str]) -> tuple[list[CvFolds], list[Path]]:
+    """Each cross-validation folder named stands for its fold runs (those with a finished epoch: the
+    K curves in one picture); a finished one is also read back whole (`load_cv`) for the per-class
+    AP over its folds. The other folders pass through."""
+    cvs, expanded = [], []
+    for folder in map(Path, run_dirs):
+        if not is_cv_dir(folder):
+            expanded.append(folder)
+            continue
+        plan = read_plan(folder)
+        folds = [plan.fold_dir(k) for k in range(plan.folds) if has_epochs(plan.fold_dir(k))]
+        if not folds:
+            raise UserError(f"{folder}: no fold has finished an epoch yet; report it after the first")
+        expanded += folds
+        unfinished = [k for k in range(plan.folds) if fold_missing(plan.fold_dir(k))]
+        if unfinished:
+            notes.append(f"{folder}: folds {', '.join(map(str, unfinished))} of {plan.folds} are not finished: no "
+                         "per-class AP over the folds yet")
+        else:
+            cvs.append(load_cv(folder, data))
+    return cvs, expanded
 
 
 def report_json(report: Report) -> dict[str, Any]:
@@ -167,7 +204,10 @@ def report_json(report: Report) -> dict[str, Any]:
                      "val_map": m.val_map, "run_dir": None if m.run_dir is None else str(m.run_dir),
                      "train_seconds": m.train_seconds, "img_per_s": m.img_per_s} for m in e.members],
     } for e in report.ensembles]
-    data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles,
+    cvs = [{"parent": str(cv.plan.parent), "folds": cv.folds, "fold_val_map": cv.fold_maps,
+            "mean_val_map": mean_std(cv.fold_maps)[0], "std_val_map": mean_std(cv.fold_maps)[1],
+            "oof_map": cv.oof_map} for cv in report.cvs]
+    data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles, "cv": cvs,
             "pictures": {k: str(v) for k, v in report.pictures.items()}, "notes": report.notes,
             "error_analysis": None if report.analysis is None else error_json(report.analysis),
             "files": {k: str(v) for k, v in report.files.items()}}

@@ -11,7 +11,7 @@ import numpy as np
 
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.data.images import check_images
-from aicoss_cli.data.splits import split_record
+from aicoss_cli.data.splits import fold_assignment, fold_record, split_record
 from aicoss_cli.data.tables import LabeledTable, TestTable, read_test, read_train
 from aicoss_cli.models.registry import input_size_problem
 from aicoss_cli.train.prior import read_prior_csv
@@ -37,8 +37,12 @@ def prepare_data(recipe, progress=None) -> PreparedData:
         check_images(paths, csv, (lambda n, t=task: progress.advance(t, n)) if progress else None)
         if progress:
             progress.remove_task(task)
-    train_rows, val_rows, split = split_record(table, recipe.data.split, recipe.data.val_fraction,
-                                               recipe.data.split_seed)
+    d = recipe.data
+    if d.folds is not None:  # fold k of K-fold cross-validation (fold 0 when the recipe names none)
+        train_rows, val_rows, split = fold_record(table, d.folds, d.fold or 0, d.split_seed)
+        check_every_fold(table, recipe)
+    else:
+        train_rows, val_rows, split = split_record(table, d.split, d.val_fraction, d.split_seed)
     if not (table.labels[val_rows] > 0).any():
         raise UserError(
             f"{table.root / 'train.csv'}: the val split ({len(val_rows)} images) has no positive label for any class, "
@@ -61,3 +65,18 @@ def check_fits(recipe, n_train: int, classes: list[str]) -> None:
                         "another size, e.g. a multiple of 32")
     if recipe.loss.prior not in (False, "labels", "predictions"):
         read_prior_csv(recipe.loss.prior, classes)
+
+
+def check_every_fold(table: LabeledTable, recipe) -> None:
+    """Each fold of a K-fold recipe trains on at least one batch and validates on a positive label:
+    checked for all K before the first fold trains, so a cross-validation never stops half-way."""
+    d = recipe.data
+    fold_of = fold_assignment(table.labels, d.folds, d.split_seed)
+    for k in range(d.folds):
+        val, n_train = fold_of == k, int((fold_of != k).sum())
+        if not (table.labels[val] > 0).any():
+            raise UserError(f"{table.root / 'train.csv'}: fold {k} of {d.folds} ({int(val.sum())} images) has no "
+                            "positive label, so its val mAP is undefined; use fewer folds")
+        if n_train < recipe.optim.batch_size:
+            raise UserError(f"[optim] batch_size {recipe.optim.batch_size} is larger than the training folds of fold "
+                            f"{k} ({n_train} images); lower it with --set optim.batch_size=N")

@@ -120,9 +120,9 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, out: Path | str = "runs", *, resume: Resume | None = None, console=None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), run_dir: Path | None = None):
         self.recipe = resume.recipe if resume is not None else recipe
-        self.out = Path(out)
+        self.out, self.folder = Path(out), run_dir  # folder: write there, not to out/<name>/<timestamp>
         self.resume = resume
         self.console = console
         self.callbacks = [RunWatch(self._warn), *callbacks]
@@ -263,7 +263,7 @@ class Trainer:
 
     def _setup_run_dir(self) -> Path:
         """The run folder (a new one, the resumed one, or a fork of it), locked by rank 0."""
-        run_dir = open_run_dir(self.info, self.out, self.recipe, self.resume, self.notes)
+        run_dir = open_run_dir(self.info, self.out, self.recipe, self.resume, self.notes, self.folder)
         if self.info.main:
             self.lock = RunLock(run_dir).acquire()
             write_text_atomic(run_dir / RECIPE_FILE, recipe_to_toml(self.recipe))
