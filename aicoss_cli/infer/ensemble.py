@@ -211,12 +211,12 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     cv = cv_members(sources, Path(data) if data is not None else spec_data)
     checkpoints = cv.checkpoints if cv is not None else sources
     metas = [(str(s.path), member_meta(s.path)) for s in checkpoints]
-    check_members(metas, same_split=cv is None)
+    shared = check_members(metas, same_split=cv is None)
     ref_src, ref = metas[0]
     root = Path(data) if data is not None else spec_data if spec_data is not None else \
         cv.cvs[0].root if cv is not None else ref.resolve_data_root(None, ref_src)
     test = read_test(root, ref.classes)
-    has_split = cv is not None or bool(ref.split.get("val_fingerprint"))
+    has_split = cv is not None or (shared and bool(ref.split.get("val_fingerprint")))
     notes: list[str] = []
     val_paths: list[str] = []
     targets, rows = None, None
@@ -228,6 +228,14 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     elif has_split:
         val = val_split(ref, root, ref_src)
         val_paths, targets = val.paths, val.targets
+    elif not shared:
+        notes.append("the members are folds of one cross-validation, each validated on another fold: no shared val "
+                     "split, so no val mAP; equal or spec weights only")
+        for option, value in (("--weights", weights), ("--labels", spec_labels)):
+            if value == "auto":
+                raise UserError(f"{option} auto: these members are folds of one cross-validation and share no val "
+                                "split; pass its folder (runs/<name>/<timestamp>-cvK) to fit on its out-of-fold "
+                                "predictions")
     else:
         notes.append("the members have no val split in their metadata: no val mAP, equal or spec weights only")
         if weights == "auto":

@@ -175,9 +175,12 @@ def discover_runs(runs_dir: Path, data: Path | None) -> Discovery:
     return Discovery(taken=best, skipped=skipped, data_root=data)
 
 
-def check_members(metas: Sequence[tuple[str, CheckpointMeta]], same_split: bool = True) -> None:
-    """Same class list (names and order) and, with `same_split`, the same val split for every member."""
+def check_members(metas: Sequence[tuple[str, CheckpointMeta]], same_split: bool = True) -> bool:
+    """Same class list (names and order) and, with `same_split`, the same val split for every member;
+    or folds of one cross-validation (the same `folds_fingerprint`), which share none: False then."""
     ref_src, ref = metas[0]
+    folds = {meta.split.get("folds_fingerprint") for _, meta in metas}
+    one_cv = len(folds) == 1 and None not in folds and len({meta.split.get("fold") for _, meta in metas}) > 1
     for src, meta in metas[1:]:
         if meta.classes != ref.classes:
             if len(meta.classes) != len(ref.classes):
@@ -191,11 +194,12 @@ def check_members(metas: Sequence[tuple[str, CheckpointMeta]], same_split: bool 
             raise UserError(f"{src}: its recipe's [data] exif_transpose is {str(meta.exif_transpose).lower()}, "
                             f"{ref_src}'s {str(ref.exif_transpose).lower()}; ensemble members must see the same pixels")
         a, b = ref.split.get("val_fingerprint"), meta.split.get("val_fingerprint")
-        if same_split and a != b:
+        if same_split and not one_cv and a != b:
             raise UserError(
                 f"{src}: validated on another split than {ref_src} ({describe_split(meta.split)} vs "
                 f"{describe_split(ref.split)}); ensemble members must share the val split (same [data] split, "
                 "val_fraction and split_seed on the same train.csv)")
+    return not one_cv
 
 
 # --------------------------------------------------------------------------- cross-validation folders
