@@ -99,7 +99,7 @@ def run_cv(plan: CvPlan, *, only: int | None = None, data: Path | None = None, c
             if fold_missing(folder) is None:
                 run.done_before.append(k)
                 continue
-            _say(console, info, f"[bold]fold {k}/{plan.folds - 1}[/] of {plan.parent}")
+            _say(console, info, f"[bold]fold {k}[/] ({k + 1} of {plan.folds}) in {plan.parent}")
             resume = resolve_resume(folder, data=data) if (folder / STATE_FILE).is_file() else None
             if resume is not None and resume.complete:
                 run.done_before.append(k)
