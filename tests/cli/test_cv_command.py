@@ -17,8 +17,8 @@ from helpers import TINY_RECIPE, assert_one_line_error, read_csv
 
 @pytest.fixture(scope="module")
 def cvs(demo_root, tmp_path_factory) -> dict[str, Path]:
-    """Three finished 2-fold cross-validations of the tiny recipe: a and b on the same folds (other
-    seeds), c on other folds (split_seed 79)."""
+    """Finished 2-fold cross-validations of the tiny recipe: a and b on the same folds (other seeds),
+    c = a with its folds numbered the other way round (its fold 0 holds out other images)."""
     from aicoss_cli.recipe import load_recipe, resolve_recipe
     from aicoss_cli.train.cv import run_cv, start_cv
 
@@ -26,9 +26,14 @@ def cvs(demo_root, tmp_path_factory) -> dict[str, Path]:
     recipe = tmp / "tiny.toml"
     recipe.write_text(TINY_RECIPE.format(arch="tiny_convnet", loss="bce", epochs=1, policy="weak", root=demo_root))
     out = {}
-    for name, sets in (("a", []), ("b", ["runtime.seed=4"]), ("c", ["data.split_seed=79"])):
+    for name, sets in (("a", []), ("b", ["runtime.seed=4"])):
         loaded = resolve_recipe(load_recipe(recipe, ["data.folds=2", *sets]))
         out[name] = run_cv(start_cv(loaded, tmp / name)).plan.parent
+    out["c"] = tmp / "c" / out["a"].name
+    shutil.copytree(out["a"], out["c"])
+    (out["c"] / "fold0").rename(out["c"] / "swap")
+    (out["c"] / "fold1").rename(out["c"] / "fold0")
+    (out["c"] / "swap").rename(out["c"] / "fold1")
     return out
 
 

@@ -48,6 +48,7 @@ def predicted_by(fold: Path, root: Path, img_ids: list[str]) -> np.ndarray:
     return forward(members, [str(root / "train" / f"{i}.jpg") for i in img_ids], rt, 64)[0].numpy()
 
 
+@pytest.mark.slow
 def test_a_3_fold_run_writes_its_folds_oof_summary_and_the_folds_mean_submission(
         run_cli, demo_root, write_recipe, tmp_path):
     recipe = write_recipe(demo_root, epochs=1)
