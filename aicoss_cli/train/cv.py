@@ -114,9 +114,24 @@ def run_cv(plan: CvPlan, *, only: int | None = None, data: Path | None = None, c
         distributed.teardown(info)
     run.missing = [k for k in range(plan.folds) if fold_missing(plan.fold_dir(k)) is not None]
     if info.main and not run.missing:
-        with progress_display(console, enabled=console is not None, transient=True) as progress:
-            run.summary = summarize(plan.parent, data=data, progress=progress)
+        if not run.trained and all((plan.parent / f).is_file() for f in (OOF_FILE, SUBMISSION_FILE, CV_FILE)):
+            run.summary = written_summary(plan.parent, data)  # nothing new: no test pass again
+        else:
+            with progress_display(console, enabled=console is not None, transient=True) as progress:
+                run.summary = summarize(plan.parent, data=data, progress=progress)
     return run
+
+
+def written_summary(parent: Path, data: Path | None = None) -> CvSummary:
+    """The summary a finished CV folder holds (its scores read back from the folds' files)."""
+    parent = Path(parent)
+    try:
+        written = json.loads((parent / CV_FILE).read_text(encoding="utf-8"))
+        n_test, seconds = int(written["n_test"]), float(written["summary_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{parent / CV_FILE}: unreadable; rewrite it with `aicoss cv summarize {parent}`") from None
+    return CvSummary(load_cv(parent, data), parent / OOF_FILE, parent / SUBMISSION_FILE, parent / CV_FILE, n_test,
+                     seconds)
 
 
 def summarize(parent: Path | str, *, data: Path | None = None, device: str | None = None, batch_size: int | None = None,

@@ -121,8 +121,11 @@ def test_one_fold_at_a_time_and_the_summary_with_the_last(run_cli, demo_root, wr
     last = run_cli("train", "--resume", parent, "--fold", "0")
     assert last.code == 0, last.stderr
     assert all((parent / f).is_file() for f in ("oof.csv", "cv.json", "submission.csv"))
+    written = {f: (parent / f).stat().st_mtime_ns for f in ("oof.csv", "cv.json", "submission.csv")}
     again = run_cli("train", "--resume", parent)
     assert again.code == 0 and "fold 0 was already trained" in again.stderr + again.stdout
+    assert "out-of-fold" in again.stdout  # the table again, from the files: nothing rewritten
+    assert written == {f: (parent / f).stat().st_mtime_ns for f in written}
 
 
 def aicoss(*args, **kw) -> subprocess.Popen:
