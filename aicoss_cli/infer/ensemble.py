@@ -283,8 +283,9 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
             final = fit_weights(val_probs, targets)
             weighting = "auto"
             if result.held_out.gain < 0:
+                noise = "these out-of-fold predictions" if cv is not None else "this val split"
                 notes.append(f"auto weights score {-result.held_out.gain:.4f} mAP below equal weights on the "
-                             "held-out half: they fit noise of this val split; prefer --weights equal here")
+                             f"held-out half: they fit noise of {noise}; prefer --weights equal here")
         elif weights == "auto":
             notes.append("one member: --weights auto has nothing to weigh")
         combined_val = np.tensordot(final, val_probs, axes=1)
