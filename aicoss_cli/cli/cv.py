@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, is_main_process, note, out
+from aicoss_cli.base.console import err, is_main_process, note, out, print_table
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.cli.options import AsJson, NumWorkers
 
@@ -123,7 +123,7 @@ def print_folds(cv) -> None:
                       escape(str(cv.checkpoints[k].relative_to(cv.plan.parent))))
     table.add_row("mean ± std", "", f"{_num(mean)} ± {_num(std)}", "", style="bold")
     table.add_row("out-of-fold", str(len(cv.ids)), _num(cv.oof_map), OOF_FILE, style="bold green")
-    out.print(table)
+    print_table(table)
 
 
 def _num(value: float) -> str:

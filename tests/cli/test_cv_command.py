@@ -63,9 +63,8 @@ def test_bad_folds_are_one_line_before_any_compute(run_cli, demo_root, write_rec
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.*"))
 
 
-def test_more_folds_than_the_rarest_class_allows_names_the_class(run_cli, demo_root, write_recipe, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(demo_root, root)
+def test_more_folds_than_the_rarest_class_allows_names_the_class(run_cli, data_copy, write_recipe, tmp_path):
+    root = data_copy
     with open(root / "train.csv", newline="") as f:
         rows = list(csv.reader(f))
     column = rows[0].index("digit_5")
