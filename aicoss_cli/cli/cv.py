@@ -21,8 +21,7 @@ from aicoss_cli.base.errors import UserError
 from aicoss_cli.cli.options import AsJson, NumWorkers
 
 cv_app = typer.Typer(name="cv", no_args_is_help=True, rich_markup_mode="rich",
-                     help="Cross-validation folders (`aicoss train --folds K`): summarize one once its K folds are "
-                          "trained.")
+                     help="Cross-validation folders (train --folds K): summarize one.")
 
 
 @cv_app.command("summarize")
@@ -34,10 +33,11 @@ def summarize(
     num_workers: NumWorkers = None,
     as_json: AsJson = False,
 ) -> None:
-    """Write a cross-validation folder's oof.csv, cv.json and submission.csv once its K folds are trained.
+    """Write a CV folder's oof.csv, cv.json and submission.csv.
 
-    oof.csv: every train image's probabilities from the fold model that did not train on it;
-    submission.csv: the mean of the K fold checkpoints on the test set. Prints the per-fold table.
+    Once all K folds of a cross-validation folder are trained: oof.csv, every train image's
+    probabilities from the fold model that did not train on it; submission.csv, the mean of the K
+    fold checkpoints on the test set; cv.json, the scores. Prints the per-fold table.
 
     Example: [bold]aicoss cv summarize runs/starter/20240101T000000Z-cv5[/]
     """
