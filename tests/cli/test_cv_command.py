@@ -102,7 +102,8 @@ def test_summarize_rewrites_the_same_files_and_refuses_a_folder_that_is_not_a_cv
 def test_an_ensemble_of_cv_folders_fits_weights_and_thresholds_on_out_of_fold_predictions(
         run_cli, cvs, demo_root, tmp_path):
     out = tmp_path / "ens.csv"
-    result = run_cli("ensemble", cvs["a"], cvs["b"], "--weights", "auto", "--labels", "auto", "--out", out, "--json")
+    result = run_cli("ensemble", cvs["a"], cvs["b"], "--weights", "auto", "--labels", "auto", "--out", out, "--json",
+                     "--device", "cpu")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     targets = labels(demo_root)

@@ -70,7 +70,8 @@ def test_a_3_fold_run_writes_its_folds_oof_summary_and_the_folds_mean_submission
     held_by = {}
     for k, fold in enumerate(folds):
         predicted = tmp_path / f"fold{k}_val.csv"
-        assert run_cli("predict", fold / "best.safetensors", "--split", "val", "--out", predicted).code == 0
+        assert run_cli("predict", fold / "best.safetensors", "--split", "val", "--out", predicted,
+                       "--device", "cpu").code == 0
         _, val_ids, probs = read_csv(predicted)
         rows = [ids.index(i) for i in val_ids]
         np.testing.assert_allclose(oof[rows], probs, atol=2e-6)
@@ -97,7 +98,8 @@ def test_a_3_fold_run_writes_its_folds_oof_summary_and_the_folds_mean_submission
 
     # submission.csv = `aicoss ensemble` of the 3 fold checkpoints, equal weights
     ensemble = tmp_path / "ensemble.csv"
-    result = run_cli("ensemble", *(f / "best.safetensors" for f in folds), "--weights", "equal", "--out", ensemble)
+    result = run_cli("ensemble", *(f / "best.safetensors" for f in folds), "--weights", "equal", "--out", ensemble,
+                     "--device", "cpu")  # the device the recipe's summary ran on
     assert result.code == 0, result.stderr
     assert (parent / "submission.csv").read_text() == ensemble.read_text()
     means = np.mean([read_csv(f / "submission.csv")[2] for f in folds], axis=0)
