@@ -3,8 +3,8 @@
 A recipe has the sections `[model] [loss] [optim] [augment] [data] [runtime]`, and optionally
 `[distill]` (learn an ensemble's outputs too, `train.distill`); every key is checked (unknown
 keys, types, ranges) before any compute is spent, and errors name the file, the key, the value
-and what was expected. The [loss] parameters come from the loss registry's
-parameter models (`aicoss_cli.losses`), so importing this module imports torch.
+and what was expected. The [loss] parameters come from the loss registry's parameter models
+(`aicoss_cli.losses`), so importing this module imports torch.
 """
 
 from __future__ import annotations
@@ -132,6 +132,21 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of train.csv held out for validation")
     split_seed: int = Field(78, ge=0, lt=2**32, description="random_state of the split (the seed used 78); "
                             "0 <= split_seed < 2**32, as numpy and scikit-learn take it")
+    exif_transpose: bool = Field(False, description="turn each image upright by its EXIF orientation (phone photos) "
+                                 "in training and every prediction; false: the pixels as stored, as timm reads them")
+    folds: int | None = Field(None, ge=2, description="K-fold cross-validation: K models, fold k validated on the "
+                              "k-th of K multi-label stratified folds (seeded by split_seed; split and val_fraction "
+                              "are not used); unset = one train/val split")
+    fold: int | None = Field(None, ge=0, description="train this fold only (0-based; each fold's run sets it); unset "
+                             "with folds = every fold")
+
+    @model_validator(mode="after")
+    def _one_fold_of_k(self) -> DataConfig:
+        if self.fold is not None and self.folds is None:
+            raise ValueError(f"fold = {self.fold} needs folds = K (the number of folds)")
+        if self.fold is not None and self.fold >= self.folds:
+            raise ValueError(f"fold = {self.fold}: a {self.folds}-fold cross-validation has folds 0 to {self.folds - 1}")
+        return self
 
 
 class RuntimeConfig(_Section):
@@ -393,18 +408,13 @@ def _parse_value(annotation: Any, text: str) -> Any:
         pass
     candidates.append(text)
     adapter = TypeAdapter(annotation)
-    for value in candidates:
-        try:
-            adapter.validate_python(value, strict=True)
-            return value
-        except ValidationError:
-            continue
-    for value in candidates:  # lax mode, e.g. "3" for a float
-        try:
-            adapter.validate_python(value)
-            return value
-        except ValidationError:
-            continue
+    for strict in (True, False):  # lax mode second, e.g. "3" for a float
+        for value in candidates:
+            try:
+                adapter.validate_python(value, strict=strict)
+                return value
+            except ValidationError:
+                continue
     return candidates[0]  # let the recipe validation report it with the key's name
 
 

@@ -13,7 +13,7 @@ training image holds. Like the demo, it writes `test_labels.csv` for `aicoss sco
 seed gives byte-identical files, and an existing folder is never overwritten. Sky, lake and backdrop, trees and leaves, or cap and uniform look
 alike in a 24-pixel cell.
 
-    python bench/photo_data.py data/photos --n-train 1500 --n-test 500   # the README's measurement
+    python bench/photo_data.py data/photos --n-train 1500 --n-test 500   # the measurement of docs/recipes.md
     python bench/photo_data.py data/photos_full                          # 3000 train + 1000 test, 64 px
 """
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import stat
 import struct
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,38 @@ device = "cpu"
 num_workers = 0
 """
 
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def cli_exit_code(*args: str | Path) -> int:
+    """Run `aicoss ARGS...` through its real entry point in this process; its exit code."""
+    from aicoss_cli.cli.app import main
+
+    saved = sys.argv
+    sys.argv = ["aicoss", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def cli_in_process(*args: str | Path) -> CliResult:
+    """`cli_exit_code` with stdout and stderr captured, for session fixtures (capsys is per test)."""
+    import contextlib
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli_exit_code(*args)
+    return CliResult(code, stdout.getvalue(), stderr.getvalue())
 
 
 def only_run_dir(out: Path) -> Path:
@@ -148,3 +183,90 @@ def pil_pixels(path, size: int | None = None):
         array = np.asarray(img, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    """A CSV of a header and rows, written with the csv module."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def random_scores(seed: int, n: int = 80, k: int = 6, unannotated: float = 0.0):
+    """Scores to threshold: targets (with -1 where unannotated) and probabilities that carry some signal, rounded to
+    two decimals so there are ties at the thresholds."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, k)) < 0.3).astype(np.int8)
+    p = np.clip(0.35 * y + rng.random((n, k)) * 0.65, 0, 1).round(2)
+    if unannotated:
+        y[rng.random((n, k)) < unannotated] = -1
+    return y, p
+
+
+def assert_picture(path: Path) -> None:
+    """A whole PNG of at least 800×300 pixels (the report's pictures)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decodes the whole image
+        assert img.format == "PNG" and img.width >= 800 and img.height >= 300, (path, img.size)
+
+
+def tune_recipe(tmp_path: Path, root: Path, *, policy: str = "none", min_lr: float = 1e-4, epochs: int = 2,
+                arch: str = "tiny_convnet") -> Path:
+    """The tests' tiny recipe for tune with a weight decay a log scale can hold, so trial 0 is the recipe."""
+    path = tmp_path / "tiny.toml"
+    text = TINY_RECIPE.format(arch=arch, loss="bce", epochs=epochs, policy=policy, root=root)
+    path.write_text(text.replace("weight_decay = 0.0", "weight_decay = 1e-4").replace("min_lr = 1e-4",
+                                                                                      f"min_lr = {min_lr}"))
+    return path
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits of a file or folder."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def edit_metadata(path: Path, **changes: str | None) -> Path:
+    """Rewrite a checkpoint's metadata (None removes a key), as a hand edit would."""
+    from safetensors.torch import load_file, save_file
+
+    from aicoss_cli.base.files import read_safetensors
+
+    meta = read_safetensors(path, tensors=False)[1]
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    return path
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    """Every row of a CSV, the header first, as the csv module reads them."""
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def read_metrics(run: str | Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as text."""
+    with open(Path(run) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def train_state_tensors(run: Path) -> dict:
+    """The tensors of a run's train_state.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "train_state.safetensors"))
+
+
+def read_trials(study_dir: Path) -> list[dict]:
+    """A study's trials.csv, its params column parsed."""
+    with open(study_dir / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["params"] = json.loads(r["params"])
+    return rows

@@ -1,4 +1,5 @@
-"""Recipes: validation, error messages that name the file and key, --set overrides, round trips."""
+"""Recipes: validation, error messages that name the file, key or --set, finite numbers, bounded seeds,
+--set overrides, round trips."""
 
 from __future__ import annotations
 
@@ -126,3 +127,88 @@ def test_bundled_recipes_all_validate():
     assert files, "recipes/ is empty"
     for path in files:
         resolve_recipe(load_recipe(path))
+
+
+RECIPE = ROOT / "recipes" / "demo.toml"
+
+
+def recipe_error(*overrides: str, path: Path = RECIPE) -> str:
+    from aicoss_cli.base.errors import UserError
+    from aicoss_cli.recipe import load_recipe
+
+    with pytest.raises(UserError) as info:
+        load_recipe(path, list(overrides))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_file():
+    message = recipe_error("optim.epochs=ten")
+    assert message.startswith("--set optim.epochs=ten: [optim] epochs") and "demo.toml" not in message, message
+    assert recipe_error("model.arch=resnet5").startswith("--set model.arch=resnet5: [model] arch")
+    assert recipe_error("loss.name=focal").startswith("--set loss.name=focal: ")
+
+
+def test_warmup_not_below_epochs_names_the_fix():
+    message = recipe_error("optim.epochs=1")  # the demo recipe warms up for 1 epoch
+    assert message.startswith("--set optim.epochs=1: [optim] warmup_epochs (1) must be less than epochs (1)")
+    assert "--set optim.warmup_epochs=0" in message
+    from aicoss_cli.recipe import load_recipe
+
+    assert load_recipe(RECIPE, ["optim.epochs=1", "optim.warmup_epochs=0"]).optim.epochs == 1
+
+
+def test_an_error_in_the_file_is_still_blamed_on_the_file(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE.read_text().replace("epochs = 6", 'epochs = "six"'))
+    assert recipe_error("optim.lr=1e-3", path=path).startswith(f"{path}: [optim] epochs")
+
+
+def test_recipes_with_astral_characters_round_trip_through_toml(tmp_path):
+    import tomllib
+
+    from aicoss_cli.recipe import load_recipe, recipe_from_toml, recipe_to_toml, resolve_recipe
+
+    sets = ['description=rocket 🚀 "quoted" \\ back\\slash, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢', "data.root=data/🛰️ images",
+            "model.pretrained=weights/🚀.pth"]
+    recipe = resolve_recipe(load_recipe(RECIPE, sets))
+    text = recipe_to_toml(recipe)
+    assert "\\ud83d" not in text and "🚀" in text
+    assert tomllib.loads(text)["data"]["root"] == "data/🛰️ images"
+    assert recipe_from_toml(text, "stored") == recipe
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=inf", "[optim] lr"), ("optim.min_lr=nan", "[optim] min_lr"),
+    ("optim.weight_decay=inf", "[optim] weight_decay"),
+    ("optim.clip_grad_norm=inf", "[optim] clip_grad_norm"), ("augment.cutout_factor=nan", "[augment] cutout_factor"),
+    ("data.val_fraction=nan", "[data] val_fraction"), ("loss.name=asl loss.gamma_neg=inf", "[loss] gamma_neg"),
+])
+def test_non_finite_numbers_are_refused(override, key):
+    message = recipe_error(*override.split())
+    assert key in message and "finite" in message, message
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("runtime.seed=1e16", "[runtime] seed input should be less than 4294967296"),
+    ("runtime.seed=4294967296", "[runtime] seed input should be less than 4294967296"),
+    ("data.split_seed=4294967296", "[data] split_seed input should be less than 4294967296"),
+    ("runtime.seed=-1", "[runtime] seed input should be greater than or equal to 0"),
+])
+def test_seeds_are_bounded_to_what_numpy_accepts(override, expected):
+    message = recipe_error(override)
+    assert message.startswith(f"--set {override}: {expected}"), message
+
+
+def test_the_seed_bound_is_numpys():
+    import numpy as np
+
+    from aicoss_cli.data.splits import split_indices
+    from aicoss_cli.recipe import load_recipe
+
+    with pytest.raises(ValueError):
+        np.random.RandomState(2**32)  # what scikit-learn's random_state becomes
+    recipe = load_recipe(RECIPE, ["runtime.seed=4294967295", "data.split_seed=4294967295"])
+    np.random.RandomState(recipe.runtime.seed)
+    train, val = split_indices(np.zeros((20, 2)), "random", 0.1, recipe.data.split_seed)
+    assert len(train) == 18 and len(val) == 2

@@ -12,8 +12,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "console": ["LogLines", "clock", "err", "is_main_process", "note", "out", "progress_display"],
     "distributed": ["DistInfo"],
     "errors": ["TrainingStopped", "UserError", "one_line"],
-    "files": ["WriteFailed", "atomic_path", "check_output", "check_outputs", "check_writable_folder", "new_folder",
-              "process_alive", "read_safetensors", "write_safetensors", "write_text_atomic"],
+    "files": ["WriteFailed", "atomic_path", "check_output", "check_outputs", "check_writable_folder", "file_kind",
+              "new_folder", "process_alive", "read_safetensors", "write_bytes_atomic", "write_safetensors", "write_text_atomic"],
     "runtime": ["Runtime", "autocast", "configure_kernels", "make_runtime", "precision_dtype", "seed_everything",
                 "select_device"],
 })

@@ -4,7 +4,9 @@ Results go to `out` (stdout), progress and messages to `err` (stderr). When a st
 terminal (a pipe, a log file, a cluster job), lines are never wrapped (a table title neither),
 tables are laid out at their natural width instead of at Rich's 80-column default (COLUMNS, when
 set, caps them), and there is no live bar, which would only show its last state and leave a blank
-line behind: loops print plain lines instead (`LogLines`). This module imports no torch.
+line behind: loops print plain lines instead (`LogLines`). Numbers in a table are never cut
+(`print_table`), and a character the terminal cannot encode is escaped, not a traceback
+(`tolerate_unencodable`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,36 @@ def is_main_process() -> bool:
     """Whether this process prints: under torchrun only rank 0 does (read from the environment, so
     asking needs no torch)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def tolerate_unencodable() -> None:
+    """stdout and stderr escape what their encoding cannot write (`\\xe9` under PYTHONIOENCODING=ascii
+    or a C locale) instead of raising in the middle of a result."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
+def print_table(table, console: Console | None = None) -> None:
+    """Print a Rich table whose numbers are never cut: a right-justified (numeric) column is at least
+    as wide as its widest cell and never wraps, names fold (at least 12 characters of them shown per
+    line); a table that needs more than the console's width is laid out at what it needs, not
+    cropped (the terminal wraps its lines)."""
+    console = console or out
+    widths = []
+    for column in table.columns:
+        widest = max((console.measure(cell).maximum for cell in column.cells), default=0)
+        if column.justify == "right":
+            column.min_width, column.no_wrap = max(column.min_width or 0, widest), True
+        else:
+            column.min_width = max(column.min_width or 0, min(widest, 12))
+        column.overflow = "fold"
+        widths.append(column.min_width)
+    _, right, _, left = table.padding
+    needed = sum(widths) + (left + right) * len(widths) + (len(widths) + 1 if table.box else 0)
+    if needed > console.width:
+        table.width = needed
+    console.print(table, crop=False)
 
 
 def note(text: str, console: Console | None = None) -> None:

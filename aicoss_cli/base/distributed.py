@@ -15,6 +15,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this setup() joined the process group, so its teardown leaves it
 
     @property
     def main(self) -> bool:
@@ -31,15 +32,18 @@ def setup(use_cuda: bool) -> DistInfo:
     if world <= 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world=world, local_rank=local_rank)
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, owns_group=owns)
 
 
 def teardown(info: DistInfo) -> None:
-    if info.active and dist.is_initialized():
+    """Leave the process group if this `setup` joined it; one joined around several runs (the folds
+    of a cross-validation) stays, since joining again after leaving is not reliable."""
+    if info.active and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -186,6 +186,18 @@ class WriteFailed(UserError):
         self.path, self.reason, self.needed = path, reason, needed
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` atomically (`atomic_path`); WriteFailed when the disk or the folder refuses it,
+    with no temporary left."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+    except OSError as exc:
+        raise WriteFailed(path, exc.strerror or str(exc), len(data)) from None
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a .safetensors file atomically (a crash leaves the previous file intact); WriteFailed
     when the disk or the folder refuses it."""
@@ -226,9 +238,41 @@ def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, 
             meta = dict(f.metadata() or {})
             values = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:  # safetensors raises its own error types for damaged files
+        kind = file_kind(path)
+        if kind is not None and kind != "a .safetensors file":
+            raise UserError(f"{path}: is {kind}, not a .safetensors checkpoint") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: not a readable .safetensors file (truncated or corrupt: {reason})") from None
     return values, meta
+
+
+def file_kind(path: str | Path) -> str | None:
+    """What a file is, told by its first bytes (None when unknown): for a message about a file given
+    where another kind was expected, e.g. a TorchScript model named .onnx."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return "a zip archive"
+        if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
+            return "a TorchScript model (aicoss export --format torchscript; load it with torch.jit.load)"
+        if any(n.endswith("data.pkl") for n in names):
+            return "a PyTorch file (torch.save)"
+        return "a zip archive"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "a .safetensors file"
+    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG"):
+        return "an image"
+    return None
 
 
 def new_folder(out: Path) -> Path:

@@ -14,8 +14,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from aicoss_cli.base.console import err, is_main_process
+from aicoss_cli.base.console import err, is_main_process, tolerate_unencodable
 from aicoss_cli.base.errors import TrainingStopped, UserError
+from aicoss_cli.cli import cv as cli_cv
 from aicoss_cli.cli import data as cli_data
 from aicoss_cli.cli import distill as cli_distill
 from aicoss_cli.cli import export as cli_export
@@ -83,6 +84,7 @@ COMMANDS = [
     ("ensemble", cli_infer.ensemble),
     ("benchmark-fp16", cli_infer.benchmark_fp16),
     ("score", cli_score.score),
+    ("cv", cli_cv.cv_app),
     ("report", cli_report.report),
     ("count-params", cli_models.count_params),
     ("import-weights", cli_models.import_weights),
@@ -93,16 +95,18 @@ COMMANDS = [
 ]
 
 
-def _summary(function) -> str | None:
-    """The command list shows the docstring's first paragraph as one flowing line (Typer would keep
-    the docstring's line breaks there)."""
-    if not function.__doc__:
-        return None
-    return " ".join(inspect.cleandoc(function.__doc__).split("\n\n")[0].split())
+def _paragraphs(function) -> list[str]:
+    """The docstring's paragraphs, each as one flowing line (Typer would keep the docstring's line
+    breaks, made for the source file, not for the terminal)."""
+    return [" ".join(p.split()) for p in inspect.cleandoc(function.__doc__ or "").split("\n\n") if p.strip()]
 
 
+# the command list shows each docstring's first paragraph, one short line; `aicoss CMD --help` all of it
 for _name, _function in COMMANDS:
-    app.command(_name, short_help=_summary(_function))(_function)
+    if isinstance(_function, typer.Typer):  # a command family: `aicoss cv summarize`
+        app.add_typer(_function, name=_name)
+    else:
+        app.command(_name, short_help=_paragraphs(_function)[0], help="\n\n".join(_paragraphs(_function)))(_function)
 
 
 # Typer's (or click's) base class of command-line errors, without importing a private module
@@ -119,6 +123,7 @@ def _print_one_line(kind: str, text: str) -> None:
 def main() -> None:
     """Entry point: bad input — a recipe, a file, or the command line itself — is one line on
     stderr and exit code 2, never a traceback or a framed panel."""
+    tolerate_unencodable()
     try:
         code = app(prog_name="aicoss", standalone_mode=False)
     except UserError as exc:

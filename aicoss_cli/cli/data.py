@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, out, progress_display
+from aicoss_cli.base.console import err, out, print_table, progress_display
 from aicoss_cli.base.errors import UserError
 
 
@@ -26,7 +26,9 @@ def demo_data(
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same files.")] = 0,
     unannotated: Annotated[float, typer.Option("--unannotated", help="Fraction of train labels marked -1 (not annotated), 0 ≤ x < 1.")] = 0.0,
 ) -> None:
-    """Build the embedded demo data set: 2×2 mosaics of real handwritten digit scans
+    """Build the embedded demo data set: digit mosaics in the DACON layout.
+
+    Build the embedded demo data set: 2×2 mosaics of real handwritten digit scans
     (scikit-learn's `load_digits`), 10 classes, in the DACON layout, with test_labels.csv for scoring.
 
     Example: [bold]aicoss demo-data data/demo[/]
@@ -52,7 +54,9 @@ def split(
     top: Annotated[int, typer.Option("--top", min=1, help="Rows to show.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the ranked rows as JSON only.")] = False,
 ) -> None:
-    """Repeat the seed's split-seed search: for each random state, the gap between the train and
+    """Search split seeds for the train/val split with the most even classes.
+
+    Repeat the seed's split-seed search: for each random state, the gap between the train and
     val positive rate of every class (mean and std over classes), most balanced first.
 
     Example: [bold]aicoss split data/demo --search 200[/]
@@ -81,6 +85,6 @@ def split(
         table.add_column(col, justify="right")
     for i, r in enumerate(rows[:top], 1):
         table.add_row(str(i), str(r["split_seed"]), f"{r['mean']:.5f}", f"{r['std']:.5f}")
-    out.print(table)
+    print_table(table)
     # the whole split, so a recipe with another [data] split or val_fraction gets this one
     out.print(f"use it with {best}", highlight=False)

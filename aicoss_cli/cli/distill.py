@@ -48,6 +48,10 @@ def distill(
     if loaded.distill is None:
         raise UserError(f"{path}: no teacher; give --teacher PATH (a checkpoint, a run folder or an ENSEMBLE.toml), "
                         "or [distill] teachers in the recipe")
+    if loaded.data.folds is not None:
+        from aicoss_cli.train.cv import DISTILL_NO_FOLDS
+
+        raise UserError(f"{path}: {DISTILL_NO_FOLDS}")
     resolved = resolve_recipe(loaded, data_root=data)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)

@@ -24,9 +24,11 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights and arithmetic (for GPUs); input and output stay float32. Checked to 1e-2 instead of 1e-4.")] = False,
     batch: Annotated[str, typer.Option("--batch", help="dynamic (any batch size) | N (a fixed batch size).")] = "dynamic",
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root whose first test images the check runs on (default: seeded random inputs).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (never the checkpoint).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file; in a timm folder, only its model.safetensors and config.json (a folder holding anything else is refused). Never the checkpoint.")] = False,
 ) -> None:
-    """Export a checkpoint's model to ONNX, TorchScript or timm weights, checked against PyTorch as
+    """Export a checkpoint to ONNX, TorchScript or timm weights, checked.
+
+    Export a checkpoint's model to ONNX, TorchScript or timm weights, checked against PyTorch as
     it is written.
 
     ONNX / TorchScript: the whole model and its sigmoid, `images` (N×3×S×S, normalised) → `probabilities` (N×K).

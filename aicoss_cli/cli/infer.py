@@ -1,4 +1,4 @@
-"""The `predict`, `ensemble` and `benchmark-fp16` commands: parse, call `aicoss_cli.ensemble`, print.
+"""The `predict`, `ensemble` and `benchmark-fp16` commands: parse, call the `infer` job, print.
 
 Plain functions with annotated parameters, registered on the app by `cli.app`. Nothing heavy is
 imported at module level (torch is imported by the jobs), so `aicoss --help` stays instant.
@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, note, out, progress_display
+from aicoss_cli.base.console import err, note, out, print_table, progress_display
 from aicoss_cli.cli.options import AsJson, BatchSize, Device, Labels, NumWorkers, Overwrite
 
 
@@ -37,14 +37,16 @@ def predict(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default: predictions_<checkpoint name>_<split>.csv beside the checkpoint). With --split val, <out stem>_per_class.csv goes beside it.")] = None,
     precision: Annotated[Literal["fp32", "fp16", "bf16"], typer.Option("--precision", help="fp16 needs CUDA: bf16 on the CPU.")] = "fp32",
     tta: Annotated[Literal["none", "hflip", "flips"], typer.Option("--tta", help="Average the sigmoid outputs of the flipped views (hflip: 2, flips: 4).")] = "none",
-    batch_size: BatchSize = 64,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass (default: the batch its run validated with, so --split val gives its val_scores.csv byte for byte; else 64).", show_default=False)] = None,
     num_workers: NumWorkers = None,
     device: Device = "auto",
     labels: Labels = None,
     overwrite: Overwrite = False,
     as_json: AsJson = False,
 ) -> None:
-    """Predict with one checkpoint: a submission with the exact columns and row order of
+    """Predict with one checkpoint: a submission, or val mAP per class.
+
+    Predict with one checkpoint: a submission with the exact columns and row order of
     sample_submission.csv, or (--split val) the val mAP and a per-class AP / F1 table; with
     --labels also the 0/1 labels.
 
@@ -90,7 +92,7 @@ def _print_per_class(rows: list[dict], where: str) -> None:
                  f"{r['recall']:.4f}", *(() if same else (f"{r['threshold']:.3g}",)),
                  "-" if r["rank"] is None else str(r["rank"])]
         table.add_row(*cells, style="bold red" if weak else None)
-    out.print(table)
+    print_table(table)
 
 
 def _print_val_map(val_map: float, n_images: int, rows: list[dict]) -> None:
@@ -103,8 +105,9 @@ def _print_val_map(val_map: float, n_images: int, rows: list[dict]) -> None:
               f"weakest: {escape(weakest)}", highlight=False)
 
 
-def _print_labels(th, labels_path, thresholds_path) -> None:
-    """Where the 0/1 labels went, the thresholds' source, the fallback classes and the held-out gain."""
+def _print_labels(th, labels_path, thresholds_path, images: str = "val images") -> None:
+    """Where the 0/1 labels went, the thresholds' source, the fallback classes and the held-out gain
+    (fit on some `images`, scored on the others)."""
     if th is None:
         return
     if th.fallback:
@@ -114,7 +117,7 @@ def _print_labels(th, labels_path, thresholds_path) -> None:
     h = th.held_out
     if h is not None:
         colour = "green" if h.gain > 0 else "yellow"
-        out.print(f"per-class thresholds, held out: fit on {h.n_fit} val images, scored on the other {h.n_score}: "
+        out.print(f"per-class thresholds, held out: fit on {h.n_fit} {images}, scored on the other {h.n_score}: "
                   f"macro F1 {h.global_f1:.4f} at the best single threshold {h.global_threshold:.3g} → "
                   f"{h.auto_f1:.4f} per class ([{colour}]gain {h.gain:+.4f}[/])", highlight=False)
         if h.gain < 0:
@@ -128,7 +131,7 @@ def _print_labels(th, labels_path, thresholds_path) -> None:
 
 
 def ensemble(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Member checkpoints (default: best.safetensors of every run under --runs).", show_default=False)] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Member checkpoints (default: the kept checkpoint of every run under --runs, best.safetensors unless its recipe keeps the last).", show_default=False)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="ENSEMBLE.toml: `data = DIR` (optional) and \\[\\[member]] tables with path, weight, tta (paths relative to the spec's folder).")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Half precision: fp16 on CUDA, bf16 on the CPU.")] = False,
     weights: Annotated[Optional[Literal["equal", "auto"]], typer.Option("--weights", help="auto: fit non-negative weights on val, report the gain on a held-out half. Default: the spec's weights, else equal.", show_default=False)] = None,
@@ -143,7 +146,9 @@ def ensemble(
     overwrite: Overwrite = False,
     as_json: AsJson = False,
 ) -> None:
-    """Average the sigmoid outputs of several checkpoints (any archs and input sizes: each image is
+    """Average several checkpoints; each member's and the ensemble's val mAP.
+
+    Average the sigmoid outputs of several checkpoints (any archs and input sizes: each image is
     decoded once per batch and resized per member), report each member's and the ensemble's val mAP
     on their shared val split, and write the test submission.
 
@@ -169,26 +174,34 @@ def ensemble(
         note(text)
     out.print(f"ensemble of {len(result.members)} members ({escape(result.runtime)})", highlight=False)
     table = Table()
-    for col in ("#", "checkpoint", "arch", "size", "tta", "weight", "val mAP", "at training"):
-        table.add_column(col, justify="left" if col in ("checkpoint", "arch", "tta") else "right")
+    columns = ("#", "CV folder", "arch", "size", "tta", "weight", "out-of-fold mAP", "folds' val mAP", "model img/s") \
+        if result.out_of_fold else ("#", "checkpoint", "arch", "size", "tta", "weight", "val mAP", "at training",
+                                    "model img/s")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("checkpoint", "CV folder", "arch", "tta") else "right")
     for i, m in enumerate(result.members, 1):
         table.add_row(str(i), escape(m.path), m.arch, str(m.img_size), m.tta, f"{m.weight:.3f}", _fmt_map(m.val_map),
-                      _fmt_map(m.stored_val_map))
-    out.print(table)
+                      _fmt_map(m.stored_val_map), "-" if m.img_per_s is None else f"{m.img_per_s:.1f}")
+    print_table(table)
+    images = "out-of-fold images (whole folds)" if result.out_of_fold else "val images"
     if result.val_map is not None:
         best = max((m.val_map for m in result.members if m.val_map is not None), default=float("nan"))
         in_sample = "; in-sample: the weights were fit on these images" if result.weighting == "auto" else ""
-        out.print(f"ensemble val mAP ({result.weighting} weights): [bold]{result.val_map:.4f}[/] on {result.n_val} "
-                  f"val images (best member {best:.4f}, equal weights {result.equal_val_map:.4f}{in_sample})",
+        what = "out-of-fold mAP" if result.out_of_fold else "val mAP"
+        where = "training images, each predicted by the folds that did not train on it" if result.out_of_fold \
+            else "val images"
+        out.print(f"ensemble {what} ({result.weighting} weights): [bold]{result.val_map:.4f}[/] on {result.n_val} "
+                  f"{where} (best member {best:.4f}, equal weights {result.equal_val_map:.4f}{in_sample})",
                   highlight=False)
     if result.per_class:
-        _print_per_class(result.per_class, f"the members' val split, the ensemble ({result.weighting} weights)")
+        where = "the members' out-of-fold predictions" if result.out_of_fold else "the members' val split"
+        _print_per_class(result.per_class, f"{where}, the ensemble ({result.weighting} weights)")
         out.print(f"per-class table: {escape(str(result.per_class_path))}", highlight=False)
-    _print_labels(result.thresholds, result.labels_path, result.thresholds_path)
+    _print_labels(result.thresholds, result.labels_path, result.thresholds_path, images)
     if result.held_out is not None:
         h = result.held_out
         colour = "green" if h.gain > 0 else "yellow"
-        out.print(f"auto weights, held out: fit on {h.n_fit} val images, scored on the other {h.n_score}: "
+        out.print(f"auto weights, held out: fit on {h.n_fit} {images}, scored on the other {h.n_score}: "
                   f"equal {h.equal_map:.4f} → auto {h.auto_map:.4f} ([{colour}]gain {h.gain:+.4f}[/]); "
                   f"weights used: fit on all {result.n_val}", highlight=False)
     out.print(f"submission: {escape(str(result.out))} ({result.n_test} test images; {result.seconds:.1f} s); "
@@ -207,7 +220,9 @@ def benchmark_fp16(
     num_workers: NumWorkers = None,
     device: Device = "auto",
 ) -> None:
-    """Run the same ensemble over the same val images in fp32 and in half precision (fp16 on CUDA,
+    """Run an ensemble in fp32 and half precision: time, img/s, val mAP.
+
+    Run the same ensemble over the same val images in fp32 and in half precision (fp16 on CUDA,
     bf16 on the CPU), each after a warm-up, and print the seed's table: inference time, img/s,
     val mAP and the difference in %, plus the largest difference of the output probabilities.
 

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, out
+from aicoss_cli.base.console import err, out, print_table
 from aicoss_cli.cli.options import BatchSize, Device, Overwrite
 
 
@@ -21,7 +21,9 @@ def count_params(
     num_classes: Annotated[int, typer.Option("--classes", min=1, help="Number of classes.")] = 60,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable rows.")] = False,
 ) -> None:
-    """Table Backbone / Decoder / Params (M) of every architecture, built on the meta device (no memory).
+    """Parameters of every architecture: Backbone / Decoder / Params (M).
+
+    Table Backbone / Decoder / Params (M) of every architecture, built on the meta device (no memory).
 
     Trainable parameters, as the seed counted them: a frozen query embedding does not count.
 
@@ -40,7 +42,7 @@ def count_params(
         table.add_column(col, justify=justify, no_wrap=True)
     for r in rows:
         table.add_row(r["arch"], r["backbone"], r["decoder"], f"{r['params'] / 1e6:.2f}")
-    out.print(table)
+    print_table(table)
 
 
 def import_weights(
@@ -52,7 +54,9 @@ def import_weights(
     data: Annotated[Optional[Path], typer.Option("--data", help="Data root the weights were trained on (records its val split).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (default: refuse).")] = False,
 ) -> None:
-    """Turn a seed state dict into an aicoss checkpoint with metadata, for predict and ensemble.
+    """Turn a seed state dict into an aicoss checkpoint with metadata.
+
+    Turn a seed state dict into an aicoss checkpoint with metadata, for predict and ensemble.
 
     The file is read with torch.load(weights_only=True): nothing is unpickled. The split recorded is
     the seed's (random, 10 % val, random_state 78).
@@ -75,7 +79,9 @@ def prior(
     device: Device = "auto",
     overwrite: Overwrite = False,
 ) -> None:
-    """Mean sigmoid prediction of a model over the training split: the class prior for P-ASL.
+    """A model's mean prediction on the training split: a P-ASL class prior.
+
+    Mean sigmoid prediction of a model over the training split: the class prior for P-ASL.
 
     Use the CSV with \\[loss] prior = "prior.csv" (partial_selective, partial_mode = "selective").
 
@@ -92,4 +98,4 @@ def prior(
     table_out.add_column("avg_pred", justify="right")
     for name, value in zip(result.classes, result.values):
         table_out.add_row(escape(name), f"{value:.4f}")
-    out.print(table_out)
+    print_table(table_out)

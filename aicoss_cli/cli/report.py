@@ -9,31 +9,54 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import clock, err, note, out
+from aicoss_cli.base.console import clock, err, note, out, print_table
+from aicoss_cli.cli.cv import print_folds
 
 
 def report(
-    run_dirs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders runs/<recipe name>/<timestamp> (one still training is fine). Optional with --ensemble: then its members' runs.", show_default=False)] = None,
+    run_dirs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders runs/<recipe name>/<timestamp> (one still training is fine), or one prediction CSV (with --labels). Optional with --ensemble: then its members' runs.", show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the pictures (default: the run's folder for one run, else ./report). A file there that aicoss report did not write is never replaced.")] = None,
     ensembles: Annotated[Optional[list[Path]], typer.Option("--ensemble", help="An `aicoss ensemble` result JSON (<out stem>.json beside its CSV); repeatable.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Data root for the per-class AP labels (default: \\[data] root of each run's recipe).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data root: the labels of a run's images, and where the images are (default: \\[data] root of each run's recipe; for a prediction CSV, the --labels file's folder).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Known labels of a prediction CSV, as `aicoss score` takes them (train.csv for an oof.csv, test_labels.csv for a test submission).")] = None,
+    split: Annotated[Literal["val", "test"], typer.Option("--split", help="A run's scores to analyse: val (val_scores.csv against train.csv) or test (submission.csv against test_labels.csv).")] = "val",
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Also draw errors_<class>.png for these classes (a,b; repeatable).")] = None,
+    thresholds: Annotated[str, typer.Option("--thresholds", help="T for every class, a class,threshold CSV, or auto (fit on the same images): decisions are score ≥ threshold (what counts as a false positive or negative).")] = "0.5",
+    worst: Annotated[int, typer.Option("--worst", min=1, help="Classes in errors.png: the worst by AP.")] = 6,
+    per_row: Annotated[int, typer.Option("--per-row", min=1, max=30, help="Thumbnails per row of the gallery.")] = 8,
+    suspect_below: Annotated[float, typer.Option("--suspect-below", min=0.0, max=1.0, help="A positive label scored below this is a suspect.")] = 0.02,
+    suspect_above: Annotated[float, typer.Option("--suspect-above", min=0.0, max=1.0, help="A negative label scored above this is a suspect.")] = 0.98,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON only (notes go to stderr).")] = False,
 ) -> None:
-    """Summarise runs and draw curves.png (losses and val mAP per epoch), per_class_ap.png (best
+    """Summarise runs and ensembles: a table, curves, per-class AP pictures.
+
+    Summarise runs and draw curves.png (losses and val mAP per epoch), per_class_ap.png (best
     checkpoint's val AP per class, weakest marked) and ensemble_tradeoff.png (val mAP against
-    training time and inference speed).
+    training time and inference speed), and write report.html, one page holding them all.
+
+    Where labels are known (one run's val split, or one prediction CSV with --labels) also the
+    error analysis: errors.png (false positives and negatives of the worst classes, as
+    thumbnails), pr_curves.png, cooccurrence.png (the true labels of each class's false
+    positives) and suspect_labels.csv (labels the model contradicts with confidence).
+
+    A cross-validation folder stands for its K fold runs, and adds cv_per_class_ap.png (per-class
+    AP over the folds: mean ± std, and out-of-fold) and the per-fold table.
 
     Example: [bold]aicoss report runs/demo/* --ensemble ensemble_submission.json --out report[/]
+    Example: [bold]aicoss report runs/demo/20250101T000000Z --data data/demo --classes digit_3[/]
     """
+    from aicoss_cli.results.errors import ErrorOptions
     from aicoss_cli.results.report import build_report, report_json
 
-    result = build_report(run_dirs or [], out=out_dir, ensembles=ensembles or [], data=data)
+    options = ErrorOptions(labels=labels, split=split, classes=classes or [], thresholds=thresholds, worst=worst,
+                           per_row=per_row, suspect_below=suspect_below, suspect_above=suspect_above)
+    result = build_report(run_dirs or [], out=out_dir, ensembles=ensembles or [], data=data, errors=options)
     if as_json:
         for text in result.notes:
             note(text, err)
@@ -43,6 +66,10 @@ def report(
     _print_class_ap(result)
     if result.ensembles:
         _print_ensembles(result)
+    if result.analysis is not None:
+        _print_errors(result.analysis)
+    for cv in result.cvs:
+        print_folds(cv)
     if result.distilled:
         from aicoss_cli.cli.distill import print_teachers
 
@@ -52,6 +79,10 @@ def report(
         note(text)
     for path in result.pictures.values():
         out.print(f"picture: {escape(str(path))}", highlight=False)
+    if "suspect_labels" in result.files:
+        out.print(f"suspect labels: {escape(str(result.files['suspect_labels']))} "
+                  f"({len(result.analysis.suspects[0])} rows)", highlight=False)
+    out.print(f"page: {escape(str(result.files['html']))}", highlight=False)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -72,7 +103,7 @@ def _print_runs(result) -> None:
                       f"{run.epochs_done}/{run.epochs}", _num(run.best_val_map), str(run.best_epoch),
                       clock(run.train_seconds), _speed(run.train_img_per_s), _speed(run.eval_img_per_s),
                       escape(run.status))
-    out.print(table)
+    print_table(table)
 
 
 def _print_class_ap(result) -> None:
@@ -105,7 +136,22 @@ def _print_class_ap(result) -> None:
             cells.append(_num(t.mean[c]))
         cells.append("-" if math.isnan(t.mean[c]) else str(rank))
         table.add_row(*cells, style="bold red" if c in t.weak else None)
+    print_table(table)
+
+
+def _print_errors(a) -> None:
+    table = Table(title=f"errors on {escape(a.data.source)}, worst classes by AP "
+                        f"(threshold {escape(a.thresholds.source)})")
+    for col in ("class", "positives", "AP", "F1", "false positives", "false negatives"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for g in a.worst:
+        row = a.per_class[g.cls]
+        table.add_row(escape(row["class"]), str(row["positives"]), _num(row["ap"]), _num(row["f1"]), str(g.n_fp),
+                      str(g.n_fn))
     out.print(table)
+    out.print(f"{len(a.data.ids)} images, macro mAP {_num(a.map)}, macro F1 {_num(a.macro_f1)}; "
+              f"{len(a.suspects[0])} suspect labels (positive < {a.options.suspect_below:g} or negative > "
+              f"{a.options.suspect_above:g})", highlight=False)
 
 
 def _print_ensembles(result) -> None:
@@ -117,4 +163,4 @@ def _print_ensembles(result) -> None:
         table.add_row(escape(str(e.path)), str(len(e.members)), e.weighting, _num(e.val_map), _num(e.equal_val_map),
                       "-" if e.train_seconds is None else clock(e.train_seconds), _speed(e.img_per_s),
                       f"{e.seconds:.1f}", escape(e.device), e.precision)
-    out.print(table)
+    print_table(table)

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import out
+from aicoss_cli.base.console import out, print_table
 
 
 def _fmt(value: float | None) -> str:
@@ -27,7 +27,9 @@ def score(
     thresholds: Annotated[str, typer.Option("--thresholds", help="T: one threshold for every class, or a class,threshold CSV (e.g. the _thresholds.csv of --labels auto). A class is predicted when probability ≥ its threshold.")] = "0.5",
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")] = False,
 ) -> None:
-    """Score a submission against known labels: macro mAP, micro and macro F1 / precision / recall
+    """Score a submission against known labels: mAP, F1, precision, recall.
+
+    Score a submission against known labels: macro mAP, micro and macro F1 / precision / recall
     at the thresholds, and a per-class table (AP, F1, precision, recall, support), weakest first.
 
     Rows are matched by img_id in any order, class columns by name.
@@ -50,7 +52,7 @@ def score(
         table.add_row("-" if r["rank"] is None else str(r["rank"]), escape(r["class"]), str(r["positives"]),
                       _fmt(r["ap"]), _fmt(r["f1"]), _fmt(r["precision"]), _fmt(r["recall"]), f"{r['threshold']:.4g}",
                       style="bold red" if weak else None)
-    out.print(table)
+    print_table(table)
     out.print(f"{escape(report['predictions'])} against {escape(report['labels'])}: {report['images']} images, "
               f"thresholds {escape(report['thresholds'])}", highlight=False)
     summary = Table()
@@ -59,7 +61,7 @@ def score(
     for kind in ("micro", "macro"):
         m = report[kind]
         summary.add_row(kind, _fmt(m["f1"]), _fmt(m["precision"]), _fmt(m["recall"]))
-    out.print(summary)
+    print_table(summary)
     skipped = report["classes"] - report["classes_scored"]
     extra = f"; {skipped} classes without a positive are left out of mAP and the macro means" if skipped else ""
     out.print(f"macro mAP [bold]{_fmt(report['map'])}[/] over {report['classes_scored']} classes{extra}",

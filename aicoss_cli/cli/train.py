@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, is_main_process, out, progress_display
+from aicoss_cli.base.console import err, is_main_process, note, out, print_table, progress_display
 from aicoss_cli.base.errors import UserError
 
 
@@ -28,20 +28,48 @@ def train(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the recipe changed (says what changed).")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs) on this machine; launches torchrun.")] = 1,
+    folds: Annotated[Optional[int], typer.Option("--folds", help="K-fold cross-validation (sets \\[data] folds): K runs in runs/<name>/<timestamp>-cvK/fold0..; then oof.csv, cv.json and the K checkpoints' mean submission.", show_default=False)] = None,
+    fold: Annotated[Optional[int], typer.Option("--fold", help="Train this fold only (0-based), in a new cross-validation folder or in the one given to --resume.", show_default=False)] = None,
 ) -> None:
-    """Validate RECIPE, train it, evaluate val mAP every epoch, keep best/last checkpoints and write
-    the best checkpoint's test submission.
+    """Train a recipe: val mAP per epoch, best/last checkpoints, submission.
+
+    Validate RECIPE, train it, evaluate val mAP every epoch, keep best/last checkpoints and write
+    the best checkpoint's test submission; with --folds K, one such run per fold (cross-validation).
 
     Example: [bold]aicoss train recipes/demo.toml --data data/demo --set optim.epochs=3[/]
     """
     from aicoss_cli.recipe import find_recipe, load_recipe, resolve_recipe
+    from aicoss_cli.results.layout import is_cv_dir
 
     if recipe is None and resume is None:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR); see `aicoss recipes` for the bundled ones")
+    if folds is not None and folds < 2:
+        raise UserError(f"--folds {folds}: K-fold cross-validation needs at least 2 folds")
+    if fold is not None and fold < 0:
+        raise UserError(f"--fold {fold}: folds are numbered from 0")
     recipe = find_recipe(recipe) if recipe is not None else None
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if resume is None:
-            resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)  # fail here, not in N processes
+    launcher = nproc > 1 and "WORLD_SIZE" not in os.environ
+    cv_parent = resume is not None and is_cv_dir(resume)
+    if resume is not None and not cv_parent and (folds is not None or fold is not None):
+        raise UserError(f"--{'folds' if folds is not None else 'fold'}: {resume} is not a cross-validation folder "
+                        "(runs/<name>/<timestamp>-cvK, made by `aicoss train --folds K`); resume it without "
+                        "--folds and --fold")
+    if cv_parent and (recipe is not None or overrides or out_dir is not None or force):
+        raise UserError(f"{resume}: a cross-validation resumes as it was started; drop the RECIPE, --set, --out and "
+                        "--force (a fold can be resumed on its own: --resume PARENT/fold2 with them)")
+    loaded = None
+    if resume is None:
+        cv_set = [f"data.folds={folds}"] if folds is not None else []
+        loaded = resolve_recipe(load_recipe(recipe, [*(overrides or []), *cv_set]), data_root=data)
+        if fold is not None and loaded.data.folds is None:
+            raise UserError(f"--fold {fold} needs --folds K (or [data] folds = K in the recipe)")
+    if cv_parent or (loaded is not None and loaded.data.folds is not None):
+        from aicoss_cli.cli.cv import train_cv
+
+        train_cv(loaded, resume if cv_parent else None, folds=folds, fold=fold, data=data, out_dir=out_dir,
+                 launch=(lambda args: _launch_torchrun(nproc, args)) if launcher else None)
+        return
+    if launcher:
         _launch_torchrun(nproc)
         return
 
@@ -59,29 +87,28 @@ def train(
                           "to train on)", highlight=False)
             return
         loaded = resumed.recipe
-    else:
-        loaded = resolve_recipe(load_recipe(recipe, overrides or []), data_root=data)
     result = run_training(loaded, out_dir or Path("runs"), resume=resumed, console=err)
     if not is_main_process():
         return
     _print_epochs(result)
 
 
-def _launch_torchrun(nproc: int) -> None:
-    """Re-run this very command under torch.distributed.run with --nproc removed."""
+def _launch_torchrun(nproc: int, args: list[str] | None = None) -> None:
+    """Re-run this very command with --nproc removed (or `aicoss ARGS`) under torch.distributed.run."""
     import subprocess
 
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        args.append(a)
+    if args is None:
+        args, skip = [], False
+        for a in sys.argv[1:]:
+            if skip:
+                skip = False
+                continue
+            if a == "--nproc":
+                skip = True
+                continue
+            if a.startswith("--nproc="):
+                continue
+            args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "aicoss_cli", *args]
     err.print(f"launching: {' '.join(cmd[1:])}", highlight=False)
@@ -96,9 +123,9 @@ def _print_epochs(result) -> None:
         style = "bold green" if row["epoch"] == result.best_epoch else None
         table.add_row(str(row["epoch"]), f"{row['lr']:.3g}", f"{row['train_loss']:.4f}", f"{row['val_loss']:.4f}",
                       f"{row['val_map']:.4f}", f"{row['seconds']:.1f}", style=style)
-    out.print(table)
-    for note in result.notes:
-        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    print_table(table)
+    for text in result.notes:
+        note(text)
     out.print(f"best val mAP [bold]{result.best_map:.4f}[/] at epoch {result.best_epoch}; "
               f"submission: {result.run_dir / 'submission.csv'}", highlight=False)
 
@@ -112,7 +139,9 @@ def validate(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the resolved recipe (and the data counts) as JSON only.")] = False,
 ) -> None:
-    """Check a recipe (keys, types, ranges, arch and loss names) and, with --data, the data it would train on.
+    """Check a recipe and, with --data, the data it would train on.
+
+    Check a recipe (keys, types, ranges, arch and loss names) and, with --data, the data it would train on.
 
     Example: [bold]aicoss validate recipes/tresnet_xl_pasl.toml --data data/demo[/]
     """
@@ -126,10 +155,18 @@ def validate(
 
         with progress_display(err, enabled=not as_json, transient=True) as progress:
             prepared = prepare_data(resolved, progress)
+    same = []
+    if prepared is not None:
+        from aicoss_cli.data.duplicates import describe_same_images, same_images
+
+        same = same_images(prepared.table.paths)
+        if same:
+            note(describe_same_images(prepared.table.ids, same, prepared.val_rows), err if as_json else out)
     if as_json:
         counts = None if prepared is None else {
             "labelled": len(prepared.table), "train": len(prepared.train_rows), "val": len(prepared.val_rows),
-            "test": len(prepared.test), "classes": prepared.table.classes, "split": prepared.split}
+            "test": len(prepared.test), "classes": prepared.table.classes, "split": prepared.split,
+            "same_images": [[prepared.table.ids[i], prepared.table.ids[j]] for i, j in same]}
         print(json.dumps({"recipe": str(recipe), "valid": True, "resolved": resolved.model_dump(), "data": counts},
                          indent=2, ensure_ascii=False))
         return
@@ -154,7 +191,9 @@ def _recipe_files(folder: Path | None) -> list[Path]:
 def recipes(
     folder: Annotated[Optional[Path], typer.Argument(help="Folder of recipes (default: the bundled ones).")] = None,
 ) -> None:
-    """List the recipes: one per model row of the seed's tables, plus small CPU demos.
+    """List the recipes: one per row of the seed's tables, plus CPU demos.
+
+    List the recipes: one per model row of the seed's tables, plus small CPU demos.
 
     Example: [bold]aicoss recipes[/]
     """

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aicoss_cli.base.console import err, note, out
+from aicoss_cli.base.console import err, note, out, print_table
 from aicoss_cli.base.errors import UserError
 
 
@@ -30,7 +30,9 @@ def tune(
     study: Annotated[Optional[str], typer.Option("--study", help="Study name (default <recipe name>-<data folder>); the same name continues the study.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Trials go to <out>/<study>/ as run folders, with trials.csv, best.toml and trials.png.")] = Path("runs/tune"),
 ) -> None:
-    """Search a recipe's hyper-parameters with Optuna: every trial a short `aicoss train` run, a
+    """Search a recipe's hyper-parameters with Optuna (a resumable study).
+
+    Search a recipe's hyper-parameters with Optuna: every trial a short `aicoss train` run, a
     median pruner, a resumable study; prints the trials and writes the best recipe.
 
     Example: [bold]aicoss tune recipes/starter.toml --data data/demo --trials 12 --epochs 3[/]
@@ -107,7 +109,7 @@ def _print_trials(result, space) -> None:
                       *(escape(_fmt(r.params[k])) if k in r.params else "-" for k in keys),
                       "-" if r.seconds is None else f"{r.seconds:.0f}", escape(_relative(r.run_dir, result.study_dir)),
                       style="bold" if best else None)
-    out.print(table)
+    print_table(table)
     states = [r.state for r in result.rows]
     counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
     out.print(f"{len(states)} trials ({counts}); {result.ran} run now", highlight=False)

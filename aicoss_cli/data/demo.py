@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from aicoss_cli.base.errors import UserError
-from aicoss_cli.base.files import new_folder
+from aicoss_cli.base.files import check_writable_folder, new_folder
 
 CLASSES = [f"digit_{d}" for d in range(10)]
 STAMP = "demo.json"
@@ -58,6 +58,7 @@ def build_demo_data(out: str | Path, n_train: int = 3000, n_test: int = 1000, si
         raise UserError(f"--n-train must be ≥ 10 and --n-test ≥ 1 (got {n_train}, {n_test})")
     if not 0.0 <= unannotated < 1.0:
         raise UserError(f"--unannotated must be in [0, 1) (got {unannotated})")
+    check_writable_folder(out.parent if out.exists() else out, "DIR")  # the set is made beside `out`, renamed to it
 
     digits = load_digits()
     rng = np.random.default_rng(seed)

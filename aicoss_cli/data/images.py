@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from aicoss_cli.base.errors import UserError
 
@@ -49,8 +49,58 @@ def too_many_pixels(exc: BaseException) -> str | None:
             "downscale it")
 
 
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL's converters clip these to 8 bits
+
+
+def eight_bits(img: Image.Image) -> Image.Image:
+    """A grayscale image of a high bit depth as 8-bit grayscale ("L"), by its value range: integers
+    in 0..65535 (16-bit, or 12-bit data stored in 16) `>> 8`; floats in [0, 1] `round(x · 255)`,
+    other finite floats `round((x − min) / (max − min) · 255)`. ValueError (naming the mode) where no
+    scale is known: integers outside 0..65535, non-finite floats."""
+    array = np.asarray(img)
+    if img.mode == "F":
+        values = array.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("PIL mode F with pixels that are not finite (NaN or infinite); save it as 8 or 16 bits")
+        low, high = float(values.min()), float(values.max())
+        if not (low >= 0.0 and high <= 1.0):
+            values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        return Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), "L")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"PIL mode {img.mode} with pixels from {low} to {high}, outside 0..65535, so no 8-bit scale "
+                         "is known; save it as 8 or 16 bits")
+    return Image.fromarray((array.astype(np.uint32) >> 8).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image, exif_transpose: bool = False) -> Image.Image:
+    """The RGB pixels of an opened image: turned upright by its EXIF orientation when asked, high
+    bit depths mapped to 8 bits (`eight_bits`), then PIL's conversion."""
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in HIGH_BIT_MODES:
+        img = eight_bits(img)
+    return img.convert("RGB")
+
+
+def _decodes(path: str, fmt: str) -> str | None:
+    """None when PIL decodes the whole image (bytes after its end, as a motion photo's video, are
+    fine), else why not."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:
+        if too_many_pixels(exc):
+            return too_many_pixels(exc)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"truncated {fmt} ({reason})"
+    return None
+
+
 def _image_problem(path: str) -> str | None:
-    """Why an image cannot be used, or None. Cheap: header parse and end-of-file marker, no decode."""
+    """Why an image cannot be used, or None. Cheap: a header parse and the end-of-file marker; a full
+    decode only where the marker is not at the end, and for 32-bit and float pixels (to know their
+    range)."""
     try:
         size = os.path.getsize(path)
     except OSError:
@@ -59,20 +109,22 @@ def _image_problem(path: str) -> str | None:
         return "empty file"
     try:
         with Image.open(path) as img:
-            fmt = img.format
+            fmt, mode = img.format, img.mode
+            if mode in ("I", "F"):
+                eight_bits(img)
         with open(path, "rb") as f:
             f.seek(max(0, size - 64))
             tail = f.read()
+    except ValueError as exc:  # eight_bits: no known scale
+        return str(exc)
     except Exception as exc:  # PIL raises several types for unreadable files
         if too_many_pixels(exc):
             return too_many_pixels(exc)
         reason = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).replace(f" {path!r}", "")
         truncated = reason.lower().startswith("truncated") or "is truncated" in reason.lower()
         return f"truncated file ({reason})" if truncated else f"unreadable ({reason})"
-    if fmt == "JPEG" and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
-    if fmt == "PNG" and b"IEND" not in tail:
-        return "truncated PNG (no IEND chunk)"
+    if (fmt == "JPEG" and b"\xff\xd9" not in tail) or (fmt == "PNG" and b"IEND" not in tail):
+        return _decodes(path, fmt)
     return None
 
 
@@ -154,7 +206,7 @@ def _hwc(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
-def _pil_sizes(raw: bytes, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
+def _pil_sizes(raw: bytes, sizes: Sequence[int], exif_transpose: bool = False) -> dict[int, torch.Tensor]:
     """PIL's pixels (the module docstring's recipe), one decode per distinct draft scale; (H, W, 3)
     tensors."""
     out: dict[int, torch.Tensor] = {}
@@ -168,7 +220,7 @@ def _pil_sizes(raw: bytes, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
         with Image.open(io.BytesIO(raw)) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (group[0], group[0]))
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img, exif_transpose)
         for size in group:
             out[size] = _hwc(rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.BILINEAR))
     return out
@@ -210,11 +262,18 @@ def _read(path: str) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_hwc(path: str, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
+def _turned(raw: bytes) -> bool:
+    """Whether a JPEG's EXIF orientation turns or flips it (any value but 1)."""
+    with Image.open(io.BytesIO(raw)) as img:
+        return img.getexif().get(0x0112, 1) not in (1, None)
+
+
+def _decode_hwc(path: str, sizes: Sequence[int], exif_transpose: bool = False) -> dict[int, torch.Tensor]:
     raw = _read(path)
-    pixels = _fast_jpeg(raw)
+    turned = exif_transpose and raw[:2] == b"\xff\xd8" and _turned(raw)
+    pixels = None if turned else _fast_jpeg(raw)  # PIL turns an image upright
     if pixels is None:
-        return _pil_sizes(raw, sizes)
+        return _pil_sizes(raw, sizes, exif_transpose)
     h, w, _ = pixels.shape
     smallest = min(sizes)
     if h >= 2 * smallest and w >= 2 * smallest:  # `_jpeg_scale` > 1: PIL decodes at a reduced DCT scale
@@ -231,14 +290,15 @@ def _decode_hwc(path: str, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
     return out
 
 
-def decode_image(path: str, size: int) -> torch.Tensor:
+def decode_image(path: str, size: int, exif_transpose: bool = False) -> torch.Tensor:
     """The image at `path` as a (3, S, S) uint8 tensor: what training trains on and what inference
-    sees (`decode_batch` gives the same pixels)."""
+    sees (`decode_batch` gives the same pixels); `exif_transpose`: upright by its EXIF orientation."""
     refuse_decompression_bombs()
-    return _decode_hwc(path, [size])[size].permute(2, 0, 1).contiguous()
+    return _decode_hwc(path, [size], exif_transpose)[size].permute(2, 0, 1).contiguous()
 
 
-def decode_batch(paths: Sequence[str], sizes: Sequence[int], pin: bool = False) -> tuple[list[torch.Tensor], str]:
+def decode_batch(paths: Sequence[str], sizes: Sequence[int], pin: bool = False,
+                 exif_transpose: bool = False) -> tuple[list[torch.Tensor], str]:
     """One uint8 (B, 3, S, S) tensor per size (channels-last in memory: images stack as decoded),
     and the first decode error ("" if none).
 
@@ -247,7 +307,7 @@ def decode_batch(paths: Sequence[str], sizes: Sequence[int], pin: bool = False) 
     refuse_decompression_bombs()
     for path in paths:
         try:
-            decoded = _decode_hwc(path, sizes)
+            decoded = _decode_hwc(path, sizes, exif_transpose)
         except Exception as exc:  # missing, truncated or not an image: reported with the file's name
             if too_many_pixels(exc):
                 return [], f"{path}: {too_many_pixels(exc)}"

@@ -36,14 +36,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     A key is a row index (no augmentation) or (row index, sample seed) (augmented under that
     seed). A file that fails to decode yields a zero image and the error text instead of raising,
-    so the training loop can stop cleanly with the file's name.
+    so the training loop can stop cleanly with the file's name. `exif_transpose`: images upright
+    by their EXIF orientation (`[data] exif_transpose`).
     """
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray | None, img_size: int, transform=None):
+    def __init__(self, paths: Sequence[str], labels: np.ndarray | None, img_size: int, transform=None,
+                 exif_transpose: bool = False):
         self.paths = list(paths)
         self.labels = None if labels is None else torch.from_numpy(labels.astype(np.float32))
         self.img_size = img_size
         self.transform = transform
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,7 +55,7 @@ class ImageDataset(torch.utils.data.Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         target = self.labels[index] if self.labels is not None else torch.zeros(0)
         try:
-            image = decode_image(self.paths[index], self.img_size)
+            image = decode_image(self.paths[index], self.img_size, self.exif_transpose)
         except Exception as exc:  # any decode failure becomes a reported error, never a crash in a worker
             blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
             return blank, target, index, f"{self.paths[index]}: cannot decode image ({type(exc).__name__}: {exc})"
@@ -94,14 +97,14 @@ class Normalizer:
 class _BatchDataset(torch.utils.data.Dataset):
     """Item i = batch i, decoded in a loader process."""
 
-    def __init__(self, chunks: list[list[str]], sizes: list[int]):
-        self.chunks, self.sizes = chunks, sizes
+    def __init__(self, chunks: list[list[str]], sizes: list[int], exif_transpose: bool):
+        self.chunks, self.sizes, self.exif_transpose = chunks, sizes, exif_transpose
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, i):
-        return decode_batch(self.chunks[i], self.sizes)
+        return decode_batch(self.chunks[i], self.sizes, exif_transpose=self.exif_transpose)
 
 
 class ImageBatches:
@@ -109,15 +112,17 @@ class ImageBatches:
 
     `workers` > 0: that many loader processes. `workers` = 0: decoded in this process, by one
     background thread `prefetch` batches ahead when `background` (what `Runtime` asks for: the
-    thread decodes the next batch while the model computes, on a GPU or on the CPU), else inline."""
+    thread decodes the next batch while the model computes, on a GPU or on the CPU), else inline.
+    `exif_transpose`: images upright by their EXIF orientation (`[data] exif_transpose`)."""
 
     def __init__(self, paths: Sequence[str], sizes: Sequence[int], batch_size: int, *, workers: int = 0,
-                 background: bool = False, prefetch: int = 2, pin: bool = False):
+                 background: bool = False, prefetch: int = 2, pin: bool = False, exif_transpose: bool = False):
         if batch_size < 1:
             raise UserError(f"--batch-size must be ≥ 1 (got {batch_size})")
         self.paths, self.sizes = list(paths), list(sizes)
         self.chunks = [self.paths[i:i + batch_size] for i in range(0, len(self.paths), batch_size)]
         self.workers, self.background, self.prefetch, self.pin = workers, background, max(1, prefetch), pin
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -128,25 +133,28 @@ class ImageBatches:
         elif self.background:
             source = self._thread()
         else:
-            source = (decode_batch(chunk, self.sizes, self.pin) for chunk in self.chunks)
+            source = (self._decode(chunk) for chunk in self.chunks)
         for batches, error in source:
             if error:
                 raise UserError(f"{error}; fix or remove this image (and any other unreadable ones)")
             yield batches
 
+    def _decode(self, chunk: list[str]):
+        return decode_batch(chunk, self.sizes, self.pin, self.exif_transpose)
+
     def _thread(self):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aicoss-decode") as pool:
-            pending = [pool.submit(decode_batch, c, self.sizes, self.pin) for c in self.chunks[:self.prefetch]]
+            pending = [pool.submit(self._decode, c) for c in self.chunks[:self.prefetch]]
             for i in range(len(self.chunks)):
                 result = pending[i].result()
                 pending[i] = None  # free the batch once consumed
                 if i + self.prefetch < len(self.chunks):
-                    pending.append(pool.submit(decode_batch, self.chunks[i + self.prefetch], self.sizes, self.pin))
+                    pending.append(pool.submit(self._decode, self.chunks[i + self.prefetch]))
                 yield result
 
     def _processes(self):
         # a private generator: the loader's worker seeds must not draw on the global RNG (exact resume)
         loader = torch.utils.data.DataLoader(
-            _BatchDataset(self.chunks, self.sizes), batch_size=None, shuffle=False, num_workers=self.workers,
+            _BatchDataset(self.chunks, self.sizes, self.exif_transpose), batch_size=None, shuffle=False, num_workers=self.workers,
             pin_memory=self.pin, prefetch_factor=self.prefetch, generator=torch.Generator().manual_seed(0))
         yield from loader

@@ -99,14 +99,16 @@ def _label(raw: str, path: Path, line: int, column: str) -> float:
     except ValueError:
         value = math.nan
     if value not in (-1.0, 0.0, 1.0):
-        raise UserError(f"{path}: row {line}, column {column!r}: label {raw!r} is not one of 1, 0, -1 "
-                        "(1 = present, 0 = absent, -1 = not annotated)")
+        what = "is empty" if not raw.strip() else f"{raw!r} is not one of 1, 0, -1"
+        raise UserError(f"{path}: row {line}, column {column!r}: label {what} (1 = present, 0 = absent, "
+                        "-1 = not annotated)")
     return value
 
 
 def read_csv_rows(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Raw header (names stripped; duplicates and empty names refused) and the non-blank rows with
-    their line numbers, each with as many fields as the header."""
+    """Raw header (class names as written, `img_id` / `img_path` stripped; duplicates and empty
+    names refused) and the non-blank rows with their line numbers, each with as many fields as the
+    header."""
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
@@ -122,10 +124,10 @@ def read_csv_rows(path: Path, what: str) -> tuple[list[str], list[tuple[int, lis
         raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not header:
         raise UserError(f"{path}: empty file; a {what} starts with a header line")
-    header = [name.strip() for name in header]
+    header = [name.strip() if name.strip() in ("img_id", "img_path") else name for name in header]
     seen: set[str] = set()
     for c, name in enumerate(header):
-        if not name:
+        if not name.strip():
             raise UserError(f"{path}: column {c + 1} of the header has no name")
         if name in seen:
             raise UserError(f"{path}: duplicated column {name!r} in the header; each column once")

@@ -5,8 +5,9 @@ tables, every byte of them treated as untrusted.
     test.csv               img_id,img_path
     sample_submission.csv  img_id,<class 1>,...,<class K>
 
-Class names and K come from the CSV header, never from code; image paths are resolved inside the
-data root (a path or a symbolic link that leads outside it is refused).
+Class names and K come from the CSV header, never from code, kept exactly as written (spaces
+included: the submission's header must be sample_submission.csv's); image paths are resolved inside
+the data root (a path or a symbolic link that leads outside it is refused).
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: cannot be read as CSV ({reason})") from None
     _check_header(path)
-    frame.columns = [str(c).strip() for c in frame.columns]
+    frame.columns = [id_column(str(c)) for c in frame.columns]
     return frame
+
+
+def id_column(name: str) -> str:
+    """`img_id` / `img_path` also with spaces around them; any other name (a class) as written."""
+    return name.strip() if name.strip() in ID_COLUMNS else name
 
 
 def _check_header(path: Path) -> None:
@@ -187,8 +193,9 @@ def _parse_labels(frame: pd.DataFrame, path: Path) -> np.ndarray:
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
         raw = frame.iat[row, col]
+        what = "is empty" if pd.isna(raw) else f"{str(raw)!r} is not one of -1, 0, 1"
         raise UserError(
-            f"{path}: row {row + 2}, column {frame.columns[col]!r}: label {str(raw)!r} is not one of -1, 0, 1 "
+            f"{path}: row {row + 2}, column {frame.columns[col]!r}: label {what} "
             f"({int(bad.sum())} bad cells in all); use 1 = present, 0 = absent, -1 = not annotated"
         )
     return values.astype(np.int8)
@@ -224,6 +231,24 @@ def read_test(root: str | Path, classes: Sequence[str] | None = None) -> TestTab
     paths = _resolve_paths(test, root, test_path)
     by_id = dict(zip(test_ids, paths))
     return TestTable(root=root, ids=sub_ids, paths=[by_id[i] for i in sub_ids], classes=sub_classes)
+
+
+def image_paths(root: str | Path) -> dict[str, str]:
+    """img_id -> absolute image path, from each CSV of the data root that has an img_path column
+    (train.csv, test.csv, test_labels.csv; the first one naming an id wins), resolved and checked
+    as `read_train` resolves them."""
+    root = _data_root(root)
+    found: dict[str, str] = {}
+    for name in ("train.csv", "test.csv", "test_labels.csv"):
+        path = root / name
+        if not path.is_file():
+            continue
+        frame = _read_csv(path, name)
+        if not set(ID_COLUMNS) <= set(frame.columns):
+            continue
+        for img_id, full in zip(_check_ids(frame, path), _resolve_paths(frame, root, path)):
+            found.setdefault(img_id, full)
+    return found
 
 
 def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:

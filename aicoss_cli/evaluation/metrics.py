@@ -32,18 +32,29 @@ def average_precision_per_class(targets, scores) -> np.ndarray:
 
 
 def _average_precision(positive: np.ndarray, score: np.ndarray) -> float:
-    n_pos = int(positive.sum())
-    if n_pos == 0:
+    if not positive.any():
         return float("nan")
+    precision, recall, _ = precision_recall_curve(positive, score)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def precision_recall_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and the threshold at each distinct score, highest score first (as
+    scikit-learn's `precision_recall_curve`, reversed and without its final (P=1, R=0) point).
+
+    At threshold t (decisions score ≥ t): P = TP / (TP + FP), R = TP / #positives (NaN with no
+    positive); tied scores form one threshold."""
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
     order = np.argsort(-score, kind="mergesort")
     score, positive = score[order], positive[order]
     tp = np.cumsum(positive)
     # the last index of each run of equal scores closes a threshold
-    last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]
+    last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1] if len(score) else np.array([], dtype=np.int64)
     tp = tp[last]
-    precision = tp / (last + 1)
-    recall = tp / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    n_pos = int(positive.sum())
+    recall = tp / n_pos if n_pos else np.full(len(tp), np.nan)
+    return tp / (last + 1), recall, score[last]
 
 
 def mean_average_precision(targets, scores) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import atomic_path
-from aicoss_cli.data.submission import preview, read_labels_csv, read_probabilities_csv
+from aicoss_cli.data.submission import ScoreTable, preview, read_labels_csv, read_probabilities_csv
 from aicoss_cli.evaluation.metrics import (
     as_arrays,
     average_precision_per_class,
@@ -36,6 +36,16 @@ def score_files(predictions: Path, labels: Path, thresholds: str = str(DEFAULT_T
     spec = parse_threshold_spec(thresholds, option)  # a bad spec fails before any file is read
     pred = read_probabilities_csv(predictions)
     truth = read_labels_csv(labels)
+    targets = matched_labels(pred, truth)
+    resolved = resolve_thresholds(spec, pred.classes, option=option)
+    report = score_report(pred.classes, targets, pred.values, resolved)
+    return {"predictions": str(pred.path), "labels": str(truth.path), "images": len(pred.ids),
+            "thresholds": resolved.source, **report}
+
+
+def matched_labels(pred: ScoreTable, truth: ScoreTable) -> np.ndarray:
+    """The labels (N, K) of `truth` in the rows and class columns of `pred`: the same class set and
+    the same img_ids (any order), else a one-line error naming what differs."""
     if set(pred.classes) != set(truth.classes):
         missing = [c for c in truth.classes if c not in pred.classes]
         extra = [c for c in pred.classes if c not in truth.classes]
@@ -55,11 +65,7 @@ def score_files(predictions: Path, labels: Path, thresholds: str = str(DEFAULT_T
         raise UserError(f"{pred.path}: no row for img_id {truth.ids[r]!r} ({truth.path} row {truth.lines[r]}; "
                         f"{len(missing)} ids missing); predict every labelled image")
     columns = [truth.classes.index(c) for c in pred.classes]
-    targets = truth.values[[truth_row[i] for i in pred.ids]][:, columns]
-    resolved = resolve_thresholds(spec, pred.classes, option=option)
-    report = score_report(pred.classes, targets, pred.values, resolved)
-    return {"predictions": str(pred.path), "labels": str(truth.path), "images": len(pred.ids),
-            "thresholds": resolved.source, **report}
+    return truth.values[[truth_row[i] for i in pred.ids]][:, columns]
 
 
 PER_CLASS_COLUMNS = ("class", "positives", "ap", "f1", "precision", "recall", "threshold", "rank")
@@ -97,7 +103,7 @@ def write_per_class_csv(path: Path, rows: list[dict]) -> None:
 
     try:
         with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")
             writer.writerow(PER_CLASS_COLUMNS)
             writer.writerows([cell(k, r[k]) for k in PER_CLASS_COLUMNS] for r in rows)
     except OSError as exc:

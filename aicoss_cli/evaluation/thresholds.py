@@ -60,13 +60,13 @@ def read_thresholds_csv(path: Path, classes: Sequence[str]) -> np.ndarray:
     order), each value finite in [0, 1]. Returned in the order of `classes`."""
     path = Path(path)
     header, rows = read_csv_rows(path, "thresholds CSV")
-    if tuple(header) != THRESHOLDS_HEADER:
+    if tuple(h.strip() for h in header) != THRESHOLDS_HEADER:
         raise UserError(f"{path}: header must be `class,threshold` (got {','.join(header)!r})")
     wanted = {c: j for j, c in enumerate(classes)}
     values = np.full(len(classes), np.nan)
     seen: dict[str, int] = {}
     for line, row in rows:
-        name, raw = row[0].strip(), row[1]
+        name, raw = (row[0] if row[0] in wanted else row[0].strip()), row[1]  # a class name as written, or trimmed
         if name not in wanted:
             raise UserError(f"{path}: row {line}: class {name!r} is not one of the {len(classes)} classes "
                             f"({preview(classes)})")
@@ -203,12 +203,14 @@ class HeldOutThresholds:
         return self.auto_f1 - self.global_f1
 
 
-def held_out_threshold_gain(targets, probs, seed: int = 0, min_positives: int = MIN_POSITIVES) -> HeldOutThresholds:
+def held_out_threshold_gain(targets, probs, seed: int = 0, min_positives: int = MIN_POSITIVES,
+                            rows: tuple[np.ndarray, np.ndarray] | None = None) -> HeldOutThresholds:
     """Fit on a seeded random half of the val images, score macro F1 on the other half (the same
-    halves as `infer.ensemble.held_out_gain` draws for weights: `halves`)."""
+    halves as `infer.ensemble.held_out_gain` draws for weights: `halves`), or on the given (fit,
+    score) rows (out-of-fold rows: `fold_halves`)."""
     y, s = as_arrays(targets, probs)
     n = len(y)
-    fit, score = halves(n, seed)
+    fit, score = rows if rows is not None else halves(n, seed)
     result = fit_thresholds(y[fit], s[fit], min_positives=min_positives)
     yb, sb = y[score], s[score]
     return HeldOutThresholds(
@@ -249,9 +251,11 @@ class Thresholds:
 
 
 def resolve_thresholds(spec: str | ThresholdSpec, classes: Sequence[str], val_targets=None, val_probs=None, *,
-                       option: str = "--labels", min_positives: int = MIN_POSITIVES, seed: int = 0) -> Thresholds:
+                       option: str = "--labels", min_positives: int = MIN_POSITIVES, seed: int = 0,
+                       rows: tuple[np.ndarray, np.ndarray] | None = None, what: str = "val") -> Thresholds:
     """One threshold per class from `spec` (text as typed, or what `parse_threshold_spec` returned);
-    `auto` fits on val_targets / val_probs (N, K) and measures the held-out gain."""
+    `auto` fits on val_targets / val_probs (N, K) and measures the held-out gain (on `rows`, the
+    (fit, score) halves, when given); `what` names those images in the source ("val", "out-of-fold")."""
     if isinstance(spec, str) and spec != "auto":
         spec = parse_threshold_spec(spec, option)
     classes = list(classes)
@@ -265,8 +269,8 @@ def resolve_thresholds(spec: str | ThresholdSpec, classes: Sequence[str], val_ta
         if np.shape(val_probs)[1:] != (len(classes),):
             raise ValueError(f"{len(classes)} classes but val probabilities of shape {np.shape(val_probs)}")
         fit = fit_thresholds(val_targets, val_probs, min_positives=min_positives)
-        held = held_out_threshold_gain(val_targets, val_probs, seed=seed, min_positives=min_positives)
-        source = f"auto (F1-optimal per class on {len(val_probs)} val images)"
+        held = held_out_threshold_gain(val_targets, val_probs, seed=seed, min_positives=min_positives, rows=rows)
+        source = f"auto (F1-optimal per class on {len(val_probs)} {what} images)"
         return Thresholds(fit.thresholds, classes, source, [classes[j] for j in fit.fallback], fit.global_threshold,
                           held, fit)
     value = float(spec)
@@ -299,11 +303,11 @@ def write_label_outputs(out_csv: Path, ids: Sequence[str], classes: Sequence[str
     try:
         with atomic_path(labels_path) as tmp_labels, atomic_path(thresholds_path) as tmp_thresholds:
             with open(tmp_labels, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
+                writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(["img_id", *classes])
                 writer.writerows([i, *row] for i, row in zip(ids, labels.tolist()))
             with open(tmp_thresholds, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
+                writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(THRESHOLDS_HEADER)
                 writer.writerows((c, repr(float(v))) for c, v in zip(classes, t))
     except OSError as exc:

@@ -13,11 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from aicoss_cli.base.errors import UserError
-from aicoss_cli.base.files import unshare
+from aicoss_cli.base.files import unshare, write_bytes_atomic
 from aicoss_cli.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from aicoss_cli.models.checkpoint import CheckpointMeta
 
 TIMM_WEIGHTS, TIMM_CONFIG = "model.safetensors", "config.json"
+TIMM_FILES = (TIMM_WEIGHTS, TIMM_CONFIG)  # all a safetensors-timm export writes
 
 
 @dataclass
@@ -139,8 +140,10 @@ def load_timm(folder: str | Path, pretrained_file: bool = True) -> nn.Module:
 
 
 def write_timm(parts: TimmParts, config: dict, folder: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import save_file
+    """model.safetensors and config.json into `folder`, each atomically (the umask's modes);
+    WriteFailed when the disk refuses them."""
+    from safetensors.torch import save
 
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in parts.state.items()}
-    save_file(unshare(tensors), str(folder / TIMM_WEIGHTS), metadata={"format": "pt"})
-    (folder / TIMM_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_bytes_atomic(folder / TIMM_WEIGHTS, save(unshare(tensors), metadata={"format": "pt"}))
+    write_bytes_atomic(folder / TIMM_CONFIG, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -1,5 +1,6 @@
 """Take a model out of aicoss: ONNX and TorchScript files verified against PyTorch as they are
-written, the backbone in timm's naming, and ONNX Runtime inference (`OnnxModel`).
+written, and the backbone in timm's naming (`timm_weights`). An exported ONNX file runs in ONNX
+Runtime through `infer.onnx_model.OnnxModel`, wherever a checkpoint is taken.
 
 Every exported model takes `images`, float32 N×3×S×S, RGB resized to S×S (bilinear) and normalised
 as training did ((pixel / 255 − ImageNet mean) / std), and returns `probabilities`, the sigmoid of
@@ -17,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from aicoss_cli.base.errors import UserError, one_line
-from aicoss_cli.base.files import atomic_path
+from aicoss_cli.base.files import WriteFailed, atomic_path, check_output, check_writable_folder, new_folder
 from aicoss_cli.data.loading import IMAGENET_MEAN, IMAGENET_STD, normalize
-from aicoss_cli.export.timm_weights import load_timm, timm_config, timm_parts, write_timm
+from aicoss_cli.export.timm_weights import TIMM_FILES, load_timm, timm_config, timm_parts, write_timm
 from aicoss_cli.infer.onnx_model import INPUT_NAME, OUTPUT_NAME, ort_session, require_extra, run_session
 from aicoss_cli.models.checkpoint import CheckpointMeta, model_from_checkpoint
 
@@ -85,6 +85,15 @@ def default_out(checkpoint: Path, fmt: str) -> Path:
     return checkpoint.with_name(checkpoint.stem + suffix)
 
 
+def lowest_opset() -> int:
+    """The oldest opset the ONNX exporter writes (its operator library's; older asks get this one)."""
+    try:
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
+    except ImportError:  # a private constant: torch 2.x's value when it moves
+        return 18
+    return int(TORCHLIB_OPSET)
+
+
 def _check_options(checkpoint: Path, fmt: str, out: Path, opset: int | None, batch: int | None,
                    overwrite: bool) -> None:
     if opset is not None and fmt != "onnx":
@@ -95,9 +104,10 @@ def _check_options(checkpoint: Path, fmt: str, out: Path, opset: int | None, bat
         require_extra("onnx")
         import onnx
 
-        newest = onnx.defs.onnx_opset_version()
-        if not 7 <= opset <= newest:
-            raise UserError(f"--opset must be from 7 to {newest}, the newest this onnx knows (got {opset})")
+        lowest, newest = lowest_opset(), onnx.defs.onnx_opset_version()
+        if not lowest <= opset <= newest:
+            raise UserError(f"--opset must be from {lowest} to {newest}, the opsets this exporter writes and this onnx "
+                            f"knows (got {opset})")
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint not found")
     if checkpoint.suffix.lower() == ".onnx":
@@ -110,6 +120,15 @@ def _check_options(checkpoint: Path, fmt: str, out: Path, opset: int | None, bat
         kind = "a folder" if out.is_dir() else "a file"
         raise UserError(f"{out}: is {kind}, and --format {fmt} writes {'a folder' if fmt == 'safetensors-timm' else 'a file'}; "
                         "choose another --out")
+    if fmt == "safetensors-timm":
+        others = sorted(p.name for p in out.iterdir() if p.name not in TIMM_FILES) if out.is_dir() else []
+        if others:  # --overwrite replaces what an export writes, never a file it did not write
+            raise UserError(f"{out}: holds {len(others)} other file{'s' if len(others) > 1 else ''} (e.g. "
+                            f"{others[0]!r}) besides the {' and '.join(TIMM_FILES)} an export writes; give --out a new "
+                            "or an export's own folder")
+        check_writable_folder(out)
+    else:
+        check_output(out, [checkpoint], overwrite=True)
     if fmt == "onnx":
         require_extra("onnx", "onnxruntime", "onnxscript")
 
@@ -169,7 +188,8 @@ def _image_paths(data: Path, n: int) -> tuple[list[str], str]:
     return paths[:n], f"{Path(data) / csv}"
 
 
-def check_inputs(img_size: int, data: Path | None, n: int = CHECK_IMAGES) -> tuple[Tensor, str]:
+def check_inputs(img_size: int, data: Path | None, n: int = CHECK_IMAGES,
+                 exif_transpose: bool = False) -> tuple[Tensor, str]:
     """n normalised inputs (n×3×S×S float32): real images of `data` decoded as predict does, or
     seeded random inputs; and a phrase saying which."""
     if data is None:
@@ -178,7 +198,7 @@ def check_inputs(img_size: int, data: Path | None, n: int = CHECK_IMAGES) -> tup
     from aicoss_cli.data.images import decode_batch
 
     paths, csv = _image_paths(data, n)
-    batches, error = decode_batch(paths, [img_size])
+    batches, error = decode_batch(paths, [img_size], exif_transpose=exif_transpose)
     if error:
         raise UserError(f"{error}; --data {data} must point at readable images")
     return normalize(batches[0]).contiguous(), f"{len(paths)} images of {csv}"
@@ -256,6 +276,10 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int | No
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ExportCheckFailed(f"the written ONNX model is not valid: {one_line(exc)}") from exc
+    written = [o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")]
+    if opset is not None and written != [opset]:
+        raise ExportCheckFailed(f"the exporter wrote opset {written[0] if written else '?'}, not the {opset} asked for; "
+                                "nothing written")
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -264,12 +288,17 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path, opset: int | No
 def _export_torchscript(module: nn.Module, example: Tensor, path: Path, metadata: dict[str, str]) -> None:
     """torch.jit.trace: the format LibTorch (C++) and older PyTorch load. torch.jit is deprecated in
     favour of torch.export (whose .pt2 programs need the same torch to load), hence the filter."""
+    buffer = io.BytesIO()  # torch.jit.save aborts the process when a write to a file fails (a full disk)
     try:
         with _quiet():
             traced = torch.jit.trace(module, example, check_trace=False)
-            torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: json.dumps(metadata)})
+            torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_META: json.dumps(metadata)})
     except Exception as exc:
         raise ExportCheckFailed(f"torch.jit.trace failed: {one_line(exc)}") from exc
+    try:
+        path.write_bytes(buffer.getbuffer())
+    except OSError as exc:
+        raise WriteFailed(path, exc.strerror or str(exc), buffer.getbuffer().nbytes) from None
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:
@@ -282,20 +311,25 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
 
 
 @contextlib.contextmanager
-def _atomic_dir(path: Path, overwrite: bool):
-    """Yield a temporary folder beside `path`; on success it becomes `path` (an old one is replaced
-    only with `overwrite`), on error it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+def _staged_folder(out: Path):
+    """Yield a new folder beside `out` (the umask's mode) to write and check an export in; on
+    success its files become `out` (a new folder), or replace their namesakes in `out` (an export's
+    own folder: nothing else in it is touched); on error it is removed."""
+    try:
+        tmp = new_folder(out)
+    except OSError as exc:
+        raise WriteFailed(out, exc.strerror or str(exc), 0) from None
     try:
         yield tmp
-        if path.exists() and overwrite:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+        if out.is_dir():
+            for name in TIMM_FILES:
+                os.replace(tmp / name, out / name)
+            tmp.rmdir()
         else:
-            os.rename(tmp, path)
+            os.rename(tmp, out)
+    except WriteFailed as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteFailed(out / exc.path.name, exc.reason, exc.needed) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -335,11 +369,12 @@ def export_checkpoint(
 
     step("loading the checkpoint")
     model, meta = model_from_checkpoint(checkpoint)
-    inputs, compared = check_inputs(meta.img_size, Path(data) if data is not None else None)
+    inputs, compared = check_inputs(meta.img_size, Path(data) if data is not None else None,
+                                    exif_transpose=meta.exif_transpose)
     metadata = export_metadata(meta, checkpoint, precision, batch, fmt)
     notes: list[str] = []
     if fmt == "safetensors-timm":
-        return _export_timm(model, meta, metadata, inputs, compared, out, fp16, overwrite, started, step)
+        return _export_timm(model, meta, metadata, inputs, compared, out, fp16, started, step)
 
     module = Probabilities(model).eval()
     batches = _check_batches(inputs, batch)
@@ -353,8 +388,8 @@ def export_checkpoint(
     if batch is None and len(example) < TRACE_BATCH:
         example = example.repeat(TRACE_BATCH, 1, 1, 1)
     suffix = ".onnx" if fmt == "onnx" else ".pt"
-    with atomic_path(out) as tmp:
-        with torch.no_grad():
+    try:
+        with atomic_path(out) as tmp, torch.no_grad():
             if fmt == "onnx":
                 step("exporting to ONNX")
                 _export_onnx(module, example, tmp, opset, batch is None, metadata)
@@ -372,16 +407,18 @@ def export_checkpoint(
                 loaded, _ = load_torchscript(tmp)
                 with torch.inference_mode():
                     got = [loaded(x).float() for x in batches]
-        max_diff = max_difference(got, reference)
-        _judge(max_diff, tolerance, "probabilities", reference)
-        size = tmp.stat().st_size
+            max_diff = max_difference(got, reference)
+            _judge(max_diff, tolerance, "probabilities", reference)
+            size = tmp.stat().st_size
+    except WriteFailed as exc:  # said of the file the user named, not of its temporary
+        raise WriteFailed(out, exc.reason, exc.needed) from None
     if out.suffix != suffix:
         notes.append(f"{out.name}: --format {fmt} files usually end in {suffix}")
     return ExportResult(out, fmt, precision, batch, _describe(compared, batches), "probabilities", max_diff,
                         tolerance, size, time.perf_counter() - started, notes)
 
 
-def _export_timm(model, meta, metadata, inputs, compared, out, fp16, overwrite, started, step) -> ExportResult:
+def _export_timm(model, meta, metadata, inputs, compared, out, fp16, started, step) -> ExportResult:
     parts = timm_parts(model, meta.arch)
     precision = "fp16" if fp16 else "fp32"
     tolerance = TOLERANCE[precision]
@@ -393,7 +430,7 @@ def _export_timm(model, meta, metadata, inputs, compared, out, fp16, overwrite, 
             backbone_in = renorm(inputs) if renorm is not None else inputs
             reference = parts.backbone(backbone_in).float()
     config = timm_config(parts, meta, metadata)
-    with _atomic_dir(out, overwrite) as tmp:
+    with _staged_folder(out) as tmp:
         step("writing timm weights")
         write_timm(parts, config, tmp, torch.float16 if fp16 else torch.float32)
         step("loading them back with timm")

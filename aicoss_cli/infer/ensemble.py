@@ -1,6 +1,8 @@
 """`aicoss ensemble`: the weighted mean of the members' sigmoid outputs on the test set, every
 member's and the ensemble's val mAP on their shared val split, and the member weights (equal, the
-spec's, or fit on val with a held-out check of the gain).
+spec's, or fit on val with a held-out check of the gain). Members that are cross-validation folders
+are scored, weighed and thresholded on their out-of-fold predictions instead (every training image),
+the held-out check on whole folds.
 
 Where members come from and what they must share is `members`'s; the one forward loop runs them
 all on each decoded batch (`forward`).
@@ -32,8 +34,8 @@ from aicoss_cli.evaluation.thresholds import (
     resolve_thresholds,
     write_label_outputs,
 )
-from aicoss_cli.infer.forward import MemberSource, combine, forward, load_members, member_meta
-from aicoss_cli.infer.members import Discovery, check_members, discover_runs, read_spec, val_split
+from aicoss_cli.infer.forward import MemberSource, combine, forward, load_members, member_meta, require_finite
+from aicoss_cli.infer.members import Discovery, check_members, cv_members, discover_runs, read_spec, val_split
 from aicoss_cli.results.ensembles import EnsembleMember, EnsembleResult, result_path_for, write_ensemble_result
 
 # --------------------------------------------------------------------------- weights
@@ -83,12 +85,13 @@ class HeldOut:
         return self.auto_map - self.equal_map
 
 
-def auto_weights_problem(targets: np.ndarray, seed: int = 0) -> str | None:
+def auto_weights_problem(targets: np.ndarray, seed: int = 0, rows: tuple[np.ndarray, np.ndarray] | None = None
+                         ) -> str | None:
     """Why --weights auto cannot work on these val labels (None when it can): fitting and the
-    held-out check need a class with a positive in each half of the split."""
-    fit, score = halves(len(targets), seed)
-    for rows, what in ((fit, "the half it fits on"), (score, "the half it is scored on")):
-        if not (targets[rows] == 1).any():
+    held-out check need a class with a positive in each half of the split (`rows`: the halves)."""
+    fit, score = rows if rows is not None else halves(len(targets), seed)
+    for part, what in ((fit, "the half it fits on"), (score, "the half it is scored on")):
+        if not (targets[part] == 1).any():
             return (f"the val split has {len(targets)} images, and {what} has no positive label: "
                     "nothing to fit weights on")
     return None
@@ -106,9 +109,10 @@ def weaker_than_best(weighting: str, val_map: float | None, members: Sequence[Me
             f"{best.path} ({best.val_map:.4f}): try --weights auto, or leave the weaker members out")
 
 
-def held_out_gain(probs: np.ndarray, targets: np.ndarray, seed: int = 0) -> HeldOut:
-    """Fit on a seeded random half of the val images, score on the other half."""
-    fit, score = halves(probs.shape[1], seed)
+def held_out_gain(probs: np.ndarray, targets: np.ndarray, seed: int = 0,
+                  rows: tuple[np.ndarray, np.ndarray] | None = None) -> HeldOut:
+    """Fit on a seeded random half of the val images (or the fit rows of `rows`), score on the other."""
+    fit, score = rows if rows is not None else halves(probs.shape[1], seed)
     w = fit_weights(probs[:, fit], targets[fit])
     equal = mean_average_precision(targets[score], probs[:, score].mean(axis=0))
     auto = mean_average_precision(targets[score], np.tensordot(w, probs[:, score], axes=1))
@@ -127,6 +131,15 @@ class MemberReport:
     weight: float
     val_map: float | None
     stored_val_map: float | None
+    img_per_s: float | None = None  # test images / this member's own forward time in the shared loop
+
+
+def cv_report(source: MemberSource, cv, meta, tta: str) -> MemberReport:
+    """A CV folder as one member: the arch and input size of its first fold's checkpoint (`meta`), and
+    the mean of its folds' val mAPs as its score at training; its val mAP, from its out-of-fold
+    predictions, is set with the others'."""
+    return MemberReport(str(source.path), meta.arch, meta.img_size, source.tta or tta, 0.0, None,
+                        float(np.mean(cv.fold_maps)))
 
 
 @dataclass
@@ -155,12 +168,14 @@ class EnsembleRun:
     thresholds: Thresholds | None = None  # with --labels
     labels_path: Path | None = None
     thresholds_path: Path | None = None
+    out_of_fold: bool = False  # the members are CV folders: "val" is their out-of-fold predictions
 
     def record(self) -> EnsembleResult:
         """The result file's content (`<out stem>.json`, read by `aicoss report --ensemble`)."""
         return EnsembleResult(
             submission=str(self.out),
-            members=[EnsembleMember(m.path, m.arch, m.img_size, m.weight, m.val_map) for m in self.members],
+            members=[EnsembleMember(m.path, m.arch, m.img_size, m.weight, m.val_map, img_per_s=m.img_per_s)
+                     for m in self.members],
             val_map=self.val_map, equal_val_map=self.equal_val_map, weighting=self.weighting, n_val=self.n_val,
             n_test=self.n_test, img_per_s=self.img_per_s, seconds=self.seconds, device=self.device,
             precision=self.precision, per_class=self.per_class or None,
@@ -193,18 +208,34 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
         discovery = discover_runs(runs_dir, data)
         sources = [MemberSource(p) for p in discovery.taken]
         data = discovery.data_root
-    metas = [(str(s.path), member_meta(s.path)) for s in sources]
-    check_members(metas)
+    cv = cv_members(sources, Path(data) if data is not None else spec_data)
+    checkpoints = cv.checkpoints if cv is not None else sources
+    metas = [(str(s.path), member_meta(s.path)) for s in checkpoints]
+    shared = check_members(metas, same_split=cv is None)
     ref_src, ref = metas[0]
-    root = Path(data) if data is not None else spec_data if spec_data is not None else ref.resolve_data_root(None, ref_src)
+    root = Path(data) if data is not None else spec_data if spec_data is not None else \
+        cv.cvs[0].root if cv is not None else ref.resolve_data_root(None, ref_src)
     test = read_test(root, ref.classes)
-    has_split = bool(ref.split.get("val_fingerprint"))
+    has_split = cv is not None or (shared and bool(ref.split.get("val_fingerprint")))
     notes: list[str] = []
     val_paths: list[str] = []
-    targets = None
-    if has_split:
+    targets, rows = None, None
+    if cv is not None:
+        targets, rows = cv.targets, cv.halves()
+        notes.append(f"the members are cross-validation folders: val mAP, --weights auto and --labels auto use their "
+                     f"out-of-fold predictions on all {len(targets)} training images; the held-out check fits on "
+                     "half of the folds and scores on the others")
+    elif has_split:
         val = val_split(ref, root, ref_src)
         val_paths, targets = val.paths, val.targets
+    elif not shared:
+        notes.append("the members are folds of one cross-validation, each validated on another fold: no shared val "
+                     "split, so no val mAP; equal or spec weights only")
+        for option, value in (("--weights", weights), ("--labels", spec_labels)):
+            if value == "auto":
+                raise UserError(f"{option} auto: these members are folds of one cross-validation and share no val "
+                                "split; pass its folder (runs/<name>/<timestamp>-cvK) to fit on its out-of-fold "
+                                "predictions")
     else:
         notes.append("the members have no val split in their metadata: no val mAP, equal or spec weights only")
         if weights == "auto":
@@ -212,41 +243,49 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
         if spec_labels == "auto":
             raise UserError(f"{ref_src}: --labels auto fits on the val split, and these members record none")
     out = Path(out) if out is not None else Path("ensemble_submission.csv")
-    inputs = [s.path for s in sources] + ([Path(spec)] if spec else []) + data_inputs(root)
+    inputs = [s.path for s in checkpoints] + ([Path(spec)] if spec else []) + data_inputs(root) + (
+        [spec_labels] if isinstance(spec_labels, Path) else [])
     outputs = [out, result_path_for(out), *([per_class_path_for(out)] if has_split else []),
                *(label_output_paths(out) if spec_labels is not None else [])]
     check_outputs(outputs, inputs, overwrite)
     if isinstance(spec_labels, Path):
         read_thresholds_csv(spec_labels, ref.classes)  # a bad thresholds file fails before any compute
-    if weights == "auto" and len(sources) > 1 and auto_weights_problem(targets):
-        notes.append(f"--weights auto falls back to equal weights: {auto_weights_problem(targets)}")
+    if weights == "auto" and len(sources) > 1 and auto_weights_problem(targets, rows=rows):
+        notes.append(f"--weights auto falls back to equal weights: {auto_weights_problem(targets, rows=rows)}")
         weights = "equal"
 
     rt = make_runtime(device, "fp16" if fp16 else "fp32", num_workers)
     notes = rt.notes + notes
     t0 = time.perf_counter()
-    members = load_members(sources, rt, default_tta=tta, progress=progress)
-    spec_weights = [m.weight for m in members]
+    members = load_members(checkpoints, rt, default_tta=tta, progress=progress)
+    spec_weights = [1.0 if s.weight is None else float(s.weight) for s in sources]
     weighting = "equal"
-    final = np.full(len(members), 1.0 / len(members))
+    final = np.full(len(sources), 1.0 / len(sources))
     if weights is None and any(s.weight is not None for s in sources):
         weighting, final = "spec", np.asarray(spec_weights) / sum(spec_weights)
-    reports = [MemberReport(m.path, m.meta.arch, m.img_size, m.tta, 0.0, None, m.meta.val_map) for m in members]
-    result = EnsembleRun(reports, out, len(test), len(val_paths), rt.describe(), weighting, 0.0, notes=notes,
-                         discovery=discovery)
+    reports = [MemberReport(m.path, m.meta.arch, m.img_size, m.tta, 0.0, None, m.meta.val_map) for m in members] \
+        if cv is None else [cv_report(s, c, metas[p * c.folds][1], tta) for p, (s, c) in enumerate(zip(sources, cv.cvs))]
+    result = EnsembleRun(reports, out, len(test), len(targets) if cv is not None else len(val_paths), rt.describe(),
+                         weighting, 0.0, notes=notes, discovery=discovery, out_of_fold=cv is not None)
     if has_split:
-        val_probs = forward(members, val_paths, rt, batch_size, progress=progress,
-                            what=f"val: {len(val_paths)} images × {len(members)} members").numpy()
+        if cv is not None:
+            val_probs = cv.oof
+        else:
+            val_out = forward(members, val_paths, rt, batch_size, progress=progress,
+                              what=f"val: {len(val_paths)} images × {len(members)} members")
+            require_finite(val_out, members, val_paths)
+            val_probs = val_out.numpy()
         for report, p in zip(reports, val_probs):
             report.val_map = mean_average_precision(targets, p)
         result.equal_val_map = mean_average_precision(targets, val_probs.mean(axis=0))
-        if weights == "auto" and len(members) > 1:
-            result.held_out = held_out_gain(val_probs, targets)
+        if weights == "auto" and len(reports) > 1:
+            result.held_out = held_out_gain(val_probs, targets, rows=rows)
             final = fit_weights(val_probs, targets)
             weighting = "auto"
             if result.held_out.gain < 0:
+                noise = "these out-of-fold predictions" if cv is not None else "this val split"
                 notes.append(f"auto weights score {-result.held_out.gain:.4f} mAP below equal weights on the "
-                             "held-out half: they fit noise of this val split; prefer --weights equal here")
+                             f"held-out half: they fit noise of {noise}; prefer --weights equal here")
         elif weights == "auto":
             notes.append("one member: --weights auto has nothing to weigh")
         combined_val = np.tensordot(final, val_probs, axes=1)
@@ -255,20 +294,27 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
         if weaker:
             notes.append(weaker)
     if spec_labels is not None:
-        result.thresholds = resolve_thresholds(spec_labels, ref.classes, targets, combined_val if has_split else None)
+        result.thresholds = resolve_thresholds(spec_labels, ref.classes, targets, combined_val if has_split else None,
+                                               rows=rows, what="out-of-fold" if cv is not None else "val")
+    result.weighting = weighting
+    for report, w in zip(reports, final):
+        report.weight = float(w)
+    t_test = time.perf_counter()
+    member_seconds = [0.0] * len(members)
+    test_probs = forward(members, test.paths, rt, batch_size, progress=progress,
+                         what=f"test: {len(test)} images × {len(members)} members", member_seconds=member_seconds)
+    result.img_per_s = len(test) / max(time.perf_counter() - t_test, 1e-9)
+    if cv is not None:  # a CV folder's seconds are those of its folds
+        member_seconds = [sum(part) for part in np.split(np.asarray(member_seconds), len(reports))]
+    for report, seconds in zip(reports, member_seconds):
+        report.img_per_s = len(test) / max(seconds, 1e-9)
+    require_finite(test_probs, members, test.paths)  # before any file is written
+    combined = combine(test_probs, cv.per_checkpoint(final) if cv is not None else final)
     if has_split:
         threshold = result.thresholds if result.thresholds is not None else DEFAULT_THRESHOLD
         result.per_class = per_class_rows(ref.classes, targets, combined_val, threshold)
         result.per_class_path = per_class_path_for(out)
         write_per_class_csv(result.per_class_path, result.per_class)
-    result.weighting = weighting
-    for report, w in zip(reports, final):
-        report.weight = float(w)
-    t_test = time.perf_counter()
-    test_probs = forward(members, test.paths, rt, batch_size, progress=progress,
-                         what=f"test: {len(test)} images × {len(members)} members")
-    result.img_per_s = len(test) / max(time.perf_counter() - t_test, 1e-9)
-    combined = combine(test_probs, final)
     write_scores_csv(out, test.ids, test.classes, combined)
     if result.thresholds is not None:
         result.labels_path, result.thresholds_path = write_label_outputs(out, test.ids, test.classes,

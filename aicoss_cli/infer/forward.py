@@ -10,6 +10,7 @@ per-batch `.tolist()`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -57,6 +58,7 @@ class Member:
     weight: float = 1.0
     tta: str = "none"
     meta: CheckpointMeta | None = None
+    exif_transpose: bool = False  # its recipe's [data] exif_transpose: images upright by their EXIF orientation
 
     def outputs(self, x: torch.Tensor, runtime: Runtime, logits: bool = False) -> torch.Tensor:
         """(B, K) float32 probabilities (averaged over the TTA views), or the plain logits."""
@@ -113,7 +115,8 @@ def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str 
                 model.to(memory_format=torch.channels_last)
         weight = 1.0 if src.weight is None else float(src.weight)
         members.append(Member(path=str(src.path), model=model, img_size=meta.img_size, classes=meta.classes,
-                              weight=weight, tta=src.tta or default_tta, meta=meta))
+                              weight=weight, tta=src.tta or default_tta, meta=meta,
+                              exif_transpose=meta.exif_transpose))
         if progress:
             progress.advance(task)
     if progress:
@@ -127,14 +130,22 @@ def load_members(sources: Sequence[MemberSource], rt: Runtime, default_tta: str 
 @torch.inference_mode()
 def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_size: int, *,
             logits: bool = False, progress=None, what: str = "images",
-            on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+            on_batch: Callable[[int], None] | None = None,
+            member_seconds: list[float] | None = None) -> torch.Tensor:
     """(M, n, K) float32 on the CPU: every member's sigmoid outputs (or logits) on the images at
     `paths`, in order. Each image is decoded once per batch and resized per member size; the members
-    run one after another on the batch, in eval mode (a member's train/eval mode is restored after)."""
+    run one after another on the batch, in eval mode (a member's train/eval mode is restored after).
+    `member_seconds` (one float per member) gets each member's own time added: its forward on the
+    decoded batch, decoding excluded (on CUDA the device is synchronised around it)."""
     if not members:
         raise ValueError("no members")
+    if len({m.exif_transpose for m in members}) > 1:
+        raise UserError(f"{members[0].path}, {members[-1].path}: one was trained on images turned upright by their EXIF "
+                        "orientation and one on the pixels as stored ([data] exif_transpose); ensemble members must "
+                        "see the same pixels")
     sizes = sorted({m.img_size for m in members})
-    batches = ImageBatches(paths, sizes, batch_size, workers=rt.workers, background=rt.background, pin=rt.pin)
+    batches = ImageBatches(paths, sizes, batch_size, workers=rt.workers, background=rt.background, pin=rt.pin,
+                           exif_transpose=members[0].exif_transpose)
     size_index = {s: i for i, s in enumerate(sizes)}
     out = torch.empty(len(members), len(paths), len(members[0].classes), device=rt.device)
     norm = Normalizer(rt.device, torch.channels_last if rt.channels_last else torch.contiguous_format)
@@ -149,7 +160,10 @@ def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_
             inputs = {size: norm(images[i].to(rt.device, non_blocking=rt.pin)) for size, i in size_index.items()}
             n = len(images[0])
             for k, member in enumerate(members):
+                start = _clock(rt) if member_seconds is not None else 0.0
                 out[k, pos:pos + n] = member.outputs(inputs[member.img_size], rt, logits=logits)
+                if member_seconds is not None:
+                    member_seconds[k] += _clock(rt) - start
             pos += n
             if progress:
                 progress.advance(task, n)
@@ -164,6 +178,25 @@ def forward(members: Sequence[Member], paths: Sequence[str], rt: Runtime, batch_
     if pos != len(paths):
         raise RuntimeError(f"expected {len(paths)} images, got {pos}")
     return out.cpu()
+
+
+def _clock(rt: Runtime) -> float:
+    """perf_counter once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    return time.perf_counter()
+
+
+def require_finite(probs: torch.Tensor, members: Sequence[Member], paths: Sequence[str]) -> None:
+    """`forward`'s (M, n, K) outputs must all be finite: else a UserError naming the first member
+    with a NaN or infinite output (damaged weights), raised before anything is written."""
+    for member, outputs in zip(members, probs):
+        bad = ~torch.isfinite(outputs)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise UserError(f"{member.path}: {int(bad.sum())} of {bad.numel()} outputs are not finite (first: "
+                            f"{Path(paths[row]).name}, class {member.classes[col]!r}): its weights are NaN or "
+                            "infinite (did its run stop on a non-finite loss?); nothing written")
 
 
 def combine(probs: torch.Tensor, weights: Sequence[float] | np.ndarray | None = None) -> torch.Tensor:

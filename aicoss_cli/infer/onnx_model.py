@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from aicoss_cli.base.errors import UserError, one_line
+from aicoss_cli.base.files import file_kind
 from aicoss_cli.models.checkpoint import FORMAT, CheckpointMeta
 
 EXTRA_HINT = "pip install 'aicoss[export]'"
@@ -79,6 +80,10 @@ class OnnxModel:
         try:
             session = ort_session(path, providers, threads, spin)
         except Exception as exc:  # ORT raises InvalidProtobuf / Fail / ... for damaged files
+            kind = file_kind(path)
+            if kind is not None:
+                raise UserError(f"{path}: is {kind}, not an ONNX model; predict and ensemble take aicoss checkpoints "
+                                "(.safetensors) and ONNX exports (.onnx)") from None
             raise UserError(f"{path}: not a readable ONNX model (truncated or corrupt: {one_line(exc)})") from None
         props = dict(session.get_modelmeta().custom_metadata_map)
         if props.get("format") != FORMAT:

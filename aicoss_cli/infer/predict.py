@@ -28,8 +28,8 @@ from aicoss_cli.evaluation.thresholds import (
     resolve_thresholds,
     write_label_outputs,
 )
-from aicoss_cli.infer.forward import TTA_MODES, MemberSource, forward, load_members, member_meta
-from aicoss_cli.infer.members import val_split
+from aicoss_cli.infer.forward import TTA_MODES, MemberSource, forward, load_members, member_meta, require_finite
+from aicoss_cli.infer.members import other_data, val_split
 
 
 @dataclass
@@ -70,13 +70,34 @@ def default_predict_out(checkpoint: Path, split: str) -> Path:
     return Path(checkpoint).parent / f"predictions_{Path(checkpoint).stem}_{split}.csv"
 
 
+def validation_batch(meta) -> int:
+    """The batch size the checkpoint's run validated and predicted its test set with (`[runtime]
+    eval_batch_size`, else `[optim] batch_size` / `grad_accumulation` on one process; 64 when the
+    stored recipe does not say). The same batches give the same bits: another batch composition
+    can round a float32 output differently in its last digit."""
+    import tomllib
+
+    try:
+        recipe = tomllib.loads(meta.recipe_toml) if meta.recipe_toml else {}
+    except tomllib.TOMLDecodeError:
+        recipe = {}
+    runtime, optim = recipe.get("runtime", {}), recipe.get("optim", {})
+    value = runtime.get("eval_batch_size")
+    if value is None and isinstance(optim.get("batch_size"), int):
+        accumulation = optim.get("grad_accumulation", 1)
+        value = optim["batch_size"] // accumulation if isinstance(accumulation, int) and accumulation >= 1 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096 else 64
+
+
 def run_predict(checkpoint: Path, *, data: Path | None = None, split: str = "test", out: Path | None = None,
-                precision: str = "fp32", tta: str = "none", batch_size: int = 64, num_workers: int | None = None,
+                precision: str = "fp32", tta: str = "none", batch_size: int | None = None, num_workers: int | None = None,
                 device: str = "auto", labels: str | None = None, overwrite: bool = False,
                 progress=None) -> PredictResult:
     """One checkpoint → probabilities of the test set (in sample_submission.csv's row order) or of its
     own val split (with val mAP and per-class AP, F1, precision, recall); with `labels` (a threshold,
-    a class,threshold CSV or "auto": F1-optimal per class on the val split) also the 0/1 labels."""
+    a class,threshold CSV or "auto": F1-optimal per class on the val split) also the 0/1 labels.
+    `batch_size` None: the checkpoint's own (`validation_batch`), so predict reproduces its run's
+    val_scores.csv and submission.csv byte for byte."""
     if split not in ("test", "val"):
         raise UserError(f"--split must be test or val (got {split!r})")
     if tta not in TTA_MODES:
@@ -87,30 +108,39 @@ def run_predict(checkpoint: Path, *, data: Path | None = None, split: str = "tes
     root = meta.resolve_data_root(data, str(checkpoint))
     val = val_split(meta, root, str(checkpoint)) if split == "val" or spec == "auto" else None
     val_paths, val_targets = (val.paths, val.targets) if val is not None else (None, None)
+    notes = []
     if split == "test":
         test = read_test(root, meta.classes)
         ids, paths = test.ids, test.paths
+        mismatch = other_data(meta, root, str(checkpoint))
+        if mismatch:
+            notes.append(mismatch)
     else:
         ids, paths = val.ids, val.paths
     out = Path(out) if out is not None else default_predict_out(checkpoint, split)
     per_class_path = per_class_path_for(out) if split == "val" else None
     label_paths = label_output_paths(out) if spec is not None else (None, None)
     outputs = [out, *(p for p in (per_class_path, *label_paths) if p is not None)]
-    check_outputs(outputs, [checkpoint, *data_inputs(root)], overwrite)
+    check_outputs(outputs, [checkpoint, *data_inputs(root), *([spec] if isinstance(spec, Path) else [])], overwrite)
     if isinstance(spec, Path):
         read_thresholds_csv(spec, meta.classes)  # a bad thresholds file fails before any compute
 
+    batch_size = batch_size or validation_batch(meta)
     rt = make_runtime(device, precision, num_workers)
     t0 = time.perf_counter()
     members = load_members([MemberSource(checkpoint, 1.0, tta)], rt, progress=progress)
     t1 = time.perf_counter()
-    probs = forward(members, paths, rt, batch_size, progress=progress, what=f"predicting {len(paths)} {split} images")[0]
+    probs = forward(members, paths, rt, batch_size, progress=progress, what=f"predicting {len(paths)} {split} images")
+    require_finite(probs, members, paths)
+    probs = probs[0]
     result = PredictResult(checkpoint, out, split, len(paths), meta.classes, rt.describe(), tta, 0.0,
-                           time.perf_counter() - t1, rt.notes)
+                           time.perf_counter() - t1, rt.notes + notes)
     val_probs = probs.numpy() if split == "val" else None
     if spec == "auto" and val_probs is None:
-        val_probs = forward(members, val_paths, rt, batch_size, progress=progress,
-                            what=f"predicting {len(val_paths)} val images (for --labels auto)")[0].numpy()
+        val_out = forward(members, val_paths, rt, batch_size, progress=progress,
+                          what=f"predicting {len(val_paths)} val images (for --labels auto)")
+        require_finite(val_out, members, val_paths)
+        val_probs = val_out[0].numpy()
     if spec is not None:
         result.thresholds = resolve_thresholds(spec, meta.classes, val_targets, val_probs)
     if split == "val":

@@ -1,13 +1,9 @@
-"""Multi-label losses of the seed, by name: ``build_loss(name, **params)(logits, targets)``.
+"""The seed's multi-label losses as pure functions, each docstring giving its formula.
 
 ``logits`` and ``targets`` have shape (N, K); a target is 1 (positive), 0 (negative) or
 -1 (not annotated). Every loss computes in float32 (float64 when given float64 logits, for
 gradcheck) with autocast switched off, from ``logsigmoid`` / ``logsumexp``, so fp16 and bf16
 training give the fp32 value and never NaN, even at logits of +-100.
-
-Each loss class carries ``reduction``: how it aggregates over samples ("mean" or "sum").
-The seed tuned its learning rates with these reductions, so they are part of the definition;
-the Trainer reads the attribute to scale gradients under accumulation and DDP.
 """
 
 from __future__ import annotations

@@ -16,5 +16,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
                    "save_checkpoint"],
     "pretrained": ["LoadReport", "load_pretrained_file", "load_state_dict_file"],
     "registry": ["ARCHS", "arch_display", "build_model", "count_parameters", "default_img_size", "get_spec",
-                 "param_rows"],
+                 "input_size_problem", "param_rows"],
 })

@@ -40,16 +40,26 @@ class CheckpointMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def data_root(self) -> Path | None:
-        """The `[data] root` of the stored recipe (None if it has none)."""
+    def _data_key(self, key: str) -> Any:
+        """A `[data]` key of the stored recipe (None if it has none)."""
         import tomllib
 
         try:
-            root = tomllib.loads(self.recipe_toml).get("data", {}).get("root") if self.recipe_toml else None
+            return tomllib.loads(self.recipe_toml).get("data", {}).get(key) if self.recipe_toml else None
         except tomllib.TOMLDecodeError:
             return None
+
+    @property
+    def data_root(self) -> Path | None:
+        """The `[data] root` of the stored recipe (None if it has none)."""
+        root = self._data_key("root")
         return Path(root) if isinstance(root, str) and root else None
+
+    @property
+    def exif_transpose(self) -> bool:
+        """The stored recipe's `[data] exif_transpose`: its images were turned upright by their EXIF
+        orientation, so every prediction must turn them too."""
+        return self._data_key("exif_transpose") is True
 
     def resolve_data_root(self, data: str | Path | None, source: str) -> Path:
         """`data` when given, else the stored recipe's data root."""
@@ -197,16 +207,21 @@ class _MetaCheck:
         if not isinstance(split, dict):
             raise self.bad("split", "a table (kind, val_fraction, split_seed, ...)")
         checks = {
-            "kind": (lambda v: v in ("random", "stratified"), '"random" or "stratified"'),
+            "kind": (lambda v: v in ("random", "stratified", "kfold"), '"random", "stratified" or "kfold"'),
             "val_fraction": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
             "split_seed": (lambda v: is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
             "n_rows": (lambda v: is_integer(v) and v >= 0, "an integer ≥ 0"),
             "n_val": (lambda v: is_integer(v) and v >= 0, "an integer ≥ 0"),
             "val_fingerprint": (lambda v: isinstance(v, str), "a string"),
+            "folds": (lambda v: is_integer(v) and 2 <= v <= 2**31, "an integer ≥ 2"),  # a fold of K-fold CV
+            "fold": (lambda v: is_integer(v) and 0 <= v < int(split.get("folds", 0)), "an integer in [0, folds)"),
+            "folds_fingerprint": (lambda v: isinstance(v, str), "a string"),
         }
         for key, (ok, expected) in checks.items():
             if key in split and not ok(split[key]):
                 raise self.bad("split", f"a valid split: its {key} must be {expected} (got {split[key]!r})")
+        if split.get("kind") == "kfold" and not all(k in split for k in ("folds", "fold")):
+            raise self.bad("split", "a valid split: a kfold split records folds and fold")
         return split
 
     def prior(self, num_classes: int) -> list[float] | None:

@@ -8,6 +8,7 @@ only); the CLI and recipes only ever see names. Building on the `meta` device
 from __future__ import annotations
 
 import difflib
+import functools
 
 import torch
 from torch import nn
@@ -78,6 +79,23 @@ def build_model(
     if not isinstance(pretrained, bool):
         raise UserError(f"{spec.name}: pretrained must be true, false or a file path (got {pretrained!r})")
     return spec.builder(num_classes, pretrained=pretrained, img_size=size, arch=spec.name)
+
+
+@functools.lru_cache(maxsize=64)
+def input_size_problem(arch: str, img_size: int) -> str | None:
+    """Why `arch` cannot take img_size×img_size images (None when it can): one forward pass of a
+    batch of one on the `meta` device (shapes only, no memory, well under a second)."""
+    spec = get_spec(arch)
+    try:
+        with torch.device("meta"), torch.no_grad():
+            spec.builder(1, pretrained=False, img_size=img_size, arch=spec.name).eval()(
+                torch.zeros(1, 3, img_size, img_size))
+    except NotImplementedError:  # an operation without a meta kernel: the shapes are not known here
+        return None
+    except Exception as exc:  # the shape errors of convolutions, reshapes and attention windows
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        return text if len(text) <= 160 else text[:157] + "..."
+    return None
 
 
 def _count_trainable(model: nn.Module) -> int:

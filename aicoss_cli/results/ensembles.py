@@ -23,13 +23,16 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 @dataclass
 class EnsembleMember:
     """One member as the result file records it; `run_dir` and `train_seconds` are found when the
-    file is read (the checkpoint's folder, when it is a run folder)."""
+    file is read (the checkpoint's folder, when it is a run folder). `img_per_s`: test images per
+    second of the member's own forward in the ensemble's loop (decoding excluded; None in files
+    written before it was recorded)."""
 
     path: str
     arch: str
     img_size: int
     weight: float
     val_map: float | None
+    img_per_s: float | None = None
     run_dir: Path | None = None
     train_seconds: float | None = None
 
@@ -74,7 +77,8 @@ class EnsembleResult:
         return json_ready({
             "format": ENSEMBLE_FORMAT, "submission": self.submission,
             "members": [{"path": m.path, "arch": m.arch, "img_size": m.img_size, "weight": m.weight,
-                         "val_map": m.val_map} for m in self.members],
+                         "val_map": m.val_map, "img_per_s": None if m.img_per_s is None else round(m.img_per_s, 3)}
+                        for m in self.members],
             "val_map": self.val_map, "equal_val_map": self.equal_val_map, "weighting": self.weighting,
             "n_val": self.n_val, "n_test": self.n_test, "img_per_s": round(self.img_per_s, 3),
             "seconds": round(self.seconds, 3), "device": self.device, "precision": self.precision,
@@ -111,12 +115,14 @@ def load_ensemble(path: str | Path) -> EnsembleResult:
             "pos": is_number(value) and value > 0,
             "nonneg": is_number(value) and value >= 0,
             "map": value is None or (is_number(value) and 0 <= value <= 1),
+            "speed": value is None or (is_number(value) and value > 0),
         }[kind]
         if not ok:
             expected = {"str": "a string", "int": "a whole number ≥ 0", "pos": "a finite number > 0",
-                        "nonneg": "a finite number ≥ 0", "map": "null or a number in [0, 1]"}[kind]
+                        "nonneg": "a finite number ≥ 0", "map": "null or a number in [0, 1]",
+                        "speed": "null or a finite number > 0"}[kind]
             raise UserError(f"{path}: '{prefix}{key}' must be {expected} (got {show(value)})")
-        return float(value) if kind in ("pos", "nonneg") or (kind == "map" and value is not None) else value
+        return float(value) if kind in ("pos", "nonneg") or (kind in ("map", "speed") and value is not None) else value
 
     members_raw = data.get("members")
     if not isinstance(members_raw, list) or not members_raw:
@@ -130,7 +136,8 @@ def load_ensemble(path: str | Path) -> EnsembleResult:
         run_dir = _member_run_dir(path, member_path)
         member = EnsembleMember(path=member_path, arch=get("arch", "str", m, prefix),
                                 img_size=get("img_size", "int", m, prefix), weight=get("weight", "nonneg", m, prefix),
-                                val_map=get("val_map", "map", m, prefix), run_dir=run_dir)
+                                val_map=get("val_map", "map", m, prefix),
+                                img_per_s=get("img_per_s", "speed", m, prefix), run_dir=run_dir)
         if run_dir is not None:
             member.train_seconds = load_run(run_dir).train_seconds
         members.append(member)

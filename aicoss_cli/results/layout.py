@@ -15,6 +15,15 @@ and the one definition of an epoch's score and of the best epoch.
         distill_cache.safetensors  the teachers' probabilities ([distill] mode = "cached")
         curves.png, prior.csv, mlflow_run.json, .aicoss.lock
 
+    runs/<recipe name>/<UTC timestamp>-cvK/     a K-fold cross-validation (`aicoss train --folds K`)
+        cv_recipe.toml           the resolved recipe with [data] folds = K (written first: it makes the
+                                 folder a CV parent)
+        fold0/ ... fold{K-1}/    one run folder per fold, as above ([data] fold = k)
+        oof.csv                  every train image's probabilities from the fold model that did not
+                                 train on it, in train.csv's row order
+        cv.json                  per-fold val mAP, their mean and std, the OOF mAP
+        submission.csv           the mean of the K kept checkpoints' test probabilities
+
 This module imports neither torch nor anything of aicoss above `base`.
 """
 
@@ -43,6 +52,12 @@ LOCK_FILE = ".aicoss.lock"
 RUN_FILES = (METRICS_FILE, BEST_FILE, LAST_FILE, VAL_SCORES_FILE, PRIOR_FILE, CURVES_FILE)
 KEEP_FILES = {"best": BEST_FILE, "last": LAST_FILE}
 
+CV_RECIPE_FILE = "cv_recipe.toml"
+OOF_FILE = "oof.csv"
+CV_FILE = "cv.json"
+CV_FORMAT = "aicoss-cv/1"  # cv.json
+CV_SUFFIX = "-cv"  # a CV parent is <timestamp>-cvK
+
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "seconds")
 EMA_COLUMN = "val_map_ema"
 
@@ -56,6 +71,16 @@ def is_run_dir(folder: str | Path) -> bool:
     least its best checkpoint (a run folder whose recipe was lost still holds a model)."""
     folder = Path(folder)
     return (folder / RECIPE_FILE).is_file() or (folder / BEST_FILE).is_file()
+
+
+def is_cv_dir(folder: str | Path) -> bool:
+    """A K-fold cross-validation parent folder (`aicoss train --folds K`): it holds cv_recipe.toml."""
+    return (Path(folder) / CV_RECIPE_FILE).is_file()
+
+
+def fold_dir(parent: str | Path, fold: int) -> Path:
+    """The run folder of fold k inside a CV parent: PARENT/fold{k}."""
+    return Path(parent) / f"fold{fold}"
 
 
 def has_epochs(folder: str | Path) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import atomic_path
+from aicoss_cli.results.cv import mean_std
 from aicoss_cli.results.distillation import DistillRecord
 from aicoss_cli.results.ensembles import EnsembleResult
 from aicoss_cli.results.layout import EMA_COLUMN, KEEP_FILES
@@ -28,6 +29,8 @@ PNG_KEY = "aicoss-report"  # a PNG text chunk: a picture that holds it may be re
 MAX_CLASSES_DRAWN = 60
 DPI = 100
 COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # matplotlib's cycle without its grey
+# the trade-off picture's point kinds (`tradeoff_points`): a new kind of point adds its marker here
+MARKERS = {"run": dict(marker="o", s=50), "member": dict(marker="^", s=60), "ensemble": dict(marker="*", s=180)}
 
 
 def _figure(width_in: float, height_in: float):
@@ -156,11 +159,61 @@ def draw_per_class_ap(runs: Sequence[Run], aps: Sequence[ClassAP], out_png: str 
     return _save(fig, out_png)
 
 
+def draw_fold_ap(cvs: Sequence[Any], out_png: str | Path) -> Path:
+    """cv_per_class_ap.png: for each cross-validation folder (`results.cv.CvFolds`), every class's AP
+    as the mean over its K folds (bar) ± their sample std (error bar) and over all out-of-fold rows
+    (◆); classes sorted by the first folder's fold mean, weakest on top."""
+    first = cvs[0]
+    stats = [_fold_stats(cv, first.classes) for cv in cvs]
+    mean0 = stats[0][0]
+    order = [int(i) for i in np.argsort(np.where(np.isnan(mean0), np.inf, mean0), kind="stable")][:MAX_CLASSES_DRAWN]
+    n = len(cvs)
+    fig = _figure(11, 1.6 + 0.24 * len(order) * max(1.0, 0.6 * n))
+    ax = fig.subplots()
+    height = 0.8 / n
+    y = np.arange(len(order))
+    for r, (cv, (mean, std, oof)) in enumerate(zip(cvs, stats)):
+        pos = y + (r - (n - 1) / 2) * height
+        label = f"{cv.plan.recipe.name} {cv.plan.parent.name}"
+        ax.barh(pos, np.nan_to_num(mean[order]), height=height, color=f"C{r % 10}", alpha=0.8,
+                xerr=np.nan_to_num(std[order]), error_kw={"elinewidth": 1, "capsize": 2},
+                label=_plain(f"{label}: mean of {cv.folds} folds ± std", 80))
+        ax.plot(oof[order], pos, linestyle="none", marker="D", markersize=4, color="black" if n == 1 else f"C{r % 10}",
+                markeredgecolor="black", label=_plain(f"{label}: out-of-fold", 80))
+    ax.set_yticks(y, [_plain(first.classes[c], 40) for c in order])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("average precision on the held-out folds")
+    ax.set_ylabel("class (weakest first)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    hidden = len(first.classes) - len(order)
+    more = f"; {hidden} stronger classes not shown" if hidden else ""
+    ax.set_title(_plain(f"per-class AP over the folds (bar: mean, line: ±1 std, ◆: out-of-fold){more}", 140))
+    return _save(fig, out_png)
+
+
+def _fold_stats(cv, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class of `classes`: the mean and sample std of the folds' AP (the folds with a positive),
+    and the out-of-fold AP; NaN where the folder lacks the class."""
+    fold_ap, oof = cv.fold_class_ap(), cv.oof_class_ap()
+    mean, std, point = (np.full(len(classes), np.nan) for _ in range(3))
+    for i, c in enumerate(classes):
+        if c in cv.classes:
+            j = cv.classes.index(c)
+            scored = fold_ap[~np.isnan(fold_ap[:, j]), j]
+            if len(scored):
+                mean[i], std[i] = mean_std(scored)
+            point[i] = oof[j]
+    return mean, std, point
+
+
 def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_png: str | Path,
                   distilled: Sequence[tuple[Run, DistillRecord]] = ()) -> Path:
     """ensemble_tradeoff.png: val mAP against total training time and against inference img/s, for
-    single runs (●) and ensembles (★), with the Pareto front of each panel; a distilled run's
-    teachers (each member ●, their weighted mean ★) in its colour on the speed panel."""
+    single runs (●), ensembles (★) and, on the speed panel, their members (▲, in the ensemble's
+    colour), with the Pareto front of each panel; a distilled run's teachers (each member ▲, their
+    weighted mean ★) in the run's colour on the speed panel."""
     fig = _figure(14, 5.6)
     axes = fig.subplots(1, 2)
     points_time, points_speed = tradeoff_points(runs, ensembles)
@@ -169,7 +222,7 @@ def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_
               (axes[1], points_speed, "inference speed [img/s]", "val mAP against inference speed", "higher"))
     for ax, points, xlabel, title, better in panels:
         for p in points:
-            style = dict(marker="*", s=180) if p["kind"] == "ensemble" else dict(marker="o", s=50)
+            style = MARKERS[p["kind"]]
             ax.scatter([p["x"]], [p["y"]], color=p["color"], zorder=3, label=_plain(p["label"], 60), **style)
             ax.annotate(_plain(p["label"], 36), (p["x"], p["y"]), textcoords="offset points", xytext=(6, 4),
                         fontsize="x-small")
@@ -191,14 +244,16 @@ def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize="small")
-    fig.suptitle("ensemble trade-off — single runs ●: validation speed during training; "
-                 "ensembles ★: `aicoss ensemble`, images decoded and every member run")
+    fig.suptitle("ensemble trade-off — single runs ●: validation speed during training; ensembles ★: "
+                 "`aicoss ensemble`, images decoded and every member run;\nmembers ▲: each one's own forward in "
+                 "that loop (decoding excluded); a distilled run's teachers in its colour")
     return _save(fig, out_png)
 
 
 def tradeoff_points(runs: Sequence[Run], ensembles: Sequence[EnsembleResult]) -> tuple[list[dict], list[dict]]:
-    """The points of both panels: (training time, val mAP) and (img/s, val mAP); a run or an
-    ensemble that lacks a value is left out of that panel."""
+    """The points of both panels: (training time, val mAP) and (img/s, val mAP); a run, an ensemble
+    or a member that lacks a value is left out of that panel. Each point is a dict: kind (a key of
+    `MARKERS`), label, x, y, color."""
     by_time, by_speed = [], []
     for i, run in enumerate(runs):
         point = {"kind": "run", "label": run.label, "y": run.best_val_map, "color": f"C{i % 10}"}
@@ -213,6 +268,10 @@ def tradeoff_points(runs: Sequence[Run], ensembles: Sequence[EnsembleResult]) ->
         if ens.train_seconds is not None:
             by_time.append({**point, "x": ens.train_seconds})
         by_speed.append({**point, "x": ens.img_per_s})
+        for i, m in enumerate(ens.members, start=1):
+            if m.img_per_s is not None and m.val_map is not None:
+                by_speed.append({"kind": "member", "label": f"member {i}: {m.arch} {m.img_size}px", "y": m.val_map,
+                                 "x": m.img_per_s, "color": point["color"]})
     return by_time, by_speed
 
 
@@ -224,7 +283,7 @@ def teacher_points(distilled: Sequence[tuple[Run, DistillRecord]], runs: Sequenc
         color = f"C{runs.index(run) % 10}"
         for m in record.members:
             if m.val_map is not None:
-                points.append({"kind": "run", "label": f"teacher {_member_label(m.path)}", "y": m.val_map,
+                points.append({"kind": "member", "label": f"teacher {_member_label(m.path)}", "y": m.val_map,
                                "x": m.img_per_s, "color": color})
         if record.val_map is not None:
             points.append({"kind": "ensemble", "label": f"teachers of {run.label} ({len(record.members)} members)",

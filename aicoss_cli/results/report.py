@@ -11,14 +11,35 @@ from typing import Any, Sequence
 
 from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
+from aicoss_cli.base.files import check_writable_folder
+from aicoss_cli.results.cv import CvFolds, fold_missing, load_cv, mean_std, read_plan
 from aicoss_cli.results.distillation import DistillRecord, gain_recovered, load_distill_record
 from aicoss_cli.results.ensembles import EnsembleResult, load_ensemble
-from aicoss_cli.results.layout import DISTILL_FILE, METRICS_FILE, VAL_SCORES_FILE
-from aicoss_cli.results.pictures import draw_curves, draw_per_class_ap, draw_tradeoff, is_report_picture
+from aicoss_cli.results.errors import (
+    ErrorAnalysis,
+    ErrorOptions,
+    analyse,
+    error_files,
+    error_json,
+    error_source,
+    is_suspects_csv,
+    prediction_source,
+    write_suspects,
+)
+from aicoss_cli.results.html import HTML_FILE, is_report_page, write_report_html
+from aicoss_cli.results.layout import DISTILL_FILE, METRICS_FILE, VAL_SCORES_FILE, has_epochs, is_cv_dir
+from aicoss_cli.results.pictures import (
+    draw_curves,
+    draw_fold_ap,
+    draw_per_class_ap,
+    draw_tradeoff,
+    is_report_picture,
+)
 from aicoss_cli.results.runs import ClassAP, Run, class_ap, load_run, weakest
 
 REPORT_FORMAT = "aicoss-report/1"
-PICTURES = {"curves": "curves.png", "per_class_ap": "per_class_ap.png", "ensemble_tradeoff": "ensemble_tradeoff.png"}
+PICTURES = {"curves": "curves.png", "per_class_ap": "per_class_ap.png", "ensemble_tradeoff": "ensemble_tradeoff.png",
+            "cv_per_class_ap": "cv_per_class_ap.png"}
 
 
 # --------------------------------------------------------------------------- pictures
@@ -34,6 +55,9 @@ class Report:
     ensembles: list[EnsembleResult]
     pictures: dict[str, Path]
     notes: list[str]
+    analysis: ErrorAnalysis | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # suspect_labels.csv, report.html
+    cvs: list[CvFolds] = field(default_factory=list)  # the cross-validation folders named, when finished
     distilled: list[tuple[Run, DistillRecord]] = field(default_factory=list)  # runs with a distill.json
 
 
@@ -42,34 +66,46 @@ def default_out(run_dirs: Sequence[Path]) -> Path:
     return Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report")
 
 
-def check_targets(out: Path) -> dict[str, Path]:
-    """The picture paths under `out`; a file there that this command did not write is never replaced."""
+def check_targets(out: Path, extra: dict[str, str] | None = None) -> dict[str, Path]:
+    """The paths of the pictures (and `extra` files) under `out`, a folder that can be written; a
+    file there that this command did not write is never replaced."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder (it is a file)")
-    targets = {key: out / name for key, name in PICTURES.items()}
+    check_writable_folder(out)
+    targets = {key: out / name for key, name in {**PICTURES, **(extra or {})}.items()}
+    ours = {".png": is_report_picture, ".html": is_report_page, ".csv": is_suspects_csv}
     for path in targets.values():
-        if path.exists() and not is_report_picture(path):
+        if path.exists() and not ours[path.suffix](path):
             raise UserError(f"{path}: exists and was not written by aicoss report; choose another --out")
     return targets
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
-                 ensembles: Sequence[str | Path] = (), data: str | Path | None = None) -> Report:
+                 ensembles: Sequence[str | Path] = (), data: str | Path | None = None,
+                 errors: ErrorOptions | None = None) -> Report:
     """Read every run and ensemble result (all checks first), then draw the three pictures into
-    `out` (default: `default_out`). With no run named, the ensembles' member runs are reported."""
+    `out` (default: `default_out`). With no run named, the ensembles' member runs are reported.
+    Where labels are known (one run, or one prediction CSV with `errors.labels`), the error
+    analysis too; report.html always."""
+    errors = errors or ErrorOptions()
     results = [load_ensemble(p) for p in ensembles]
     notes: list[str] = []
+    predictions, run_dirs = prediction_source(run_dirs)
     if not run_dirs:
         member_dirs = [m.run_dir for e in results for m in e.members if m.run_dir is not None]
         run_dirs = list(dict.fromkeys(member_dirs))
-        if not run_dirs:
+        if not run_dirs and predictions is None:
             raise UserError("name at least one run folder (runs/<recipe name>/<timestamp>), or an --ensemble "
                             "result whose members' run folders exist")
+    if data is not None and not Path(data).is_dir():
+        raise UserError(f"{data}: --data folder not found")
+    named = list(dict.fromkeys(Path(r) for r in run_dirs))  # a CV folder named alone is the default --out
+    cvs, run_dirs = expand_cv_dirs(run_dirs, data, notes)
     runs = [load_run(r) for r in dict.fromkeys(Path(r) for r in run_dirs)]
     distilled = [(run, load_distill_record(run.run_dir / DISTILL_FILE)) for run in runs
                  if (run.run_dir / DISTILL_FILE).is_file()]
-    if data is not None and not Path(data).is_dir():
-        raise UserError(f"{data}: --data folder not found")
+    out = Path(out) if out is not None else default_out(named if predictions is None else [])
+    check_targets(out)  # where the pictures go is checked before any of them is computed
     class_aps: list[ClassAP | None] = []
     for run in runs:
         root = Path(data) if data is not None else Path(run.data_root)
@@ -98,16 +134,55 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         notes.append("runs without run.json: training time = the sum of metrics.csv seconds (validation "
                      "included); no img/s recorded")
 
-    out = Path(out) if out is not None else default_out([r.run_dir for r in runs])
-    targets = check_targets(out)
-    pictures = {"curves": draw_curves(runs, targets["curves"])}
+    source = error_source(runs, predictions, errors, data)
+    analysis = analyse(source, errors) if source is not None else None
+    targets = check_targets(out, {**(error_files(analysis) if analysis else {}), "html": HTML_FILE})
+    pictures: dict[str, Path] = {}
+    if runs:
+        pictures["curves"] = draw_curves(runs, targets["curves"])
     with_ap = [(run, a) for run, a in zip(runs, class_aps) if a is not None]
     if with_ap:
         pictures["per_class_ap"] = draw_per_class_ap([r for r, _ in with_ap], [a for _, a in with_ap],
                                                      targets["per_class_ap"])
-    pictures["ensemble_tradeoff"] = draw_tradeoff(runs, results, targets["ensemble_tradeoff"], distilled)
+    if runs or results:
+        pictures["ensemble_tradeoff"] = draw_tradeoff(runs, results, targets["ensemble_tradeoff"], distilled)
+    if cvs:
+        pictures["cv_per_class_ap"] = draw_fold_ap(cvs, targets["cv_per_class_ap"])
+    files: dict[str, Path] = {}
+    if analysis is not None:
+        from aicoss_cli.results.gallery import draw_error_analysis
+
+        pictures.update(draw_error_analysis(analysis, targets))
+        files["suspect_labels"] = write_suspects(targets["suspect_labels"], analysis)
+        notes += analysis.notes
+    files["html"] = write_report_html(targets["html"], runs=runs, ensembles=results, pictures=pictures,
+                                      analysis=analysis, suspects_csv=files.get("suspect_labels"), notes=notes)
     return Report(runs=runs, class_aps=class_aps, ensembles=results, pictures=pictures, notes=notes,
-                  distilled=distilled)
+                  analysis=analysis, files=files, cvs=cvs, distilled=distilled)
+
+
+def expand_cv_dirs(run_dirs: Sequence[str | Path], data: str | Path | None,
+                   notes: list[str]) -> tuple[list[CvFolds], list[Path]]:
+    """Each cross-validation folder named stands for its fold runs (those with a finished epoch: the
+    K curves in one picture); a finished one is also read back whole (`load_cv`) for the per-class
+    AP over its folds. The other folders pass through."""
+    cvs, expanded = [], []
+    for folder in map(Path, run_dirs):
+        if not is_cv_dir(folder):
+            expanded.append(folder)
+            continue
+        plan = read_plan(folder)
+        folds = [plan.fold_dir(k) for k in range(plan.folds) if has_epochs(plan.fold_dir(k))]
+        if not folds:
+            raise UserError(f"{folder}: no fold has finished an epoch yet; report it after the first")
+        expanded += folds
+        unfinished = [k for k in range(plan.folds) if fold_missing(plan.fold_dir(k))]
+        if unfinished:
+            notes.append(f"{folder}: folds {', '.join(map(str, unfinished))} of {plan.folds} are not finished: no "
+                         "per-class AP over the folds yet")
+        else:
+            cvs.append(load_cv(folder, data))
+    return cvs, expanded
 
 
 def report_json(report: Report) -> dict[str, Any]:
@@ -131,7 +206,7 @@ def report_json(report: Report) -> dict[str, Any]:
         "seconds": e.seconds, "device": e.device, "precision": e.precision, "train_seconds": e.train_seconds,
         "members": [{"path": m.path, "arch": m.arch, "img_size": m.img_size, "weight": m.weight,
                      "val_map": m.val_map, "run_dir": None if m.run_dir is None else str(m.run_dir),
-                     "train_seconds": m.train_seconds} for m in e.members],
+                     "train_seconds": m.train_seconds, "img_per_s": m.img_per_s} for m in e.members],
     } for e in report.ensembles]
     distilled = []
     for run, record in report.distilled:
@@ -140,8 +215,13 @@ def report_json(report: Report) -> dict[str, Any]:
                           "student": {"val_map": run.best_val_map, "img_per_s": run.eval_img_per_s},
                           "gain_recovered": gain_recovered(best.val_map if best else None, record.val_map,
                                                            run.best_val_map)})
-    data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles, "distilled": distilled,
-            "pictures": {k: str(v) for k, v in report.pictures.items()}, "notes": report.notes}
+    cvs = [{"parent": str(cv.plan.parent), "folds": cv.folds, "fold_val_map": cv.fold_maps,
+            "mean_val_map": mean_std(cv.fold_maps)[0], "std_val_map": mean_std(cv.fold_maps)[1],
+            "oof_map": cv.oof_map} for cv in report.cvs]
+    data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles, "cv": cvs, "distilled": distilled,
+            "pictures": {k: str(v) for k, v in report.pictures.items()}, "notes": report.notes,
+            "error_analysis": None if report.analysis is None else error_json(report.analysis),
+            "files": {k: str(v) for k, v in report.files.items()}}
     return json_ready(data)
 
 

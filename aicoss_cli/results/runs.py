@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from aicoss_cli.base.errors import UserError
-from aicoss_cli.data.submission import read_probabilities_csv
+from aicoss_cli.data.submission import ScoreTable, read_probabilities_csv
 from aicoss_cli.data.tables import read_train
 from aicoss_cli.evaluation.metrics import average_precision_per_class
 from aicoss_cli.results.layout import (
@@ -235,6 +235,14 @@ def show(value: Any) -> str:
 def class_ap(run: Run, data: str | Path | None = None) -> ClassAP:
     """Per-class AP of the run's best checkpoint, from its val_scores.csv and the labels of those
     img_ids in train.csv (data root: `data`, else the recipe's `[data] root`). No inference."""
+    scores, targets, _ = val_labels(run, data)
+    return ClassAP(classes=scores.classes, ap=average_precision_per_class(targets, scores.values),
+                   positives=(targets > 0).sum(axis=0), n_val=len(scores.ids))
+
+
+def val_labels(run: Run, data: str | Path | None = None) -> tuple[ScoreTable, np.ndarray, list[str]]:
+    """The run's val_scores.csv, and in its rows and columns the labels (N, K) and the image paths
+    of those img_ids in train.csv (data root: `data`, else the recipe's `[data] root`)."""
     scores_path = run.run_dir / VAL_SCORES_FILE
     if not scores_path.is_file():
         raise UserError(f"{scores_path}: not found (the Trainer writes it with the kept checkpoint)")
@@ -252,9 +260,7 @@ def class_ap(run: Run, data: str | Path | None = None) -> ClassAP:
                         f"{table.root / 'train.csv'}; pass --data with the data this run trained on")
     rows = np.array([row_of[i] for i in ids])
     cols = np.array([table.classes.index(c) for c in classes])
-    targets = table.labels[np.ix_(rows, cols)]
-    return ClassAP(classes=classes, ap=average_precision_per_class(targets, scores.values),
-                   positives=(targets > 0).sum(axis=0), n_val=len(ids))
+    return scores, table.labels[np.ix_(rows, cols)], [table.paths[r] for r in rows]
 
 
 def weakest(ap: np.ndarray, n: int = N_WEAKEST) -> list[int]:

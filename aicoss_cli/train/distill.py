@@ -49,7 +49,7 @@ from aicoss_cli.infer.forward import Member, MemberSource, combine, forward, is_
 from aicoss_cli.infer.members import check_members, read_spec
 from aicoss_cli.models.checkpoint import CheckpointMeta
 from aicoss_cli.results.distillation import DistillRecord, TeacherMember, load_distill_record, write_distill_record
-from aicoss_cli.results.layout import DISTILL_CACHE_FILE, DISTILL_FILE, is_run_dir, kept_file, run_keep
+from aicoss_cli.results.layout import DISTILL_CACHE_FILE, DISTILL_FILE, is_cv_dir, is_run_dir, kept_file, run_keep
 from aicoss_cli.train.prepare import PreparedData
 from aicoss_cli.train.state import Resume
 
@@ -104,6 +104,9 @@ def teacher_sources(path: str | Path) -> list[MemberSource]:
     if is_onnx(path):
         raise UserError(f"{path}: an exported .onnx model cannot teach (the teachers run in PyTorch on the training "
                         "device); name the .safetensors checkpoint it was exported from")
+    if is_cv_dir(path):
+        raise UserError(f"{path}: a cross-validation folder cannot teach: its fold models trained on every image of "
+                        "train.csv, the student's val images included; name single-split runs or checkpoints")
     if path.is_dir():
         if not is_run_dir(path):
             raise UserError(f"{path}: not a run folder (runs/<name>/<timestamp>); a teacher is a checkpoint, a run "
@@ -115,7 +118,8 @@ def teacher_sources(path: str | Path) -> list[MemberSource]:
     if not path.is_file():
         raise UserError(f"{path}: teacher not found; give a checkpoint, a run folder or an ENSEMBLE.toml")
     if path.suffix.lower() == ".toml":
-        return read_spec(path)[0]
+        # a spec's run folder gives its kept checkpoint, as one named directly (a CV folder is refused)
+        return [replace(m, path=teacher_sources(m.path)[0].path) if m.path.is_dir() else m for m in read_spec(path)[0]]
     return [MemberSource(path)]
 
 

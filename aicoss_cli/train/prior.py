@@ -24,7 +24,7 @@ from aicoss_cli.base.runtime import make_runtime
 from aicoss_cli.data.images import check_images
 from aicoss_cli.data.splits import training_rows
 from aicoss_cli.data.tables import data_inputs, read_train
-from aicoss_cli.infer.forward import MemberSource, forward, load_members, member_meta
+from aicoss_cli.infer.forward import MemberSource, forward, load_members, member_meta, require_finite
 
 CLASS_COLUMN = "Classes"
 VALUE_COLUMN = "avg_pred"
@@ -66,7 +66,8 @@ def read_prior_csv(path: str | os.PathLike, classes: Sequence[str]) -> Tensor:
             continue
         if len(row) <= max(name_at, value_at):
             raise UserError(f"{path}: line {line} has {len(row)} fields, expected {len(header)}")
-        name, text = row[name_at].strip(), row[value_at].strip()
+        name = row[name_at] if row[name_at] in classes else row[name_at].strip()  # as written, or trimmed
+        text = row[value_at].strip()
         try:
             value = float(text)
         except ValueError:
@@ -108,7 +109,7 @@ def write_prior_csv(
     if len(values) != len(classes):
         raise ValueError(f"{len(classes)} classes but {len(values)} prior values")
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow([CLASS_COLUMN, VALUE_COLUMN])
         writer.writerows([name, repr(float(v))] for name, v in zip(classes, values))
 
@@ -243,7 +244,9 @@ def run_prior(checkpoint: Path, *, data: Path | None = None, out: Path = Path("p
     check_images(paths, Path(root) / "train.csv")
     rt = make_runtime(device, "fp32", 0)
     members = load_members([MemberSource(checkpoint)], rt)
-    probs = forward(members, paths, rt, batch_size, progress=progress, what="predicting the training split")[0]
+    probs = forward(members, paths, rt, batch_size, progress=progress, what="predicting the training split")
+    require_finite(probs, members, paths)
+    probs = probs[0]
     values = probs.double().mean(dim=0).tolist() if len(paths) else [0.0] * len(meta.classes)
     write_prior_csv(out, meta.classes, values)
     return PriorResult(out, meta.classes, values, len(paths))

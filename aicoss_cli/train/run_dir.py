@@ -17,13 +17,13 @@ from aicoss_cli.results.layout import LAST_FILE, LOCK_FILE, STATE_FILE
 from aicoss_cli.train.state import TrainProgress
 
 
-def new_run_dir(out: Path, name: str) -> Path:
-    """OUT/<name>/<UTC timestamp>/, never an existing folder."""
+def new_run_dir(out: Path, name: str, suffix: str = "") -> Path:
+    """OUT/<name>/<UTC timestamp><suffix>/, never an existing folder."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     base = Path(out) / name
     base.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
-        candidate = base / (stamp if n == 1 else f"{stamp}-{n}")
+        candidate = base / ((stamp if n == 1 else f"{stamp}-{n}") + suffix)
         try:
             candidate.mkdir()
             return candidate
@@ -32,14 +32,19 @@ def new_run_dir(out: Path, name: str) -> Path:
     raise UserError(f"{base}: could not create a new run folder")
 
 
-def open_run_dir(info, out: Path, recipe, resume, notes: list[str]) -> Path:
-    """The folder a run writes: the resumed one, or a new one under `out` (or under `resume.out`, a
+def open_run_dir(info, out: Path, recipe, resume, notes: list[str], folder: Path | None = None) -> Path:
+    """The folder a run writes: the resumed one, `folder` when given (a fold of a cross-validation:
+    PARENT/fold{k}, made here if it is not there), or a new one under `out` (or under `resume.out`, a
     fork that first copies what the resumed run had written). Rank 0 makes it; every rank gets it."""
     from aicoss_cli.base import distributed
     from aicoss_cli.train.state import fork_run
 
     if resume is not None and resume.out is None:
         return Path(resume.source)
+    if folder is not None:
+        if info.main:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        return Path(folder)
     run_dir = new_run_dir(resume.out if resume else out, recipe.name) if info.main else None
     run_dir = Path(distributed.broadcast_object(info, str(run_dir) if run_dir else None))
     if resume is not None and info.main:

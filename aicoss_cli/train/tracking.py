@@ -12,6 +12,7 @@ never stops a training run. Each backend is imported when it is opened.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -364,6 +365,7 @@ class _quiet_store_setup:
 # --------------------------------------------------------------------------- names and values
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+MAX_TAG = 200  # MLflow refuses metric names over 250 characters; "val_AP/" and a "_2" fit beside 200
 
 
 def _tag(name: str) -> str:
@@ -372,12 +374,22 @@ def _tag(name: str) -> str:
     return "_" + tag if not tag.strip(".") else tag
 
 
+def _short_tag(name: str) -> str:
+    """`_tag`, and a name longer than MAX_TAG cut to fit with a hash of the whole name (two long
+    names that share a beginning stay apart)."""
+    tag = _tag(name)
+    if len(tag) <= MAX_TAG:
+        return tag
+    return f"{tag[:MAX_TAG - 9]}-{hashlib.sha1(str(name).encode()).hexdigest()[:8]}"
+
+
 def _unique_tags(values: Mapping[str, float], seen: dict[str, str]) -> dict[str, float]:
-    """Class names → safe tags, stable over the run; two names that clean to the same tag get `_2`, `_3`..."""
+    """Class names → safe tags of at most MAX_TAG characters (`_short_tag`), stable over the run;
+    two names that clean to the same tag get `_2`, `_3`..."""
     out = {}
     for name, value in values.items():
         if name not in seen:
-            base, n, used = _tag(name), 1, set(seen.values())
+            base, n, used = _short_tag(name), 1, set(seen.values())
             tag = base
             while tag in used:
                 n += 1

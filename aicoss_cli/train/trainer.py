@@ -38,7 +38,7 @@ from aicoss_cli.recipe import Recipe, recipe_to_toml
 from aicoss_cli.results import layout
 from aicoss_cli.results.layout import PRIOR_FILE, RECIPE_FILE, STATE_FILE, SUBMISSION_FILE
 from aicoss_cli.train import keep
-from aicoss_cli.train.distill import Distillation, build_distillation, distill_meta, train_items
+from aicoss_cli.train.distill import build_distillation, distill_meta, train_items
 from aicoss_cli.train.prepare import PreparedData, prepare_data
 from aicoss_cli.train.prior import PriorTracker, write_prior_csv
 from aicoss_cli.train.run_dir import (
@@ -122,9 +122,9 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, out: Path | str = "runs", *, resume: Resume | None = None, console=None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), run_dir: Path | None = None):
         self.recipe = resume.recipe if resume is not None else recipe
-        self.out = Path(out)
+        self.out, self.folder = Path(out), run_dir  # folder: write there, not to out/<name>/<timestamp>
         self.resume = resume
         self.console = console
         self.callbacks = [RunWatch(self._warn), *callbacks]
@@ -183,7 +183,8 @@ class Trainer:
         self.classes = self.data.table.classes
         self.val_targets = self.data.table.labels[self.data.val_rows]
         self.eval_batch = r.runtime.eval_batch_size or self.micro_batch
-        self.distill = self._setup_distill()
+        self.distill = build_distillation(r, self.data, self.eval_rt, self.eval_batch, self.resume, self.notes,
+                                          self.console if self.info.main else None)  # None without [distill]
         self.raw_model, self.model = self._setup_model(pretrained=r.model.pretrained if state is None else False)
         self.loss_fn, self.prior = self._setup_loss()
         self.optimizer, self.scaler = build_optimizer(self.raw_model, r.optim, self.rt)
@@ -199,7 +200,7 @@ class Trainer:
         transform = build_train_transform(r.augment.policy, r.augment.magnitude, r.augment.num_ops,
                                           r.augment.cutout_factor)
         paths, labels, self.train_rows = train_items(self.data, self.distill)
-        self.train_set = ImageDataset(paths, labels, r.model.img_size, transform)
+        self.train_set = ImageDataset(paths, labels, r.model.img_size, transform, r.data.exif_transpose)
         # DDP averages gradients over ranks and accumulation sums them: scale so that one optimizer step
         # follows the gradient of the recipe's loss on the whole global batch
         micro_scale = self.info.world if self.loss_fn.reduction == "sum" else 1.0 / r.optim.grad_accumulation
@@ -259,11 +260,6 @@ class Trainer:
                                          self.rt.device, self.notes)
         return loss_fn, prior
 
-    def _setup_distill(self) -> Distillation | None:
-        """The teacher of a recipe with a [distill] table, every check first; None without one."""
-        return build_distillation(self.recipe, self.data, self.eval_rt, self.eval_batch, self.resume, self.notes,
-                                  self.console if self.info.main else None)
-
     def _restore(self, state) -> None:
         self.progress = restore(state, self.raw_model, self.optimizer, self.scaler, self.ema, self.info, self.notes)
         if self.progress.prior is not None and self.prior is not None:
@@ -271,7 +267,7 @@ class Trainer:
 
     def _setup_run_dir(self) -> Path:
         """The run folder (a new one, the resumed one, or a fork of it), locked by rank 0."""
-        run_dir = open_run_dir(self.info, self.out, self.recipe, self.resume, self.notes)
+        run_dir = open_run_dir(self.info, self.out, self.recipe, self.resume, self.notes, self.folder)
         if self.info.main:
             self.lock = RunLock(run_dir).acquire()
             write_text_atomic(run_dir / RECIPE_FILE, recipe_to_toml(self.recipe))
@@ -459,7 +455,8 @@ class Trainer:
         """Validation logits of every rank's shard, gathered in val order (no padding duplicates), in
         `[runtime] eval_precision`."""
         mine = shard(self.data.val_rows, self.info.rank, self.info.world)
-        member = Member(path="", model=model, img_size=self.recipe.model.img_size, classes=self.classes)
+        member = Member(path="", model=model, img_size=self.recipe.model.img_size, classes=self.classes,
+                        exif_transpose=self.recipe.data.exif_transpose)
         t0 = time.perf_counter()
         logits = forward([member], [self.data.table.paths[i] for i in mine], self.eval_rt, self.eval_batch,
                          logits=True, progress=bar, what="  validating")[0]
@@ -481,7 +478,8 @@ class Trainer:
         state, _ = load_checkpoint(layout.kept_file(self.run_dir, self.recipe.runtime.keep))
         self.raw_model.load_state_dict(state)
         test = self.data.test
-        member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes)
+        member = Member(path="", model=self.raw_model, img_size=self.recipe.model.img_size, classes=self.classes,
+                        exif_transpose=self.recipe.data.exif_transpose)
         with progress_display(self.console, enabled=self.console is not None, transient=True) as bar:
             t0 = time.perf_counter()
             probs = forward([member], test.paths, self.eval_rt, self.eval_batch, progress=bar,

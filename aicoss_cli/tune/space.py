@@ -322,7 +322,8 @@ def _field_kind(key: str) -> Literal["int", "float"] | None:
 
 def check_space(space: Space, recipes: TrialRecipes) -> None:
     """Conditions refer to categorical parameters of the space, and every bound and choice (with
-    the first value its condition allows) gives a recipe the schema accepts."""
+    the first value its condition allows) gives a recipe the schema accepts and the data and the
+    arch take (`train.prepare.check_fits`: batch size vs training rows, input size, prior file)."""
     by_key = {p.key: p for p in space.params}
     for p in space.params:
         for key, allowed in p.when:
@@ -337,12 +338,20 @@ def check_space(space: Space, recipes: TrialRecipes) -> None:
             if not any(v in cond.choices for v in allowed):  # it would never be sampled
                 raise UserError(f"{where} {key} in {{{', '.join(show_value(v) for v in allowed)}}}: none of these is one "
                                 f"of its choices ({', '.join(show_value(c) for c in cond.choices)})")
+    from aicoss_cli.train.prepare import check_fits
+
+    data = recipes.inspect_data()
     for p in space.params:
         context = {key: next(v for v in allowed if v in by_key[key].choices) for key, allowed in p.when}
         probes = p.choices if p.kind == "categorical" else (p.low, p.high)
         for value in probes:
             label = "choice" if p.kind == "categorical" else ("low" if value == p.low else "high")
-            recipes.build({**context, p.key: value}, source=f"{space.source}: [{p.key}] {label} {show_value(value)}")
+            where = f"{space.source}: [{p.key}] {label} {show_value(value)}"
+            recipe = recipes.build({**context, p.key: value}, source=where)
+            try:  # what the data or the arch refuses for this value, before trial 0 rather than in a trial
+                check_fits(recipe, len(data.train_rows), data.table.classes)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- trial recipes

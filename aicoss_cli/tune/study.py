@@ -112,7 +112,12 @@ def open_storage(url: str):
     """An Optuna RDB storage; a SQLite file's folder is created. One-line error if it cannot be opened."""
     optuna = import_optuna()
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url[len("sqlite:///"):]).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--storage {url}: its folder {folder} cannot be made ({exc.strerror or exc}); give a "
+                            "database URL in a folder you can write, such as sqlite:///runs/tune.db") from None
     try:
         return optuna.storages.RDBStorage(url)
     except ImportError as exc:
@@ -184,8 +189,9 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
     """Run trials until the study holds `trials` finished (complete or pruned) ones, or `timeout`
     seconds have passed (no trial starts after that); the data is checked first (once per
     `recipes`) and its split recorded in the study; write trials.csv, best.toml and trials.png
-    into <out>/<study>/. Ctrl-C stops the running trial (TrainingStopped, exit code 130) after the
-    files are written; the same call continues the study."""
+    into <out>/<study>/, whenever and however the study stops. A trial the data refuses is failed
+    with its reason and the study goes on; Ctrl-C stops the running trial (TrainingStopped, exit
+    code 130); the same call continues the study."""
     optuna = import_optuna()
     say = say or (lambda text: None)
     out = Path(out)
@@ -206,6 +212,7 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
         raise UserError(f"study {name!r} in {url} was started with another "
                         f"{' and '.join(_setup_changes(old, setup))}; run it with the settings it started with, or "
                         "start a new one with --study NAME")
+    study.sampler = _sampler(optuna, space.settings, len(study.get_trials(deepcopy=False)))
     notes = list(recipes.notes)
     dead = mark_dead_trials(study, db)
     if dead:
@@ -220,7 +227,7 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
     say(f"study {name} ({url}): {finished} of {trials} trials finished" +
         (f"; running up to {trials - finished} more" if finished < trials else "; nothing to run"))
     started, ran = time.monotonic(), 0
-    interrupted: TrainingStopped | None = None
+    stopped: BaseException | None = None
     try:
         for _ in range(max(trials - finished, 0)):
             if timeout is not None and time.monotonic() - started >= timeout:
@@ -230,27 +237,39 @@ def tune(recipes: TrialRecipes, space: Space, *, trials: int, out: str | Path, s
                 break  # other machines finished the study
             ran += 1
             _run_trial(optuna, study, recipes, space, study_dir, console, say)
-    except TrainingStopped as exc:
-        if exc.exit_code != 130:
-            raise
-        interrupted = exc
     except KeyboardInterrupt:  # between two trials
-        interrupted = TrainingStopped("interrupted", exit_code=130)
+        stopped = TrainingStopped("interrupted", exit_code=130)
+    except BaseException as exc:  # Ctrl-C in a trial, a full disk, a bug: the trials so far are summarised first
+        stopped = exc
     rows = trial_rows(study)
     result = TuneResult(name, url, study_dir, rows, _best(rows), notes=notes, ran=ran)
-    if any(r.state in ("complete", "pruned", "diverged") for r in rows):
-        result.files = write_outputs(result, recipes, space)
-    if interrupted is not None:
+    if rows:
+        try:
+            result.files = write_outputs(result, recipes, space)
+        except (OSError, UserError):
+            if stopped is None:
+                raise  # else the stop says more (a full disk refuses the summaries too)
+    if isinstance(stopped, TrainingStopped) and stopped.exit_code == 130:
         finished = sum(r.state in ("complete", "pruned", "diverged") for r in rows)
         raise TrainingStopped(f"interrupted; the study keeps its {finished} finished trial{'' if finished == 1 else 's'}"
                               ": run the same command to go on", exit_code=130)
+    if stopped is not None:
+        raise stopped
     return result
 
 
-def _sampler(optuna, settings: TuneSettings):
+def _sampler(optuna, settings: TuneSettings, done: int = 0):
+    """The sampler of a session that starts with `done` trials in the study. Seeded, its seed is
+    `[tune] seed` for a new study and a new one drawn from (seed, done) for each later session: a
+    resumed study must not draw again the values its first session drew."""
+    seed = settings.seed
+    if seed is not None and done:
+        import numpy as np
+
+        seed = int(np.random.SeedSequence([seed, done]).generate_state(1)[0])
     if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
-    return optuna.samplers.TPESampler(seed=settings.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _pruner(optuna, space: Space):
@@ -334,6 +353,8 @@ def _train_trial(trial, recipes: TrialRecipes, space: Space, study_dir: Path, co
     t0 = time.perf_counter()
     try:
         result = Trainer(recipe, study_dir, console=console, callbacks=[callback]).run()
+    except UserError as exc:  # the data refuses these values (a check of the trial's recipe): the study goes on
+        return _Outcome("FAIL", note=str(exc), message=f"[red]failed[/]: {escape(str(exc))}")
     except TrainingStopped as exc:
         # a non-finite loss: these values diverged, a bad outcome rather than a broken study; any other
         # stop (Ctrl-C, an unreadable image, a full disk) stops the study

@@ -113,9 +113,12 @@ def train_image_list(demo_root: Path, tmp_path: Path) -> Path:
     ("not a checkpoint", ["notes.safetensors", "not a readable .safetensors"]),
     ("an onnx teacher", ["model.onnx", "cannot teach"]),
     ("a folder that is not a run", ["not a run folder"]),
+    ("a cross-validation folder", ["cv5", "cross-validation folder cannot teach"]),
+    ("a cross-validation folder in a spec", ["cv5", "cross-validation folder cannot teach"]),
     ("a missing teacher", ["nowhere.safetensors", "teacher not found"]),
     ("another val split", ["validated on another split", "split_seed 7", "fingerprint"]),
     ("weight above 1", ["--weight", "less than or equal to 1"]),
+    ("cross-validation folds", ["[data] folds", "teachers' own single split"]),
     ("weight below 0 in the recipe", ["[distill] weight", "-0.1"]),
     ("no teacher", ["no teacher", "--teacher"]),
     ("an unlabeled image that does not decode", ["list.csv", "1 of 1 images cannot be used"]),
@@ -136,10 +139,17 @@ def test_bad_input_is_one_line_before_any_compute(run_cli, demo_root, write_reci
         args = ["--teacher", tmp_path / "model.onnx"]
     elif case == "a folder that is not a run":
         args = ["--teacher", tmp_path]
+    elif case.startswith("a cross-validation folder"):
+        (tmp_path / "cv5").mkdir()
+        (tmp_path / "cv5" / "cv_recipe.toml").write_text("")  # what marks a CV folder
+        (tmp_path / "spec.toml").write_text('[[member]]\npath = "cv5"\n')
+        args = ["--teacher", tmp_path / ("spec.toml" if case.endswith("spec") else "cv5")]
     elif case == "a missing teacher":
         args = ["--teacher", tmp_path / "nowhere.safetensors"]
     elif case == "another val split":
         args = ["--teacher", save_random_checkpoint(tmp_path / "split7.safetensors", demo_root, split_seed=7)]
+    elif case == "cross-validation folds":
+        args += ["--set", "data.folds=3"]
     elif case == "weight above 1":
         args += ["--weight", "1.5"]
     elif case == "weight below 0 in the recipe":
@@ -153,3 +163,11 @@ def test_bad_input_is_one_line_before_any_compute(run_cli, demo_root, write_reci
     result = run_cli("distill", recipe, *args, "--out", tmp_path / "runs")
     assert_one_line_error(result, *needles)
     assert not any((tmp_path / "runs").glob("*/*")), "a run folder was made"
+
+
+def test_train_with_folds_refuses_a_distill_table_before_making_a_cv_folder(run_cli, demo_root, write_recipe, teachers,
+                                                                            tmp_path):
+    recipe = write_recipe(demo_root, extra=f'\n[distill]\nteachers = ["{teachers[0]}"]\n')
+    result = run_cli("train", recipe, "--folds", "3", "--out", tmp_path / "runs")
+    assert_one_line_error(result, "[distill] with [data] folds", "unset [data] folds")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.*")), "a CV folder was made"
