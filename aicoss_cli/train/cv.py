@@ -37,7 +37,6 @@ from aicoss_cli.train.run_dir import new_run_dir
 from aicoss_cli.train.state import resolve_resume
 from aicoss_cli.train.trainer import RunResult, Trainer
 
-
 DISTILL_NO_FOLDS = ("[distill] with [data] folds: a distilled student is validated on its teachers' own single split "
                     "(fold models would validate on images the teachers trained on); unset [data] folds")
 
