@@ -66,15 +66,16 @@ def test_map(submission: Path, root: Path) -> float | None:
     return score_files(submission, labels)["map"] if labels.is_file() else None
 
 
-def finished_member(run_dir: Path) -> tuple[int, dict]:
-    """(seed, row) of a member run trained before (--member-runs)."""
+def finished_member(run_dir: Path, root: Path) -> tuple[int, dict]:
+    """(seed, row) of a member run trained before (--member-runs), scored on the test labels of
+    --data (the run's own [data] root may be relative to another folder)."""
     from aicoss_cli.recipe import recipe_from_toml
     from aicoss_cli.results.runs import load_run
 
     run = load_run(run_dir)
     recipe = recipe_from_toml((run_dir / "recipe.toml").read_text(encoding="utf-8"), str(run_dir))
     return recipe.runtime.seed, {"run_dir": str(run_dir), "val_map": run.best_val_map, "seconds": run.train_seconds,
-                                 "test_map": test_map(run_dir / "submission.csv", Path(recipe.data.root))}
+                                 "test_map": test_map(run_dir / "submission.csv", root)}
 
 
 def kept(row: dict) -> Path:
@@ -115,7 +116,7 @@ def main() -> None:
     with scratch_folder("aicoss-bench-distill-") as scratch:
         out = args.out or scratch
         if args.member_runs:
-            members = dict(finished_member(run) for run in args.member_runs)
+            members = dict(finished_member(run, args.data) for run in args.member_runs)
         else:
             members = {s: train(recipe_for(args, f"{stem}_member", s), out, say) for s in args.member_seeds}
         best_seed = max(members, key=lambda s: members[s]["val_map"])

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aicoss_cli.base.checks import is_number, json_ready
+from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import write_text_atomic
 from aicoss_cli.results.layout import DISTILL_FORMAT
-from aicoss_cli.results.runs import read_json_object, show
+from aicoss_cli.results.runs import checked_field, read_json_object, show
 
 MODES = ("online", "cached")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -98,21 +98,7 @@ def load_distill_record(path: str | Path) -> DistillRecord:
         raise UserError(f"{path}: not an aicoss distillation record (expected \"format\": \"{DISTILL_FORMAT}\")")
 
     def get(key: str, kind: str, where: dict = data, prefix: str = ""):
-        value = where.get(key)
-        ok = {
-            "str": isinstance(value, str),
-            "int": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            "pos": is_number(value) and value > 0,
-            "unit": is_number(value) and 0 <= value <= 1,
-            "map": value is None or (is_number(value) and 0 <= value <= 1),
-            "names": isinstance(value, list) and all(isinstance(v, str) for v in value),
-        }[kind]
-        if not ok:
-            expected = {"str": "a string", "int": "a whole number ≥ 0", "pos": "a finite number > 0",
-                        "unit": "a number in [0, 1]", "map": "null or a number in [0, 1]",
-                        "names": "a list of strings"}[kind]
-            raise UserError(f"{path}: '{prefix}{key}' must be {expected} (got {show(value)})")
-        return float(value) if kind in ("pos", "unit") or (kind == "map" and value is not None) else value
+        return checked_field(where, key, kind, path, prefix)
 
     members_raw = data.get("members")
     if not isinstance(members_raw, list) or not members_raw:
@@ -125,14 +111,14 @@ def load_distill_record(path: str | Path) -> DistillRecord:
         members.append(TeacherMember(
             path=get("path", "str", m, prefix), sha256=get("sha256", "str", m, prefix),
             arch=get("arch", "str", m, prefix), img_size=get("img_size", "int", m, prefix),
-            weight=get("weight", "unit", m, prefix), val_map=get("val_map", "map", m, prefix),
+            weight=get("weight", "unit", m, prefix), val_map=get("val_map", "unit?", m, prefix),
             img_per_s=get("img_per_s", "pos", m, prefix)))
     for key, allowed in (("mode", MODES), ("precision", PRECISIONS)):
         if data.get(key) not in allowed:
             raise UserError(f"{path}: '{key}' must be {' or '.join(map(json.dumps, allowed))} "
                             f"(got {show(data.get(key))})")
     return DistillRecord(
-        members=members, val_map=get("val_map", "map"), img_per_s=get("img_per_s", "pos"),
+        members=members, val_map=get("val_map", "unit?"), img_per_s=get("img_per_s", "pos"),
         fingerprint=get("fingerprint", "str"), weight=get("weight", "unit"), mode=data["mode"],
         unlabeled=get("unlabeled", "names"), n_unlabeled=get("n_unlabeled", "int"), n_val=get("n_val", "int"),
         device=get("device", "str"), precision=data["precision"], path=path)

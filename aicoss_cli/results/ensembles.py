@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aicoss_cli.base.checks import is_number, json_ready
+from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import write_text_atomic
 from aicoss_cli.results.layout import ENSEMBLE_FORMAT, has_epochs
-from aicoss_cli.results.runs import load_run, read_json_object, show
+from aicoss_cli.results.runs import checked_field, load_run, read_json_object, show
 
 WEIGHTINGS = ("equal", "auto", "spec")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -107,22 +107,8 @@ def load_ensemble(path: str | Path) -> EnsembleResult:
     if data.get("format") != ENSEMBLE_FORMAT:
         raise UserError(f"{path}: not an aicoss ensemble result (expected \"format\": \"{ENSEMBLE_FORMAT}\")")
 
-    def get(key, kind, where=data, prefix=""):
-        value = where.get(key)
-        ok = {
-            "str": isinstance(value, str),
-            "int": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            "pos": is_number(value) and value > 0,
-            "nonneg": is_number(value) and value >= 0,
-            "map": value is None or (is_number(value) and 0 <= value <= 1),
-            "speed": value is None or (is_number(value) and value > 0),
-        }[kind]
-        if not ok:
-            expected = {"str": "a string", "int": "a whole number ≥ 0", "pos": "a finite number > 0",
-                        "nonneg": "a finite number ≥ 0", "map": "null or a number in [0, 1]",
-                        "speed": "null or a finite number > 0"}[kind]
-            raise UserError(f"{path}: '{prefix}{key}' must be {expected} (got {show(value)})")
-        return float(value) if kind in ("pos", "nonneg") or (kind in ("map", "speed") and value is not None) else value
+    def get(key: str, kind: str, where: dict = data, prefix: str = ""):
+        return checked_field(where, key, kind, path, prefix)
 
     members_raw = data.get("members")
     if not isinstance(members_raw, list) or not members_raw:
@@ -136,8 +122,8 @@ def load_ensemble(path: str | Path) -> EnsembleResult:
         run_dir = _member_run_dir(path, member_path)
         member = EnsembleMember(path=member_path, arch=get("arch", "str", m, prefix),
                                 img_size=get("img_size", "int", m, prefix), weight=get("weight", "nonneg", m, prefix),
-                                val_map=get("val_map", "map", m, prefix),
-                                img_per_s=get("img_per_s", "speed", m, prefix), run_dir=run_dir)
+                                val_map=get("val_map", "unit?", m, prefix),
+                                img_per_s=get("img_per_s", "pos?", m, prefix), run_dir=run_dir)
         if run_dir is not None:
             member.train_seconds = load_run(run_dir).train_seconds
         members.append(member)
@@ -148,8 +134,8 @@ def load_ensemble(path: str | Path) -> EnsembleResult:
     if precision not in PRECISIONS:
         raise UserError(f"{path}: 'precision' must be \"fp32\", \"fp16\" or \"bf16\" (got {show(precision)})")
     return EnsembleResult(
-        submission=get("submission", "str"), members=members, val_map=get("val_map", "map"),
-        equal_val_map=get("equal_val_map", "map"), weighting=weighting, n_val=get("n_val", "int"),
+        submission=get("submission", "str"), members=members, val_map=get("val_map", "unit?"),
+        equal_val_map=get("equal_val_map", "unit?"), weighting=weighting, n_val=get("n_val", "int"),
         n_test=get("n_test", "int"), img_per_s=get("img_per_s", "pos"), seconds=get("seconds", "nonneg"),
         device=get("device", "str"), precision=precision, path=path,
     )

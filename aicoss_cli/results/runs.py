@@ -14,10 +14,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from aicoss_cli.base.checks import is_integer, is_number
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.data.submission import ScoreTable, read_probabilities_csv
 from aicoss_cli.data.tables import read_train
@@ -221,6 +222,29 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
+
+
+# what a field of a result JSON must hold: a test and its wording; "X?" (in `checked_field`) also takes null
+FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (lambda v: is_integer(v) and v >= 0, "a whole number ≥ 0"),
+    "pos": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    "nonneg": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
+    "unit": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "names": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+}
+
+
+def checked_field(where: dict[str, Any], key: str, kind: str, path: Path, prefix: str = "") -> Any:
+    """where[key] as `kind` (a key of `FIELD_KINDS`, with "?" also null; numbers come back as float),
+    else a UserError naming the file and the key (`prefix` + key, e.g. "members[2].weight")."""
+    value, nullable, kind = where.get(key), kind.endswith("?"), kind.rstrip("?")
+    if nullable and value is None:
+        return None
+    test, expected = FIELD_KINDS[kind]
+    if not test(value):
+        raise UserError(f"{path}: '{prefix}{key}' must be {'null or ' * nullable}{expected} (got {show(value)})")
+    return float(value) if kind in ("pos", "nonneg", "unit") else value
 
 
 def show(value: Any) -> str:

@@ -61,6 +61,15 @@ def test_report_shows_a_distilled_run_beside_its_teachers(run_cli, demo_root, wr
     table = run_cli("report", run, "--out", tmp_path / "report")
     assert "t1.safetensors" in table.stdout and "teacher: weighted mean of 2 members" in table.stdout
 
+    # distill.json is read as an untrusted file: a damaged field is one line naming the file and the key
+    for key, value, needle in (("weight", 1.5, "'members[1].weight' must be a number in [0, 1] (got 1.5)"),
+                               ("val_map", float("nan"), "'members[1].val_map' must be null or a number in [0, 1]"),
+                               ("img_per_s", -3, "'members[1].img_per_s' must be a finite number > 0")):
+        damaged = json.loads(json.dumps(record))
+        damaged["members"][1][key] = value
+        (run / "distill.json").write_text(json.dumps(damaged))
+        assert_one_line_error(run_cli("report", run, "--out", tmp_path / "report"), "distill.json", needle)
+
 
 def test_teachers_from_a_run_folder_and_a_spec(run_cli, demo_root, write_recipe, teachers, tmp_path):
     """A run folder teaches with its kept checkpoint; a spec with its weights (normalised); --set

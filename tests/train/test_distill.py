@@ -11,17 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import read_csv, save_random_checkpoint
-
-EXACT = """
-[runtime]
-seed = 3
-precision = "fp32"
-device = "cpu"
-num_workers = 0
-deterministic = true
-checkpoint_every = 1
-"""
+from helpers import EXACT, read_csv, save_random_checkpoint
 
 
 def bce_by_hand(s: np.ndarray, q: np.ndarray) -> np.ndarray:
