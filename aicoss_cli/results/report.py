@@ -19,6 +19,7 @@ from aicoss_cli.results.errors import (
     ErrorAnalysis,
     ErrorOptions,
     analyse,
+    csv_scores,
     error_files,
     error_json,
     error_source,
@@ -27,7 +28,7 @@ from aicoss_cli.results.errors import (
     write_suspects,
 )
 from aicoss_cli.results.html import HTML_FILE, is_report_page, write_report_html
-from aicoss_cli.results.layout import DISTILL_FILE, METRICS_FILE, VAL_SCORES_FILE, has_epochs, is_cv_dir
+from aicoss_cli.results.layout import DISTILL_FILE, METRICS_FILE, OOF_FILE, VAL_SCORES_FILE, has_epochs, is_cv_dir
 from aicoss_cli.results.pictures import (
     draw_curves,
     draw_fold_ap,
@@ -134,7 +135,11 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         notes.append("runs without run.json: training time = the sum of metrics.csv seconds (validation "
                      "included); no img/s recorded")
 
-    source = error_source(runs, predictions, errors, data)
+    if predictions is None and len(named) == 1 and len(cvs) == 1 and errors.labels is None and errors.split == "val":
+        # one finished CV folder: its out-of-fold rows (every training image) against train.csv
+        source = csv_scores(cvs[0].plan.parent / OOF_FILE, cvs[0].root / "train.csv", cvs[0].root)
+    else:
+        source = error_source(runs, predictions, errors, data)
     analysis = analyse(source, errors) if source is not None else None
     targets = check_targets(out, {**(error_files(analysis) if analysis else {}), "html": HTML_FILE})
     pictures: dict[str, Path] = {}

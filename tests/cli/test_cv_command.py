@@ -145,5 +145,9 @@ def test_report_of_a_cv_folder_draws_its_folds_and_the_spread_over_them(run_cli,
     assert cv["folds"] == 2 and cv["oof_map"] == pytest.approx(summary["oof_map"], abs=1e-12)
     assert cv["fold_val_map"] == pytest.approx([f["val_map"] for f in summary["fold_val_map"]], abs=1e-12)
     assert cv["std_val_map"] == pytest.approx(np.std(cv["fold_val_map"], ddof=1), abs=1e-12)
-    assert {"curves", "per_class_ap", "cv_per_class_ap"} <= set(report["pictures"])
+    assert {"curves", "per_class_ap", "cv_per_class_ap", "errors", "pr_curves"} <= set(report["pictures"])
     assert all(Path(p).is_file() for p in report["pictures"].values())
+    # the error analysis of a CV folder is its out-of-fold rows: every training image, scored as oof.csv
+    analysis = report["error_analysis"]
+    assert "oof.csv" in analysis["source"] and analysis["images"] == summary["n_rows"]
+    assert analysis["map"] == pytest.approx(summary["oof_map"], abs=1e-9)
