@@ -245,5 +245,16 @@ def test_the_recipe_key_tables_are_the_schema():
                             "`python tests/test_docs.py`")
 
 
+
+def test_contributing_s_module_map_names_every_module():
+    """CONTRIBUTING.md's table names each package's every module (a new module gets its line)."""
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)/` \| (.*) \|$",
+                                                        (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8"), re.M)}
+    packages = sorted(p for p in (ROOT / "aicoss_cli").iterdir() if (p / "__init__.py").is_file())
+    assert sorted(rows) == [p.name for p in packages]
+    missing = [f"{p.name}/{m.stem}" for p in packages for m in sorted(p.glob("*.py"))
+               if m.stem != "__init__" and f"`{m.stem}`" not in rows[p.name]]
+    assert not missing, f"modules the module map in CONTRIBUTING.md does not name: {missing}"
+
 if __name__ == "__main__":
     print(recipe_key_tables(), end="")
