@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +148,24 @@ def state_progress(run: Path) -> dict | None:
     except (OSError, ValueError, struct.error):
         return None
     return json.loads(header["__metadata__"]["progress"])
+
+
+def kill_when_saved(proc, runs, epoch: int, step: int, timeout: float) -> dict | None:
+    """SIGKILL `proc` (a training) once the first folder of `runs()` holds a saved state at `epoch`
+    (0-based), step ≥ `step`; that state's progress, or None when the run ended (or `timeout`
+    seconds passed: it is killed) first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        found = runs()
+        progress = state_progress(found[0]) if found else None
+        if progress and progress["epoch"] == epoch and progress["step"] >= step:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return progress
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    return None
 
 
 EXACT = """

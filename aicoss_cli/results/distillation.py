@@ -17,7 +17,7 @@ from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import write_text_atomic
 from aicoss_cli.results.layout import DISTILL_FORMAT
-from aicoss_cli.results.runs import checked_field, read_json_object, show
+from aicoss_cli.results.runs import checked_field, read_members_json, show
 
 MODES = ("online", "cached")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -93,21 +93,14 @@ def write_distill_record(path: str | Path, record: DistillRecord) -> Path:
 def load_distill_record(path: str | Path) -> DistillRecord:
     """A run's distill.json, every field checked (an untrusted file)."""
     path = Path(path)
-    data = read_json_object(path)
-    if data.get("format") != DISTILL_FORMAT:
-        raise UserError(f"{path}: not an aicoss distillation record (expected \"format\": \"{DISTILL_FORMAT}\")")
+    data, members_raw = read_members_json(path, DISTILL_FORMAT, "distillation record")
 
     def get(key: str, kind: str, where: dict = data, prefix: str = ""):
         return checked_field(where, key, kind, path, prefix)
 
-    members_raw = data.get("members")
-    if not isinstance(members_raw, list) or not members_raw:
-        raise UserError(f"{path}: 'members' must be a non-empty list")
     members = []
     for i, m in enumerate(members_raw):
         prefix = f"members[{i}]."
-        if not isinstance(m, dict):
-            raise UserError(f"{path}: members[{i}] must be an object")
         members.append(TeacherMember(
             path=get("path", "str", m, prefix), sha256=get("sha256", "str", m, prefix),
             arch=get("arch", "str", m, prefix), img_size=get("img_size", "int", m, prefix),

@@ -14,7 +14,7 @@ from aicoss_cli.base.checks import json_ready
 from aicoss_cli.base.errors import UserError
 from aicoss_cli.base.files import write_text_atomic
 from aicoss_cli.results.layout import ENSEMBLE_FORMAT, has_epochs
-from aicoss_cli.results.runs import checked_field, load_run, read_json_object, show
+from aicoss_cli.results.runs import checked_field, load_run, read_members_json, show
 
 WEIGHTINGS = ("equal", "auto", "spec")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -103,21 +103,14 @@ def load_ensemble(path: str | Path) -> EnsembleResult:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: ensemble result not found (aicoss ensemble writes it beside its CSV as <stem>.json)")
-    data = read_json_object(path)
-    if data.get("format") != ENSEMBLE_FORMAT:
-        raise UserError(f"{path}: not an aicoss ensemble result (expected \"format\": \"{ENSEMBLE_FORMAT}\")")
+    data, members_raw = read_members_json(path, ENSEMBLE_FORMAT, "ensemble result")
 
     def get(key: str, kind: str, where: dict = data, prefix: str = ""):
         return checked_field(where, key, kind, path, prefix)
 
-    members_raw = data.get("members")
-    if not isinstance(members_raw, list) or not members_raw:
-        raise UserError(f"{path}: 'members' must be a non-empty list")
     members = []
     for i, m in enumerate(members_raw):
         prefix = f"members[{i}]."
-        if not isinstance(m, dict):
-            raise UserError(f"{path}: members[{i}] must be an object")
         member_path = get("path", "str", m, prefix)
         run_dir = _member_run_dir(path, member_path)
         member = EnsembleMember(path=member_path, arch=get("arch", "str", m, prefix),

@@ -224,6 +224,21 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_members_json(path: Path, fmt: str, what: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A result JSON (`what`, e.g. "ensemble result") of format `fmt` and its 'members': a non-empty
+    list of objects, each field to be read with `checked_field`."""
+    data = read_json_object(path)
+    if data.get("format") != fmt:
+        raise UserError(f"{path}: not an aicoss {what} (expected \"format\": \"{fmt}\")")
+    members = data.get("members")
+    if not isinstance(members, list) or not members:
+        raise UserError(f"{path}: 'members' must be a non-empty list")
+    for i, m in enumerate(members):
+        if not isinstance(m, dict):
+            raise UserError(f"{path}: members[{i}] must be an object")
+    return data, members
+
+
 # what a field of a result JSON must hold: a test and its wording; "X?" (in `checked_field`) also takes null
 FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, exact_recipe, only_run_dir, state_progress, train_state_tensors
+from helpers import ROOT, exact_recipe, kill_when_saved, only_run_dir, state_progress, train_state_tensors
 
 
 def metrics_without_seconds(run: Path) -> list[list[str]]:
@@ -49,17 +49,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(demo_root, write_recipe,
     with open(log, "w") as straight_err:  # a file, not a pipe nobody reads while the test waits
         straight_proc = aicoss("train", recipe, "--out", tmp_path / "straight", stderr=straight_err)
     proc = aicoss("train", recipe, "--out", tmp_path / "killed", stderr=subprocess.DEVNULL)
-    killed_at = None
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        runs = list((tmp_path / "killed").glob("*/*"))
-        progress = state_progress(runs[0]) if runs else None
-        if progress and progress["epoch"] == 1 and progress["step"] >= 2:  # second epoch, mid-way
-            proc.send_signal(signal.SIGKILL)
-            killed_at = progress
-            break
-        time.sleep(0.02)
-    proc.wait()
+    # killed in the second epoch, mid-way
+    killed_at = kill_when_saved(proc, lambda: list((tmp_path / "killed").glob("*/*")), epoch=1, step=2, timeout=240)
     assert killed_at is not None, "the run ended before the test could kill it mid-epoch"
     killed = only_run_dir(tmp_path / "killed")
     assert len(metrics_without_seconds(killed)) == 2  # header + epoch 1 only

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import exact_recipe, read_csv, state_progress
+from helpers import exact_recipe, kill_when_saved, read_csv
 
 
 def cv_parent(out: Path) -> Path:
@@ -171,16 +169,8 @@ def test_a_cross_validation_killed_mid_fold_resumes_to_the_same_files(demo_root,
     with open(log, "w") as straight_err:
         straight = aicoss("train", recipe, "--folds", "2", "--out", tmp_path / "straight", stderr=straight_err)
     proc = aicoss("train", recipe, "--folds", "2", "--out", tmp_path / "killed", stderr=subprocess.DEVNULL)
-    killed_at, deadline = None, time.time() + 400
-    while proc.poll() is None and time.time() < deadline:
-        fold1 = list((tmp_path / "killed").glob("*/*/fold1"))
-        progress = state_progress(fold1[0]) if fold1 else None
-        if progress and progress["epoch"] == 1 and progress["step"] >= 1:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = progress
-            break
-        time.sleep(0.02)
-    proc.wait()
+    killed_at = kill_when_saved(proc, lambda: list((tmp_path / "killed").glob("*/*/fold1")), epoch=1, step=1,
+                                timeout=400)
     assert killed_at is not None, "the run ended before the test could kill it mid-fold"
     parent = cv_parent(tmp_path / "killed")
     assert not (parent / "oof.csv").exists() and not (parent / "fold1" / "submission.csv").exists()
