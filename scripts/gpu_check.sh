@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA paths, in under 5 minutes on one GPU: fp16 training with the grad scaler, bf16, fp32,
-# channels_last, EMA, the fp32 evaluation, the training-loop overhead bench and the fp32-vs-half
-# ensemble benchmark. Installs nothing: run it where torch and the project's dependencies are
-# importable (PYTHONPATH=. from the repository root). Results (logs and JSON) go to $OUT
-# (default: ./gpu_check_out).
+# channels_last, EMA, the fp32 evaluation, the training-loop overhead bench, the fp32-vs-half
+# ensemble benchmark, an online distillation in fp16 and a 2-fold cross-validation in bf16.
+# Installs nothing: run it where torch and the project's dependencies are importable (PYTHONPATH=.
+# from the repository root). Results (logs and JSON) go to $OUT (default: ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -34,3 +34,15 @@ cat "$OUT/train_overhead_cuda.json"
 CKPTS=$(ls "$OUT"/runs_*/demo/*/best.safetensors)
 $PY -m aicoss_cli benchmark-fp16 $CKPTS --data "$DATA" --json > "$OUT/benchmark_fp16.json"
 cat "$OUT/benchmark_fp16.json"
+
+# distillation on CUDA: the three runs above teach one fp16 student online (each teacher resized on the
+# device, in the eval precision), then a 2-fold cross-validation of the demo recipe in bf16
+TEACHERS=$(for d in "$OUT"/runs_*/demo/*/; do printf -- '--teacher %s ' "$d"; done)
+$PY -m aicoss_cli distill recipes/demo.toml --data "$DATA" --out "$OUT/runs_distill" $TEACHERS --unlabeled test \
+    --set runtime.device=cuda --set runtime.precision=fp16 --set runtime.channels_last=true \
+    --set runtime.num_workers=4 --set optim.epochs=3 > "$OUT/distill.log" 2>&1
+tail -n 14 "$OUT/distill.log"
+$PY -m aicoss_cli train recipes/demo.toml --data "$DATA" --out "$OUT/runs_cv" --folds 2 \
+    --set runtime.device=cuda --set runtime.precision=bf16 --set runtime.num_workers=4 \
+    --set optim.epochs=2 > "$OUT/cv.log" 2>&1
+tail -n 10 "$OUT/cv.log"
