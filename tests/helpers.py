@@ -11,6 +11,7 @@ import json
 import signal
 import stat
 import struct
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -149,6 +150,18 @@ def state_progress(run: Path) -> dict | None:
         return None
     return json.loads(header["__metadata__"]["progress"])
 
+
+
+def help_in_fresh_python(*argv: str, also_import: tuple[str, ...] = ()) -> tuple[str, set[str]]:
+    """`aicoss ARGV` (a --help) run by `main()` in a fresh interpreter, then the modules of
+    `also_import` imported: its stdout, and the top-level names of every module then loaded."""
+    code = (f"import json, sys\nsys.argv = ['aicoss', *{list(argv)!r}]\nfrom aicoss_cli.cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            + "".join(f"import {name}\n" for name in also_import)
+            + "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, set(json.loads(result.stderr.strip().splitlines()[-1]))
 
 def kill_when_saved(proc, runs, epoch: int, step: int, timeout: float) -> dict | None:
     """SIGKILL `proc` (a training) once the first folder of `runs()` holds a saved state at `epoch`

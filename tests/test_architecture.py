@@ -7,13 +7,11 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, help_in_fresh_python
 
 PACKAGE = ROOT / "aicoss_cli"
 # a package imports only packages of a lower rank; packages of one rank never import each other
@@ -128,9 +126,6 @@ def test_the_python_api_of_the_docs_imports():
 
 
 def test_help_and_the_light_commands_import_no_torch():
-    code = ("import sys\nsys.argv = ['aicoss', '--help']\nfrom aicoss_cli.cli.app import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "import aicoss_cli.base.console, aicoss_cli.results.layout, aicoss_cli.data, aicoss_cli.models\n"
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    _, modules = help_in_fresh_python("--help", also_import=("aicoss_cli.base.console", "aicoss_cli.results.layout",
+                                                             "aicoss_cli.data", "aicoss_cli.models"))
+    assert "torch" not in modules, "torch imported"

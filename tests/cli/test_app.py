@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from helpers import ROOT, assert_one_line_error
+from helpers import ROOT, assert_one_line_error, help_in_fresh_python
 
 
-def test_help_does_not_import_torch():
-    code = "import sys; from aicoss_cli.cli import app; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_help_imports_neither_torch_nor_an_export_library():
+    _, modules = help_in_fresh_python("--help")
+    assert not {"torch", "onnx", "onnxruntime", "onnxscript"} & modules, sorted(modules)
     out = subprocess.run([sys.executable, "-m", "aicoss_cli", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "demo-data" in out.stdout
 
@@ -32,27 +32,16 @@ def test_command_help_shows_each_paragraph_as_flowing_text():
     assert "row order of sample_submission.csv, or (--split val)" in help_of("predict")
 
 
-def test_the_cli_imports_no_export_library_for_help():
-    code = ("import sys; from aicoss_cli.cli import app; "
-            "assert not {'torch', 'onnx', 'onnxruntime', 'onnxscript'} & set(sys.modules), sorted(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_help_imports_neither_matplotlib_nor_torch():
-    code = ("import sys; sys.argv = ['aicoss', 'report', '--help']\n"
-            "from aicoss_cli.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules, 'heavy import'\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "--ensemble" in out.stdout
+def test_report_help_imports_neither_matplotlib_nor_torch():
+    stdout, modules = help_in_fresh_python("report", "--help")
+    assert not {"matplotlib", "torch"} & modules, "heavy import"
+    assert "--ensemble" in stdout
 
 
 def test_score_help_does_not_import_torch():
-    code = ("import sys; from aicoss_cli.cli import main; sys.argv = ['aicoss', 'score', '--help']\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "--thresholds" in result.stdout
+    stdout, modules = help_in_fresh_python("score", "--help")
+    assert "torch" not in modules
+    assert "--thresholds" in stdout
 
 
 def test_help_keeps_bracketed_section_names(run_cli):
