@@ -148,11 +148,8 @@ def check_teachers(metas: Sequence[tuple[str, CheckpointMeta]], data: PreparedDa
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fingerprint(shas: Sequence[str], weights: np.ndarray, ttas: Sequence[str]) -> str:
