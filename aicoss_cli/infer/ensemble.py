@@ -250,8 +250,8 @@ def run_ensemble(checkpoints: Sequence[Path] = (), *, spec: Path | None = None, 
     check_outputs(outputs, inputs, overwrite)
     if isinstance(spec_labels, Path):
         read_thresholds_csv(spec_labels, ref.classes)  # a bad thresholds file fails before any compute
-    if weights == "auto" and len(sources) > 1 and auto_weights_problem(targets, rows=rows):
-        notes.append(f"--weights auto falls back to equal weights: {auto_weights_problem(targets, rows=rows)}")
+    if weights == "auto" and len(sources) > 1 and (problem := auto_weights_problem(targets, rows=rows)):
+        notes.append(f"--weights auto falls back to equal weights: {problem}")
         weights = "equal"
 
     rt = make_runtime(device, "fp16" if fp16 else "fp32", num_workers)
