@@ -19,11 +19,6 @@ from helpers import ROOT, TINY_RECIPE, assert_one_line_error, only_run_dir, save
 from sandbox import assert_one_line, run_aicoss
 
 
-def data_copy(demo_root: Path, folder: Path) -> Path:
-    shutil.copytree(demo_root, folder)
-    return folder
-
-
 def fake_run(folder: Path, root: Path) -> Path:
     """A finished run folder as `report` reads it: its recipe and two epochs of metrics."""
     folder.mkdir(parents=True)
@@ -94,8 +89,8 @@ def test_validate_checks_a_prior_file_as_train_does(run_cli, demo_root, write_re
 # --------------------------------------------------------------------------- what the CSVs hold
 
 
-def test_class_names_with_spaces_around_them_keep_the_header_exactly(run_cli, demo_root, tmp_path):
-    root = data_copy(demo_root, tmp_path / "data")
+def test_class_names_with_spaces_around_them_keep_the_header_exactly(run_cli, data_copy, tmp_path):
+    root = data_copy
     for name in ("train.csv", "sample_submission.csv"):
         text = (root / name).read_text()
         (root / name).write_text(text.replace("digit_0,", " digit 0 ,", 1).replace("digit_1,", "digit_1  ,", 1))
@@ -110,8 +105,8 @@ def test_class_names_with_spaces_around_them_keep_the_header_exactly(run_cli, de
     assert again.code == 0, again.stderr  # the thresholds file it wrote reads back with these names
 
 
-def test_an_empty_label_cell_is_called_empty(run_cli, demo_root, write_recipe, tmp_path):
-    root = data_copy(demo_root, tmp_path / "data")
+def test_an_empty_label_cell_is_called_empty(run_cli, demo_root, data_copy, write_recipe):
+    root = data_copy
     lines = (root / "train.csv").read_text().splitlines()
     cells = lines[3].split(",")
     cells[5] = ""
@@ -123,11 +118,11 @@ def test_an_empty_label_cell_is_called_empty(run_cli, demo_root, write_recipe, t
     assert "is empty" in score.stderr and "''" not in score.stderr, score.stderr
 
 
-def test_the_same_image_under_two_ids_is_a_warning_naming_them(run_cli, demo_root, write_recipe, tmp_path):
+def test_the_same_image_under_two_ids_is_a_warning_naming_them(run_cli, data_copy, write_recipe, tmp_path):
     from aicoss_cli.data.splits import split_indices
     from aicoss_cli.data.tables import read_train
 
-    root = data_copy(demo_root, tmp_path / "data")
+    root = data_copy
     table = read_train(root)
     _, val = split_indices(table.labels, "random", 0.2, 78)
     train_row, val_row = next(i for i in range(len(table)) if i not in set(val)), int(val[0])

@@ -75,13 +75,6 @@ def test_high_bit_depths_decode_by_their_value_range_in_every_decoder(tmp_path):
                 assert torch.equal(got, expected), (name, size, decoder)
 
 
-@pytest.fixture
-def data_copy(demo_root, tmp_path) -> Path:
-    root = tmp_path / "data"
-    shutil.copytree(demo_root, root)
-    return root
-
-
 def test_a_sixteen_bit_data_set_predicts_as_its_eight_bit_twin(run_cli, demo_root, tmp_path):
     """The same images as 8-bit and as 16-bit PNGs (value v stored as v × 257): the same predictions."""
     from aicoss_cli.data.tables import read_test
