@@ -39,7 +39,7 @@ def distill(
 
     Example: [bold]aicoss distill recipes/starter.toml --teacher runs/starter/A --teacher runs/starter/B --data data/own[/]
     """
-    from aicoss_cli.cli.train import _launch_torchrun, _print_epochs
+    from aicoss_cli.cli.train import launch_torchrun, print_epochs
     from aicoss_cli.recipe import find_recipe, load_recipe, resolve_recipe
     from aicoss_cli.train.distill import distill_overrides
 
@@ -54,7 +54,7 @@ def distill(
         raise UserError(f"{path}: {DISTILL_NO_FOLDS}")
     resolved = resolve_recipe(loaded, data_root=data)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _launch_torchrun(nproc)
+        launch_torchrun(nproc)
         return
 
     from aicoss_cli.train.trainer import train as run_training
@@ -62,7 +62,7 @@ def distill(
     result = run_training(resolved, out_dir or Path("runs"), console=err)
     if not is_main_process():
         return
-    _print_epochs(result)
+    print_epochs(result)
     from aicoss_cli.results.distillation import load_distill_record
     from aicoss_cli.results.layout import DISTILL_FILE
     from aicoss_cli.results.runs import load_run

@@ -67,10 +67,10 @@ def train(
         from aicoss_cli.cli.cv import train_cv
 
         train_cv(loaded, resume if cv_parent else None, folds=folds, fold=fold, data=data, out_dir=out_dir,
-                 launch=(lambda args: _launch_torchrun(nproc, args)) if launcher else None)
+                 launch=(lambda args: launch_torchrun(nproc, args)) if launcher else None)
         return
     if launcher:
-        _launch_torchrun(nproc)
+        launch_torchrun(nproc)
         return
 
     from aicoss_cli.train.trainer import train as run_training
@@ -90,10 +90,10 @@ def train(
     result = run_training(loaded, out_dir or Path("runs"), resume=resumed, console=err)
     if not is_main_process():
         return
-    _print_epochs(result)
+    print_epochs(result)
 
 
-def _launch_torchrun(nproc: int, args: list[str] | None = None) -> None:
+def launch_torchrun(nproc: int, args: list[str] | None = None) -> None:
     """Re-run this very command with --nproc removed (or `aicoss ARGS`) under torch.distributed.run."""
     import subprocess
 
@@ -115,7 +115,7 @@ def _launch_torchrun(nproc: int, args: list[str] | None = None) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
-def _print_epochs(result) -> None:
+def print_epochs(result) -> None:
     table = Table(title=f"{result.run_dir}", title_justify="left")
     for col in ("epoch", "lr", "train loss", "val loss", "val mAP", "seconds"):
         table.add_column(col, justify="right")

@@ -21,7 +21,7 @@ import numpy as np
 from aicoss_cli.base.files import atomic_path
 from aicoss_cli.evaluation.metrics import precision_recall_curve
 from aicoss_cli.results.errors import THUMB, ClassErrors, ErrorAnalysis, read_thumbnails
-from aicoss_cli.results.pictures import PNG_KEY, _figure, _plain, _save
+from aicoss_cli.results.pictures import PNG_KEY, new_figure, plain_text, save_png
 
 CURVES_PER_PANEL = 5
 MATRIX_ROWS = 25
@@ -188,16 +188,16 @@ def draw_pr_curves(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
         best = min(CURVES_PER_PANEL, len(ranked) - k)
         panels = [(f"the {k} worst classes by AP", ranked[:k]), (f"the {best} best classes by AP", ranked[::-1][:best])]
     width = 9 if len(panels) == 1 else 15
-    fig = _figure(width, 6)
+    fig = new_figure(width, 6)
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    marked = f"decision threshold ({_plain(analysis.thresholds.source, 40)})"
+    marked = f"decision threshold ({plain_text(analysis.thresholds.source, 40)})"
     for ax, (title, classes) in zip(axes, panels):
         for i, j in enumerate(classes):
             keep = d.targets[:, j] != -1
             precision, recall, _ = precision_recall_curve(d.targets[keep, j] == 1, d.scores[keep, j])
             row = analysis.per_class[j]
             ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=f"C{i}",
-                    label=f"{_plain(d.classes[j], 32)} (AP {row['ap']:.3f})")
+                    label=f"{plain_text(d.classes[j], 32)} (AP {row['ap']:.3f})")
             if row["precision"] > 0 or row["recall"] > 0:
                 ax.scatter([row["recall"]], [row["precision"]], color=f"C{i}", edgecolors="black", s=45, zorder=3)
         ax.scatter([], [], color="white", edgecolors="black", s=45, label=marked)
@@ -211,8 +211,8 @@ def draw_pr_curves(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
         if not classes:
             ax.text(0.5, 0.5, "no class has a positive label", ha="center", va="center", transform=ax.transAxes)
     title = f"precision–recall on {d.source} ({len(d.ids)} images; mAP {analysis.map:.4f})"
-    fig.suptitle(textwrap.fill(_plain(title, 400), width * 12))
-    return _save(fig, out_png)
+    fig.suptitle(textwrap.fill(plain_text(title, 400), width * 12))
+    return save_png(fig, out_png)
 
 
 def draw_cooccurrence(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
@@ -226,7 +226,7 @@ def draw_cooccurrence(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
     cols = [int(i) for i in np.argsort(-totals, kind="stable") if totals[i] > 0][:MATRIX_COLS]
     counts = np.column_stack([analysis.pairs[np.ix_(rows, cols)], analysis.alone[rows]]) if rows else np.zeros((0, 1))
     width = max(9.0, 4.5 + 0.42 * (len(cols) + 1))
-    fig = _figure(width, max(4.5, 2.8 + 0.34 * len(rows)) if rows else 3.0)
+    fig = new_figure(width, max(4.5, 2.8 + 0.34 * len(rows)) if rows else 3.0)
     ax = fig.subplots()
     with_fp = int((fp > 0).sum())
     if not rows:
@@ -240,8 +240,8 @@ def draw_cooccurrence(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
                 ax.text(c, r, str(n), ha="center", va="center", fontsize=7, color="white" if share[r, c] > 0.6 else "black")
             elif c < len(cols) and cols[c] == rows[r]:  # a class is never its own false positive's label
                 ax.text(c, r, "–", ha="center", va="center", fontsize=7, color="0.6")
-        ax.set_yticks(range(len(rows)), [f"{_plain(d.classes[j], 30)} ({fp[j]})" for j in rows], fontsize=8)
-        ax.set_xticks(range(len(cols) + 1), [_plain(d.classes[i], 24) for i in cols] + ["(no label)"], fontsize=8,
+        ax.set_yticks(range(len(rows)), [f"{plain_text(d.classes[j], 30)} ({fp[j]})" for j in rows], fontsize=8)
+        ax.set_xticks(range(len(cols) + 1), [plain_text(d.classes[i], 24) for i in cols] + ["(no label)"], fontsize=8,
                       rotation=55, ha="right", rotation_mode="anchor")
         ax.set_ylabel("false positives of the class (how many)")
         ax.set_xlabel("true labels of those images")
@@ -249,5 +249,5 @@ def draw_cooccurrence(analysis: ErrorAnalysis, out_png: str | Path) -> Path:
     more = f"; the {len(rows)} of {with_fp} with the most" if with_fp > len(rows) else ""
     title = (f"what the false positives really are, on {d.source} — rows: the classes with false positives{more}; "
              "columns: the true labels of those images")
-    fig.suptitle(textwrap.fill(_plain(title, 400), int(width * 12)), fontsize=10)
-    return _save(fig, out_png)
+    fig.suptitle(textwrap.fill(plain_text(title, 400), int(width * 12)), fontsize=10)
+    return save_png(fig, out_png)

@@ -33,7 +33,7 @@ COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # matplotlib's
 MARKERS = {"run": dict(marker="o", s=50), "member": dict(marker="^", s=60), "ensemble": dict(marker="*", s=180)}
 
 
-def _figure(width_in: float, height_in: float):
+def new_figure(width_in: float, height_in: float):
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -41,13 +41,13 @@ def _figure(width_in: float, height_in: float):
     return Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
 
 
-def _plain(text: str, limit: int = 48) -> str:
+def plain_text(text: str, limit: int = 48) -> str:
     """A user's string drawn as is: `$` would start matplotlib mathtext."""
     text = text if len(text) <= limit else text[:limit - 1] + "…"
     return text.replace("$", r"\$")
 
 
-def _save(fig, out_png: str | Path) -> Path:
+def save_png(fig, out_png: str | Path) -> Path:
     out_png = Path(out_png)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing")  # emoji in a class name: drawn as a box
@@ -65,17 +65,17 @@ def draw_curves(run_dirs: Sequence[str | Path | Run], out_png: str | Path) -> Pa
     val mAP dashed, when the run keeps an EMA), the best epoch starred at the score its checkpoint
     holds. The Trainer draws it after every epoch from the rows it holds (`runs.summarize_run`)."""
     runs = [r if isinstance(r, Run) else load_run(r) for r in run_dirs]
-    fig = _figure(15, 4.8)
+    fig = new_figure(15, 4.8)
     axes = fig.subplots(1, 3)
     panels = (("train_loss", "train loss (per image)"), ("val_loss", "val loss (per image)"), ("val_map", "val mAP"))
     for ax, (key, title) in zip(axes, panels):
         for i, run in enumerate(runs):
             ax.plot(run.column("epoch"), _finite(run.column(key)), marker="o", markersize=3, color=f"C{i % 10}",
-                    label=_plain(run.label, 60))
+                    label=plain_text(run.label, 60))
             if key == "val_map":
                 if EMA_COLUMN in run.rows[0]:
                     ax.plot(run.column("epoch"), _finite(run.column(EMA_COLUMN)), marker="x", markersize=3,
-                            linestyle="--", color=f"C{i % 10}", label=_plain(f"{run.label} (EMA weights)", 60))
+                            linestyle="--", color=f"C{i % 10}", label=plain_text(f"{run.label} (EMA weights)", 60))
                 ax.plot([run.best_epoch], [run.best_val_map], marker="*", markersize=12, color=f"C{i % 10}",
                         linestyle="none")
         ax.set_title(title)
@@ -86,8 +86,8 @@ def draw_curves(run_dirs: Sequence[str | Path | Run], out_png: str | Path) -> Pa
     handles, labels = axes[2].get_legend_handles_labels()  # the val mAP panel also has the EMA lines
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize="small")
     what = runs[0].label if len(runs) == 1 else f"{len(runs)} runs"
-    fig.suptitle(_plain(f"training curves: {what} (★ best val mAP)", 120))
-    return _save(fig, out_png)
+    fig.suptitle(plain_text(f"training curves: {what} (★ best val mAP)", 120))
+    return save_png(fig, out_png)
 
 
 @dataclass
@@ -128,20 +128,20 @@ def draw_per_class_ap(runs: Sequence[Run], aps: Sequence[ClassAP], out_png: str 
         hidden = len(order) - MAX_CLASSES_DRAWN
         order = order[:MAX_CLASSES_DRAWN]
     n_runs = len(runs)
-    fig = _figure(11, 1.6 + 0.24 * len(order) * max(1.0, 0.6 * n_runs))
+    fig = new_figure(11, 1.6 + 0.24 * len(order) * max(1.0, 0.6 * n_runs))
     ax = fig.subplots()
     height = 0.8 / n_runs
     y = np.arange(len(order))
     for r, run in enumerate(runs):
         values = np.nan_to_num(t.matrix[order, r], nan=0.0)
         ax.barh(y + (r - (n_runs - 1) / 2) * height, values, height=height, color=f"C{r % 10}",
-                label=_plain(run.label, 60))
+                label=plain_text(run.label, 60))
     for row, c in enumerate(order):
         if c in t.weak:
             ax.axhspan(row - 0.5, row + 0.5, color="red", alpha=0.08, linewidth=0)
         if np.isnan(t.mean[c]):
             ax.text(0.01, row, "no positive in val", va="center", fontsize="x-small", color="grey")
-    ax.set_yticks(y, [_plain(t.classes[c], 40) for c in order])
+    ax.set_yticks(y, [plain_text(t.classes[c], 40) for c in order])
     for tick, c in zip(ax.get_yticklabels(), order):
         if c in t.weak:
             tick.set_color("red")
@@ -155,8 +155,8 @@ def draw_per_class_ap(runs: Sequence[Run], aps: Sequence[ClassAP], out_png: str 
         ax.legend(loc="lower right", fontsize="small")
     what = runs[0].label if n_runs == 1 else f"{n_runs} runs, sorted by mean AP"
     more = f"; {hidden} stronger classes not shown" if hidden else ""
-    ax.set_title(_plain(f"per-class AP: {what} (red: the {len(t.weak)} weakest{more})", 140))
-    return _save(fig, out_png)
+    ax.set_title(plain_text(f"per-class AP: {what} (red: the {len(t.weak)} weakest{more})", 140))
+    return save_png(fig, out_png)
 
 
 def draw_fold_ap(cvs: Sequence[Any], out_png: str | Path) -> Path:
@@ -168,7 +168,7 @@ def draw_fold_ap(cvs: Sequence[Any], out_png: str | Path) -> Path:
     mean0 = stats[0][0]
     order = [int(i) for i in np.argsort(np.where(np.isnan(mean0), np.inf, mean0), kind="stable")][:MAX_CLASSES_DRAWN]
     n = len(cvs)
-    fig = _figure(11, 1.6 + 0.24 * len(order) * max(1.0, 0.6 * n))
+    fig = new_figure(11, 1.6 + 0.24 * len(order) * max(1.0, 0.6 * n))
     ax = fig.subplots()
     height = 0.8 / n
     y = np.arange(len(order))
@@ -177,10 +177,10 @@ def draw_fold_ap(cvs: Sequence[Any], out_png: str | Path) -> Path:
         label = f"{cv.plan.recipe.name} {cv.plan.parent.name}"
         ax.barh(pos, np.nan_to_num(mean[order]), height=height, color=f"C{r % 10}", alpha=0.8,
                 xerr=np.nan_to_num(std[order]), error_kw={"elinewidth": 1, "capsize": 2},
-                label=_plain(f"{label}: mean of {cv.folds} folds ± std", 80))
+                label=plain_text(f"{label}: mean of {cv.folds} folds ± std", 80))
         ax.plot(oof[order], pos, linestyle="none", marker="D", markersize=4, color="black" if n == 1 else f"C{r % 10}",
-                markeredgecolor="black", label=_plain(f"{label}: out-of-fold", 80))
-    ax.set_yticks(y, [_plain(first.classes[c], 40) for c in order])
+                markeredgecolor="black", label=plain_text(f"{label}: out-of-fold", 80))
+    ax.set_yticks(y, [plain_text(first.classes[c], 40) for c in order])
     ax.invert_yaxis()
     ax.set_xlim(0, 1.05)
     ax.set_xlabel("average precision on the held-out folds")
@@ -189,8 +189,8 @@ def draw_fold_ap(cvs: Sequence[Any], out_png: str | Path) -> Path:
     ax.legend(loc="lower right", fontsize="small")
     hidden = len(first.classes) - len(order)
     more = f"; {hidden} stronger classes not shown" if hidden else ""
-    ax.set_title(_plain(f"per-class AP over the folds (bar: mean, line: ±1 std, ◆: out-of-fold){more}", 140))
-    return _save(fig, out_png)
+    ax.set_title(plain_text(f"per-class AP over the folds (bar: mean, line: ±1 std, ◆: out-of-fold){more}", 140))
+    return save_png(fig, out_png)
 
 
 def _fold_stats(cv, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,7 +214,7 @@ def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_
     single runs (●), ensembles (★) and, on the speed panel, their members (▲, in the ensemble's
     colour), with the Pareto front of each panel; a distilled run's teachers (each member ▲, their
     weighted mean ★) in the run's colour on the speed panel."""
-    fig = _figure(14, 5.6)
+    fig = new_figure(14, 5.6)
     axes = fig.subplots(1, 2)
     points_time, points_speed = tradeoff_points(runs, ensembles)
     points_speed += teacher_points(distilled, runs)
@@ -223,8 +223,8 @@ def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_
     for ax, points, xlabel, title, better in panels:
         for p in points:
             style = MARKERS[p["kind"]]
-            ax.scatter([p["x"]], [p["y"]], color=p["color"], zorder=3, label=_plain(p["label"], 60), **style)
-            ax.annotate(_plain(p["label"], 36), (p["x"], p["y"]), textcoords="offset points", xytext=(6, 4),
+            ax.scatter([p["x"]], [p["y"]], color=p["color"], zorder=3, label=plain_text(p["label"], 60), **style)
+            ax.annotate(plain_text(p["label"], 36), (p["x"], p["y"]), textcoords="offset points", xytext=(6, 4),
                         fontsize="x-small")
         front = pareto_front(points, lower_x_is_better=better == "lower")
         if len(front) > 1:
@@ -247,7 +247,7 @@ def draw_tradeoff(runs: Sequence[Run], ensembles: Sequence[EnsembleResult], out_
     fig.suptitle("ensemble trade-off — single runs ●: validation speed during training; ensembles ★: "
                  "`aicoss ensemble`, images decoded and every member run;\nmembers ▲: each one's own forward in "
                  "that loop (decoding excluded); a distilled run's teachers in its colour")
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def tradeoff_points(runs: Sequence[Run], ensembles: Sequence[EnsembleResult]) -> tuple[list[dict], list[dict]]:
@@ -313,7 +313,7 @@ def pareto_front(points: Sequence[dict], lower_x_is_better: bool) -> list[dict]:
 def draw_trials(rows: Sequence[Any], out_png: str | Path, title: str) -> Path:
     """trials.png: best val mAP per trial (pruned trials at their last epoch, the best so far as a
     step line) and val mAP per epoch of every trial (pruned ones grey)."""
-    fig = _figure(13, 4.8)
+    fig = new_figure(13, 4.8)
     left, right = fig.subplots(1, 2)
     shown = [r for r in rows if r.value is not None and math.isfinite(r.value)]
     for state, style in (("complete", {"marker": "o", "color": "C0", "label": "complete"}),
@@ -359,8 +359,8 @@ def draw_trials(rows: Sequence[Any], out_png: str | Path, title: str) -> Path:
     if sum(r.state == "complete" and bool(r.curve) for r in rows) <= 10:
         if right.get_legend_handles_labels()[0]:
             right.legend(fontsize="small", loc="best")
-    fig.suptitle(f"aicoss tune: {_plain(title, 120)}")
-    return _save(fig, out_png)
+    fig.suptitle(f"aicoss tune: {plain_text(title, 120)}")
+    return save_png(fig, out_png)
 
 
 def is_report_picture(path: Path) -> bool:
