@@ -47,6 +47,17 @@ def test_a_bench_script_runs_and_prints_finite_ratios(script, tmp_path):
         assert report["max_probability_difference"] < 1e-4
 
 
+def test_csv_sizes_times_each_step_of_the_scores_csvs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "csv_sizes.py"), "--images", "40", "--classes", "3",
+                             "--rounds", "1"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("40 images x 3 classes"), result.stdout
+    steps = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert len(steps) == 4 and all(math.isfinite(float(step[-5])) for step in steps), result.stdout
+    assert not list(tmp_path.iterdir())  # the scratch folder is removed
+
+
 def photo_data_module():
     spec = importlib.util.spec_from_file_location("photo_data", ROOT / "bench" / "photo_data.py")
     module = importlib.util.module_from_spec(spec)
