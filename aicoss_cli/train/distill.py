@@ -132,13 +132,18 @@ def teacher_weights(sources: Sequence[MemberSource]) -> np.ndarray:
     return weights / weights.sum()
 
 
-def check_teachers(metas: Sequence[tuple[str, CheckpointMeta]], data: PreparedData) -> None:
+def check_teachers(metas: Sequence[tuple[str, CheckpointMeta]], data: PreparedData, exif_transpose: bool) -> None:
     """The teachers share classes and val split among themselves (`check_members`), their classes
-    are the data's, and their val split is the student's: a student validated on images its
-    teachers trained on would score what they memorised."""
+    are the data's, they decode images as the student does (`[data] exif_transpose`: online, they
+    see the student's batches), and their val split is the student's: a student validated on
+    images its teachers trained on would score what they memorised."""
     check_members(metas)
     for source, meta in metas:
         meta.check_classes(data.table.classes, source, data.table.root / "train.csv")
+        if meta.exif_transpose != exif_transpose:
+            raise UserError(f"{source}: the teacher's recipe has [data] exif_transpose = "
+                            f"{str(meta.exif_transpose).lower()}, the student's {str(exif_transpose).lower()}; a "
+                            "teacher must see the pixels it was trained on: set the student's to the teachers'")
     source, meta = metas[0]
     theirs, ours = meta.split.get("val_fingerprint"), data.split["val_fingerprint"]
     if theirs != ours:
@@ -278,14 +283,14 @@ def build_distillation(recipe, data: PreparedData, rt: Runtime, batch_size: int,
     if recipe.distill is None:
         return None
     with progress_display(console, enabled=console is not None, transient=True) as progress:
-        return _build(recipe.distill, data, rt, batch_size, None if resume is None else resume.source, notes,
-                      progress)
+        return _build(recipe.distill, recipe.data.exif_transpose, data, rt, batch_size,
+                      None if resume is None else resume.source, notes, progress)
 
 
-def _build(cfg, data: PreparedData, rt: Runtime, batch_size: int, resume_dir: Path | None, notes: list[str],
-           progress) -> Distillation:
+def _build(cfg, exif_transpose: bool, data: PreparedData, rt: Runtime, batch_size: int, resume_dir: Path | None,
+           notes: list[str], progress) -> Distillation:
     sources = [s for path in cfg.teachers for s in teacher_sources(path)]
-    check_teachers([(str(s.path), member_meta(s.path)) for s in sources], data)
+    check_teachers([(str(s.path), member_meta(s.path)) for s in sources], data, exif_transpose)
     unl_ids, unl_paths = unlabeled_images(cfg.unlabeled, data, progress)
     weights = teacher_weights(sources)
     shas = [file_sha256(s.path) for s in sources]

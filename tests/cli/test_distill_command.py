@@ -126,6 +126,7 @@ def train_image_list(demo_root: Path, tmp_path: Path) -> Path:
     ("a cross-validation folder in a spec", ["cv5", "cross-validation folder cannot teach"]),
     ("a missing teacher", ["nowhere.safetensors", "teacher not found"]),
     ("another val split", ["validated on another split", "split_seed 7", "fingerprint"]),
+    ("another exif_transpose", ["exif_transpose = false", "the student's true"]),
     ("weight above 1", ["--weight", "less than or equal to 1"]),
     ("cross-validation folds", ["[data] folds", "teachers' own single split"]),
     ("weight below 0 in the recipe", ["[distill] weight", "-0.1"]),
@@ -157,6 +158,8 @@ def test_bad_input_is_one_line_before_any_compute(run_cli, demo_root, write_reci
         args = ["--teacher", tmp_path / "nowhere.safetensors"]
     elif case == "another val split":
         args = ["--teacher", save_random_checkpoint(tmp_path / "split7.safetensors", demo_root, split_seed=7)]
+    elif case == "another exif_transpose":
+        args += ["--set", "data.exif_transpose=true"]
     elif case == "cross-validation folds":
         args += ["--set", "data.folds=3"]
     elif case == "weight above 1":

@@ -150,7 +150,7 @@ def test_online_teacher_on_the_clean_images_is_aicoss_ensembles_weighted_mean(ru
     _, test_ids, expected = read_csv(tmp_path / "ens.csv")
 
     data = prepare_data(resolved(write_recipe(demo_root)))
-    teacher = _build(DistillConfig(teachers=[str(spec)]), data, make_runtime("cpu", "fp32", 0), 16, None, [], None)
+    teacher = _build(DistillConfig(teachers=[str(spec)]), False, data, make_runtime("cpu", "fp32", 0), 16, None, [], None)
     test = read_test(demo_root)
     images = decode_batch([test.paths[test.ids.index(i)] for i in test_ids], [32])[0][0]
     assert np.allclose(teacher.online(images).numpy(), expected, atol=2e-6, rtol=0)
