@@ -294,21 +294,23 @@ def _build(cfg, exif_transpose: bool, data: PreparedData, rt: Runtime, batch_siz
     unl_ids, unl_paths = unlabeled_images(cfg.unlabeled, data, progress)
     weights = teacher_weights(sources)
     shas = [file_sha256(s.path) for s in sources]
-    members = load_members(sources, rt, progress=progress)
-    teacher = fingerprint(shas, weights, [m.tta for m in members])
+    teacher = fingerprint(shas, weights, [s.tta or "none" for s in sources])  # the tta load_members gives
     record = _previous_record(resume_dir, teacher, len(data.val_rows), notes)
+    n_labeled = len(data.table)
+    cache_rows = np.concatenate([data.train_rows, np.arange(n_labeled, n_labeled + len(unl_ids))])
+    cached = cfg.mode == "cached" and cfg.weight > 0
+    ids = [data.table.ids[i] for i in data.train_rows] + unl_ids
+    probs = _read_cache(resume_dir, teacher, ids) if cached and resume_dir is not None else None
+    # a resumed cached run with its record and cache intact needs no teacher on the device
+    members = [] if record is not None and probs is not None else load_members(sources, rt, progress=progress)
     if record is None:
         record = measure_teachers(members, weights, shas, teacher, data, rt, batch_size, progress)
     record = replace(record, weight=cfg.weight, mode=cfg.mode, unlabeled=list(cfg.unlabeled),
                      n_unlabeled=len(unl_ids))
-    n_labeled = len(data.table)
-    cache_rows = np.concatenate([data.train_rows, np.arange(n_labeled, n_labeled + len(unl_ids))])
     cache = None
-    if cfg.mode == "cached" and cfg.weight > 0:
-        ids = [data.table.ids[i] for i in data.train_rows] + unl_ids
-        paths = [data.table.paths[i] for i in data.train_rows] + unl_paths
-        probs = _read_cache(resume_dir, teacher, ids) if resume_dir is not None else None
+    if cached:
         if probs is None:
+            paths = [data.table.paths[i] for i in data.train_rows] + unl_paths
             probs = combine(forward(members, paths, rt, batch_size, progress=progress,
                                     what=f"teachers on {len(paths)} clean images"), weights)
         cache = (ids, probs)

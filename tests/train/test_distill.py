@@ -178,9 +178,10 @@ class InterruptAt:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["online", "cached"])
-def test_resume_of_a_distilled_run_is_exact(demo_root, write_recipe, tmp_path, mode):
+def test_resume_of_a_distilled_run_is_exact(demo_root, write_recipe, tmp_path, mode, monkeypatch):
     """Stopped mid-epoch 2 by Ctrl-C and resumed (`aicoss train --resume`, no flag): the same
-    weights, metrics, submission and train state as a run that was never stopped."""
+    weights, metrics, submission and train state as a run that was never stopped. Cached, the
+    resume reads the teachers' probabilities and record back and loads no teacher."""
     from aicoss_cli.base.errors import TrainingStopped
     from aicoss_cli.models.checkpoint import load_checkpoint
     from aicoss_cli.train.state import resolve_resume
@@ -196,6 +197,9 @@ def test_resume_of_a_distilled_run_is_exact(demo_root, write_recipe, tmp_path, m
         Trainer(resolved(path), tmp_path / "stopped", callbacks=[InterruptAt(steps + 2)]).run()
     run_dir = next((tmp_path / "stopped").glob("*/*"))
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
+    if mode == "cached":
+        monkeypatch.setattr("aicoss_cli.train.distill.load_members",
+                            lambda *args, **kwargs: pytest.fail("a cached resume loaded its teachers"))
     resumed = Trainer(None, resume=resolve_resume(run_dir)).run()
     a, b = load_checkpoint(straight.run_dir / "last.safetensors"), load_checkpoint(resumed.run_dir / "last.safetensors")
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
