@@ -34,6 +34,7 @@ MARKERS = {"run": dict(marker="o", s=50), "member": dict(marker="^", s=60), "ens
 
 
 def new_figure(width_in: float, height_in: float):
+    """A bare matplotlib Figure (no pyplot) of that size at `DPI`; UserError without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -48,6 +49,7 @@ def plain_text(text: str, limit: int = 48) -> str:
 
 
 def save_png(fig, out_png: str | Path) -> Path:
+    """Write `fig` atomically as a PNG that carries `PNG_KEY` (so a later report may redraw it)."""
     out_png = Path(out_png)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing")  # emoji in a class name: drawn as a box
