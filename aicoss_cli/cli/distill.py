@@ -88,7 +88,7 @@ def print_teachers(run, record) -> None:
                   f"{record.img_per_s:.1f}", style="bold")
     table.add_row(f"student ({record.mode}, weight {record.weight:g}"
                   f"{f', {record.n_unlabeled} unlabeled images' if record.n_unlabeled else ''})",
-                  escape(run.arch), "", "", _num(run.best_val_map),
+                  escape(run.arch), str(run.img_size), "", _num(run.best_val_map),
                   "-" if run.eval_img_per_s is None else f"{run.eval_img_per_s:.1f}", style="bold green")
     out.print(table)
     best = record.best_member

@@ -34,6 +34,8 @@ def test_distill_trains_a_student_that_records_its_teachers(run_cli, demo_root, 
     assert result.code == 0, result.stderr
     run = only_run_dir(tmp_path / "runs")
     assert "teacher: weighted mean of 2 members" in result.stdout
+    student = next(line for line in result.stdout.splitlines() if "student (" in line)
+    assert [cell.strip() for cell in student.split("│")][2:4] == ["tiny_convnet", "32"], student  # its own size
     meta = json.loads(read_meta(run / "best.safetensors").extra["distill"])
     assert meta["teachers"] == [{"file": t.name, "sha256": sha256(t), "weight": 0.5} for t in teachers]
     record = json.loads((run / "distill.json").read_text())
