@@ -102,6 +102,11 @@ def check_folds(labels: np.ndarray, classes: Sequence[str], folds: int, csv) -> 
                         f"image{'s' if count != 1 else ''}, so some fold would validate without it; {fix}")
 
 
+def fold_rows(fold_of: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train rows (every other fold) and val rows (fold k) of a fold assignment."""
+    return np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+
+
 def fold_record(table, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Train rows (the other K-1 folds), val rows (fold k) and the split record a fold's checkpoint
     keeps: folds, fold, split_seed, the fingerprint of its val ids and that of the whole assignment."""
@@ -109,7 +114,7 @@ def fold_record(table, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np
     if not 0 <= fold < folds:
         raise UserError(f"[data] fold = {fold}: a {folds}-fold cross-validation has folds 0 to {folds - 1}")
     fold_of = fold_assignment(table.labels, folds, seed)
-    train, val = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+    train, val = fold_rows(fold_of, fold)
     record = {"kind": FOLD_KIND, "folds": folds, "fold": fold, "split_seed": seed, "n_rows": len(table),
               "n_val": int(len(val)), "val_fingerprint": split_fingerprint(table.ids, val),
               "folds_fingerprint": folds_fingerprint(table.ids, fold_of)}
@@ -137,7 +142,7 @@ def split_from_record(record: dict | None, table, source: str) -> tuple[np.ndarr
                         "pass the --data it was trained on")
     if fold:
         fold_of = fold_assignment(table.labels, int(split["folds"]), int(split["split_seed"]))
-        train, val = np.flatnonzero(fold_of != int(split["fold"])), np.flatnonzero(fold_of == int(split["fold"]))
+        train, val = fold_rows(fold_of, int(split["fold"]))
     else:
         train, val = split_indices(table.labels, split["kind"], float(split["val_fraction"]), int(split["split_seed"]))
     found = split_fingerprint(table.ids, val)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +98,13 @@ class CvFolds:
     def folds(self) -> int:
         return self.plan.folds
 
-    @property
+    @cached_property
     def fold_maps(self) -> list[float]:
         """Each fold's val mAP: its kept checkpoint on the fold it held out."""
         return [mean_average_precision(self.targets[self.fold_of == k], self.oof[self.fold_of == k])
                 for k in range(self.folds)]
 
-    @property
+    @cached_property
     def oof_map(self) -> float:
         """mAP over all N rows at once (the folds' models ranked together, so it also pays for their
         differences in calibration: it is not the mean of the fold mAPs)."""

@@ -221,8 +221,8 @@ def report_json(report: Report) -> dict[str, Any]:
                           "gain_recovered": gain_recovered(best.val_map if best else None, record.val_map,
                                                            run.best_val_map)})
     cvs = [{"parent": str(cv.plan.parent), "folds": cv.folds, "fold_val_map": cv.fold_maps,
-            "mean_val_map": mean_std(cv.fold_maps)[0], "std_val_map": mean_std(cv.fold_maps)[1],
-            "oof_map": cv.oof_map} for cv in report.cvs]
+            **dict(zip(("mean_val_map", "std_val_map"), mean_std(cv.fold_maps))), "oof_map": cv.oof_map}
+           for cv in report.cvs]
     data = {"format": REPORT_FORMAT, "runs": runs, "ensembles": ensembles, "cv": cvs, "distilled": distilled,
             "pictures": {k: str(v) for k, v in report.pictures.items()}, "notes": report.notes,
             "error_analysis": None if report.analysis is None else error_json(report.analysis),

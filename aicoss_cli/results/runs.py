@@ -123,7 +123,8 @@ def summarize_run(run_dir: Path, recipe, rows: list[dict[str, float]], info: dic
     best_score = score(best)
     run = Run(
         run_dir=Path(run_dir), label=_run_label(recipe.name, Path(run_dir)), name=recipe.name, arch=recipe.model.arch,
-        img_size=recipe.model.img_size, loss=recipe.loss.name, epochs=recipe.optim.epochs, epochs_done=int(rows[-1]["epoch"]),
+        img_size=recipe.model.img_size, loss=recipe.loss.name, epochs=recipe.optim.epochs,
+        epochs_done=int(rows[-1]["epoch"]),
         best_epoch=int(best["epoch"]), best_val_map=best_score if math.isfinite(best_score) else math.nan,
         train_seconds=float(sum(r["seconds"] for r in rows)), train_img_per_s=None, eval_img_per_s=None,
         device=recipe.runtime.device, precision=recipe.runtime.precision,
